@@ -1,0 +1,376 @@
+//! Load-balancing policies: pure functions over the slot table, no I/O.
+//!
+//! - **sticky**: rendezvous (highest-random-weight) hashing of the client IP over slot ids. When a
+//!   slot is not eligible, only *its* clients move (each to its own next-best slot), and they come
+//!   back when it returns. Never `hash % live` (PITFALLS §10).
+//! - **round-robin**: the next eligible slot after the last one picked.
+//! - **least-connections**: the eligible slot with the lowest load, ties broken round-robin so a
+//!   burst does not pile onto one slot.
+//!
+//! The sticky hash is `ahash` with four fixed seeds (`RandomState::with_seeds`, never `with_seed`,
+//! which mixes in per-process randomness) at an exactly pinned version; a golden-vector test below
+//! pins the mapping so a dependency update or a build flag (`+aes`) that changes it fails CI.
+
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// The default `--hash-seed`.
+pub const DEFAULT_HASH_SEED: u64 = 0x6c62_5f73_7469_636b; // "lb_stick"
+
+/// How the master picks a worker for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Client-IP rendezvous hash.
+    Sticky,
+    /// Next ready slot in order.
+    RoundRobin,
+    /// Fewest active connections.
+    LeastConnections,
+}
+
+impl Policy {
+    /// The name used on the command line and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sticky => "sticky",
+            Self::RoundRobin => "round-robin",
+            Self::LeastConnections => "least-connections",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error for an unknown policy name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown policy `{0}` (expected sticky, round-robin or least-connections)")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for Policy {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sticky" | "ip-hash" | "source" => Ok(Self::Sticky),
+            "round-robin" | "roundrobin" | "rr" => Ok(Self::RoundRobin),
+            "least-connections" | "leastconn" | "least-conn" => Ok(Self::LeastConnections),
+            other => Err(UnknownPolicy(other.to_owned())),
+        }
+    }
+}
+
+/// Canonical form of a client address for hashing: IPv4-mapped IPv6 becomes IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Rendezvous hasher for the sticky policy.
+#[derive(Clone)]
+pub struct StickyHash {
+    state: ahash::RandomState,
+}
+
+impl fmt::Debug for StickyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StickyHash").finish_non_exhaustive()
+    }
+}
+
+impl StickyHash {
+    /// A hasher for `seed`. Same seed ⇒ same mapping, across processes and hosts.
+    pub fn new(seed: u64) -> Self {
+        // Three fixed constants plus the seed: `with_seeds` is fully deterministic.
+        let state = ahash::RandomState::with_seeds(
+            seed,
+            0x243f_6a88_85a3_08d3,
+            0x1319_8a2e_0370_7344,
+            0xa409_3822_299f_31d0,
+        );
+        Self { state }
+    }
+
+    /// The weight of `slot` for client `ip` (already canonical).
+    pub fn weight(&self, ip: IpAddr, slot: usize) -> u64 {
+        let mut h = self.state.build_hasher();
+        match ip {
+            IpAddr::V4(v4) => h.write(&v4.octets()),
+            IpAddr::V6(v6) => h.write(&v6.octets()),
+        }
+        h.write_u32(slot as u32);
+        h.finish()
+    }
+
+    /// The eligible slot with the highest weight for `ip` (canonicalized here).
+    pub fn pick(
+        &self,
+        ip: IpAddr,
+        slots: usize,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let ip = canonical_ip(ip);
+        (0..slots)
+            .filter(|&s| eligible(s))
+            .max_by_key(|&s| (self.weight(ip, s), std::cmp::Reverse(s)))
+    }
+
+    /// The slot `ip` goes to when all `slots` are up.
+    pub fn home(&self, ip: IpAddr, slots: usize) -> usize {
+        self.pick(ip, slots, |_| true).expect("at least one slot")
+    }
+}
+
+/// What a policy needs to know about one slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotLoad {
+    /// May receive connections now (worker ready and not saturated).
+    pub eligible: bool,
+    /// Active connections (worker-reported) plus handoffs not yet confirmed.
+    pub load: u64,
+}
+
+/// A policy plus the little state it carries between picks.
+#[derive(Debug, Clone)]
+pub struct Balancer {
+    policy: Policy,
+    hash: StickyHash,
+    /// The slot after which round-robin (and least-connections' tie-break) continues.
+    cursor: usize,
+}
+
+impl Balancer {
+    /// A balancer for `policy` with the sticky seed `seed`.
+    pub fn new(policy: Policy, seed: u64) -> Self {
+        Self {
+            policy,
+            hash: StickyHash::new(seed),
+            cursor: usize::MAX,
+        }
+    }
+
+    /// The policy in use.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The sticky hasher (for `lb route` and fallbacks).
+    pub fn hash(&self) -> &StickyHash {
+        &self.hash
+    }
+
+    /// Picks a slot for a connection from `ip`, or `None` if no slot is eligible.
+    pub fn pick(&mut self, ip: IpAddr, slots: &[SlotLoad]) -> Option<usize> {
+        match self.policy {
+            Policy::Sticky => self.hash.pick(ip, slots.len(), |s| slots[s].eligible),
+            Policy::RoundRobin => {
+                let s = self.rotation(slots.len()).find(|&s| slots[s].eligible)?;
+                self.cursor = s;
+                Some(s)
+            }
+            Policy::LeastConnections => {
+                let mut best: Option<usize> = None;
+                for s in self.rotation(slots.len()) {
+                    if slots[s].eligible && best.is_none_or(|b| slots[s].load < slots[b].load) {
+                        best = Some(s);
+                    }
+                }
+                let s = best?;
+                self.cursor = s;
+                Some(s)
+            }
+        }
+    }
+
+    /// Slots in round-robin order, starting after the cursor.
+    fn rotation(&self, n: usize) -> impl Iterator<Item = usize> {
+        let start = self.cursor.wrapping_add(1);
+        (0..n).map(move |i| (start.wrapping_add(i)) % n.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn all_up(n: usize) -> Vec<SlotLoad> {
+        vec![
+            SlotLoad {
+                eligible: true,
+                load: 0
+            };
+            n
+        ]
+    }
+
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | i))
+    }
+
+    #[test]
+    fn golden_vectors_pin_the_sticky_mapping() {
+        // If this fails, the mapping changed: a dependency update (ahash) or a build flag
+        // (`-C target-cpu=native` enabling +aes) would move clients between hosts or versions.
+        let h = StickyHash::new(DEFAULT_HASH_SEED);
+        let got: Vec<usize> = [
+            "127.0.0.1",
+            "127.0.0.2",
+            "10.1.2.3",
+            "192.168.7.9",
+            "::1",
+            "2001:db8::7",
+        ]
+        .iter()
+        .map(|s| h.home(s.parse().unwrap(), 4))
+        .collect();
+        assert_eq!(got, GOLDEN_4);
+        let got8: Vec<usize> = (1..=16).map(|i| h.home(ip(i), 8)).collect();
+        assert_eq!(got8, GOLDEN_8);
+        let seeded = StickyHash::new(42);
+        let got_seeded: Vec<usize> = (1..=8).map(|i| seeded.home(ip(i), 4)).collect();
+        assert_eq!(got_seeded, GOLDEN_SEED42);
+    }
+
+    const GOLDEN_4: [usize; 6] = [3, 1, 0, 1, 3, 0];
+    const GOLDEN_8: [usize; 16] = [7, 5, 2, 4, 3, 4, 6, 5, 1, 2, 1, 4, 2, 3, 5, 7];
+    const GOLDEN_SEED42: [usize; 8] = [0, 0, 3, 0, 3, 3, 0, 1];
+
+    #[test]
+    fn ipv4_mapped_ipv6_hashes_like_ipv4() {
+        let h = StickyHash::new(DEFAULT_HASH_SEED);
+        for i in 0..500 {
+            let v4 = Ipv4Addr::from(0x0a00_0000 + i * 7919);
+            let mapped = IpAddr::V6(v4.to_ipv6_mapped());
+            assert_eq!(h.home(IpAddr::V4(v4), 7), h.home(mapped, 7));
+        }
+        // A non-mapped IPv6 address is not canonicalized.
+        assert_eq!(
+            canonical_ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        );
+    }
+
+    #[test]
+    fn spread_is_even() {
+        let h = StickyHash::new(DEFAULT_HASH_SEED);
+        let mut counts = [0usize; 4];
+        for i in 0..20_000 {
+            counts[h.home(ip(i), 4)] += 1;
+        }
+        let max = *counts.iter().max().unwrap() as f64;
+        assert!(max / 5000.0 < 1.05, "{counts:?}");
+    }
+
+    #[test]
+    fn only_the_down_slots_keys_move_and_they_come_back() {
+        let h = StickyHash::new(DEFAULT_HASH_SEED);
+        let n = 8;
+        let before: Vec<usize> = (0..5000).map(|i| h.home(ip(i), n)).collect();
+        let down = 3;
+        let during: Vec<usize> = (0..5000)
+            .map(|i| h.pick(ip(i), n, |s| s != down).unwrap())
+            .collect();
+        let mut moved_to = [0usize; 8];
+        for (b, d) in before.iter().zip(&during) {
+            if *b == down {
+                assert_ne!(*d, down);
+                moved_to[*d] += 1;
+            } else {
+                assert_eq!(b, d, "a key of a live slot moved");
+            }
+        }
+        // The down slot's keys spread over all the others, not onto one neighbour.
+        assert!(
+            moved_to
+                .iter()
+                .enumerate()
+                .all(|(s, &c)| s == down || c > 0),
+            "{moved_to:?}"
+        );
+        let after: Vec<usize> = (0..5000).map(|i| h.home(ip(i), n)).collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn deterministic_per_seed_and_seed_matters() {
+        let a = StickyHash::new(1);
+        let b = StickyHash::new(1);
+        let c = StickyHash::new(2);
+        let va: Vec<_> = (0..100).map(|i| a.home(ip(i), 16)).collect();
+        let vb: Vec<_> = (0..100).map(|i| b.home(ip(i), 16)).collect();
+        let vc: Vec<_> = (0..100).map(|i| c.home(ip(i), 16)).collect();
+        assert_eq!(va, vb);
+        assert_ne!(va, vc);
+    }
+
+    #[test]
+    fn sticky_with_nothing_eligible_is_none() {
+        let mut b = Balancer::new(Policy::Sticky, 0);
+        assert_eq!(b.pick(ip(1), &[SlotLoad::default(); 3]), None);
+        assert_eq!(b.pick(ip(1), &[]), None);
+    }
+
+    #[test]
+    fn round_robin_cycles_over_eligible_slots() {
+        let mut b = Balancer::new(Policy::RoundRobin, 0);
+        let mut slots = all_up(3);
+        let seq: Vec<_> = (0..6).map(|_| b.pick(ip(1), &slots).unwrap()).collect();
+        assert_eq!(seq, [0, 1, 2, 0, 1, 2]);
+        slots[1].eligible = false;
+        let seq: Vec<_> = (0..4).map(|_| b.pick(ip(1), &slots).unwrap()).collect();
+        assert_eq!(seq, [0, 2, 0, 2]);
+        assert_eq!(
+            Balancer::new(Policy::RoundRobin, 0).pick(ip(1), &[SlotLoad::default(); 2]),
+            None
+        );
+    }
+
+    #[test]
+    fn least_connections_prefers_lowest_load_and_rotates_ties() {
+        let mut b = Balancer::new(Policy::LeastConnections, 0);
+        let mut slots = all_up(3);
+        slots[0].load = 5;
+        slots[1].load = 1;
+        slots[2].load = 3;
+        assert_eq!(b.pick(ip(1), &slots), Some(1));
+        // A burst with equal loads spreads instead of piling on one slot.
+        let mut ties = all_up(3);
+        let seq: Vec<_> = (0..6)
+            .map(|_| {
+                let s = b.pick(ip(1), &ties).unwrap();
+                ties[s].load += 1;
+                s
+            })
+            .collect();
+        let mut counts = [0; 3];
+        seq.iter().for_each(|&s| counts[s] += 1);
+        assert_eq!(counts, [2, 2, 2]);
+        slots[1].eligible = false;
+        assert_eq!(b.pick(ip(1), &slots), Some(2));
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in [Policy::Sticky, Policy::RoundRobin, Policy::LeastConnections] {
+            assert_eq!(p.as_str().parse::<Policy>().unwrap(), p);
+        }
+        assert!(
+            "fastest"
+                .parse::<Policy>()
+                .unwrap_err()
+                .to_string()
+                .contains("fastest")
+        );
+    }
+}

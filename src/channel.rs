@@ -1,0 +1,410 @@
+//! The worker channel's framing and messages: Node.js child-process IPC in `json` mode.
+//!
+//! A message is `JSON.stringify(value) + "\n"`; any JSON value may be a message. A value is
+//! *internal* when it is an object whose `cmd` is a string starting with `NODE_` (longer than 5
+//! chars); everything else is a user message. See `shared/node-ipc.md` §2–§5.
+//!
+//! Invariants:
+//! - lb never writes a blank line, invalid JSON, or an unsolicited `NODE_HANDLE_ACK`/`NACK`: each
+//!   of these crashes a Node worker. The only lines lb writes are the constants below.
+//! - The decoder is bounded: a line longer than its limit is discarded (up to the next newline)
+//!   and reported, so a worker that writes megabytes without a newline cannot grow master memory.
+//! - A line that is not valid JSON is one dropped message, never a fatal channel error.
+
+use serde_json::Value;
+
+/// The handoff envelope lb sends with each connection fd (one `sendmsg`, one fd).
+pub const HANDLE_ENVELOPE: &[u8] =
+    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"sticky-session:connection\"}\n";
+/// The user message that accompanies a handed-off connection.
+pub const HANDLE_MESSAGE: &str = "sticky-session:connection";
+/// "I took the fd" (sent by the receiver of a `NODE_HANDLE`).
+pub const HANDLE_ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
+/// "I did not get an fd for that `NODE_HANDLE`".
+pub const HANDLE_NACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n";
+
+/// Default bound on one channel line (1 MiB): generous for stats, far below memory trouble.
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+
+/// Splits a byte stream into lines, bounded in memory.
+#[derive(Debug)]
+pub struct LineDecoder {
+    /// Bytes received but not yet returned as a complete line.
+    buf: Vec<u8>,
+    /// Where the next unreturned line starts in `buf` (compacted lazily).
+    start: usize,
+    /// Longest line accepted; longer ones are discarded.
+    max_line: usize,
+    /// True while discarding the rest of an over-long line.
+    discarding: bool,
+}
+
+/// One item out of the decoder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A complete line, without its `\n`.
+    Complete(&'a [u8]),
+    /// A line longer than the limit was dropped.
+    TooLong,
+}
+
+impl LineDecoder {
+    /// A decoder that accepts lines up to `max_line` bytes.
+    pub fn new(max_line: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(4096),
+            start: 0,
+            max_line,
+            discarding: false,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Returns the next complete line (or a too-long report), if any.
+    pub fn next_line(&mut self) -> Option<Line<'_>> {
+        loop {
+            let pending = &self.buf[self.start..];
+            let Some(i) = memchr(b'\n', pending) else {
+                if pending.len() > self.max_line {
+                    // Drop what we have and keep dropping until the next newline; report once.
+                    self.buf.clear();
+                    self.start = 0;
+                    if !self.discarding {
+                        self.discarding = true;
+                        return Some(Line::TooLong);
+                    }
+                } else {
+                    self.compact();
+                }
+                return None;
+            };
+            let begin = self.start;
+            self.start += i + 1;
+            if self.discarding {
+                // The tail of a line already reported as too long.
+                self.discarding = false;
+                continue;
+            }
+            if i > self.max_line {
+                return Some(Line::TooLong);
+            }
+            return Some(Line::Complete(&self.buf[begin..begin + i]));
+        }
+    }
+
+    /// Bytes currently buffered (for tests and memory accounting).
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+#[inline]
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// What a worker told the master, classified.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromWorker {
+    /// `{"cmd":"NODE_HANDLE_ACK"}`: the oldest in-flight handle was taken.
+    HandleAck,
+    /// `{"cmd":"NODE_HANDLE_NACK"}`: the oldest in-flight handle did not arrive.
+    HandleNack,
+    /// `{"cmd":"NODE_HANDLE",...}`: the worker sent us a handle; it must be answered.
+    Handle,
+    /// Another internal `NODE_*` message (ignored).
+    OtherInternal,
+    /// `{"cmd":"stats","data":{"activeConnections":A,"totalRequests":T}}` (cumulative).
+    Stats {
+        /// Connections open in the worker now, if given.
+        active: Option<u64>,
+        /// Requests served by this worker process since it started, if given.
+        total_requests: Option<u64>,
+    },
+    /// `{"type":"request"}`: one request served.
+    Request,
+    /// `{"type":"heartbeat"}` or `{"cmd":"heartbeat"}`.
+    Heartbeat,
+    /// `{"type":"ready"}`.
+    Ready,
+    /// Any other valid JSON value.
+    Other,
+    /// Not valid JSON (dropped).
+    Malformed,
+}
+
+impl FromWorker {
+    /// Classifies one line (without its newline).
+    pub fn parse(line: &[u8]) -> Self {
+        // Fast path for the message that arrives once per connection.
+        if line == &HANDLE_ACK[..HANDLE_ACK.len() - 1] {
+            return Self::HandleAck;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(line) else {
+            return Self::Malformed;
+        };
+        Self::classify(&value)
+    }
+
+    fn classify(value: &Value) -> Self {
+        let Value::Object(map) = value else {
+            return Self::Other;
+        };
+        let cmd = map.get("cmd").and_then(Value::as_str);
+        if let Some(cmd) = cmd
+            && is_internal_cmd(cmd)
+        {
+            return match cmd {
+                "NODE_HANDLE_ACK" => Self::HandleAck,
+                "NODE_HANDLE_NACK" => Self::HandleNack,
+                "NODE_HANDLE" => Self::Handle,
+                _ => Self::OtherInternal,
+            };
+        }
+        let ty = map.get("type").and_then(Value::as_str);
+        match (cmd, ty) {
+            (Some("stats"), _) => {
+                let data = map.get("data");
+                let field = |k: &str| data.and_then(|d| d.get(k)).and_then(as_count);
+                Self::Stats {
+                    active: field("activeConnections"),
+                    total_requests: field("totalRequests"),
+                }
+            }
+            (Some("heartbeat"), _) | (_, Some("heartbeat")) => Self::Heartbeat,
+            (_, Some("request")) => Self::Request,
+            (_, Some("ready")) | (Some("ready"), _) => Self::Ready,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A non-negative integer count (JSON numbers from JS may be floats like `3.0`).
+fn as_count(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| *f >= 0.0 && f.is_finite())
+            .map(|f| f as u64)
+    })
+}
+
+/// Node's `isInternal`: a `cmd` string that starts with `NODE_` and is longer than 5 chars.
+fn is_internal_cmd(cmd: &str) -> bool {
+    cmd.len() > 5 && cmd.starts_with("NODE_")
+}
+
+/// What the master told a worker, classified (used by [`crate::worker`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromMaster {
+    /// A `NODE_HANDLE` envelope; an fd should have arrived with it.
+    Handle {
+        /// The envelope's `msg` (normally `"sticky-session:connection"`).
+        msg: Value,
+    },
+    /// Another internal message (ignored by workers).
+    OtherInternal,
+    /// A user message.
+    User(Value),
+    /// Not valid JSON.
+    Malformed,
+}
+
+impl FromMaster {
+    /// Classifies one line (without its newline).
+    pub fn parse(line: &[u8]) -> Self {
+        if line == &HANDLE_ENVELOPE[..HANDLE_ENVELOPE.len() - 1] {
+            return Self::Handle {
+                msg: Value::String(HANDLE_MESSAGE.to_owned()),
+            };
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(line) else {
+            return Self::Malformed;
+        };
+        let cmd = value.get("cmd").and_then(Value::as_str);
+        match cmd {
+            Some("NODE_HANDLE") => Self::Handle {
+                msg: value.get("msg").cloned().unwrap_or(Value::Null),
+            },
+            Some(c) if is_internal_cmd(c) => Self::OtherInternal,
+            _ => Self::User(value),
+        }
+    }
+}
+
+/// Encodes a user message as one channel line (`JSON + "\n"`), never blank.
+pub fn encode(value: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).expect("a serde_json::Value always serializes");
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(d: &mut LineDecoder) -> Vec<Result<Vec<u8>, ()>> {
+        let mut out = Vec::new();
+        while let Some(l) = d.next_line() {
+            out.push(match l {
+                Line::Complete(b) => Ok(b.to_vec()),
+                Line::TooLong => Err(()),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn splits_several_messages_in_one_read_and_keeps_the_tail() {
+        let mut d = LineDecoder::new(64);
+        d.extend(b"{\"type\":\"heartbeat\"}\n{\"cmd\":\"st");
+        assert_eq!(
+            lines(&mut d),
+            vec![Ok(b"{\"type\":\"heartbeat\"}".to_vec())]
+        );
+        d.extend(b"ats\"}\n");
+        assert_eq!(lines(&mut d), vec![Ok(b"{\"cmd\":\"stats\"}".to_vec())]);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn byte_at_a_time() {
+        let mut d = LineDecoder::new(64);
+        let mut got = Vec::new();
+        for b in b"ab\ncd\n" {
+            d.extend(&[*b]);
+            got.extend(lines(&mut d));
+        }
+        assert_eq!(got, vec![Ok(b"ab".to_vec()), Ok(b"cd".to_vec())]);
+    }
+
+    #[test]
+    fn over_long_line_is_dropped_once_and_memory_stays_bounded() {
+        let mut d = LineDecoder::new(16);
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            d.extend(&[b'x'; 1000]);
+            got.extend(lines(&mut d));
+            assert!(d.buffered() <= 16, "buffered {}", d.buffered());
+        }
+        d.extend(b"yyy\nok\n");
+        got.extend(lines(&mut d));
+        assert_eq!(got, vec![Err(()), Ok(b"ok".to_vec())]);
+    }
+
+    #[test]
+    fn over_long_complete_line_is_reported() {
+        let mut d = LineDecoder::new(4);
+        d.extend(b"123456\nab\n");
+        assert_eq!(lines(&mut d), vec![Err(()), Ok(b"ab".to_vec())]);
+    }
+
+    #[test]
+    fn classifies_worker_messages() {
+        use FromWorker::*;
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"NODE_HANDLE_ACK\"}"),
+            HandleAck
+        );
+        assert_eq!(
+            FromWorker::parse(b"{ \"cmd\" : \"NODE_HANDLE_ACK\" }"),
+            HandleAck
+        );
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"NODE_HANDLE_NACK\"}"),
+            HandleNack
+        );
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\"}"),
+            Handle
+        );
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"NODE_SOCKET_COUNT\"}"),
+            OtherInternal
+        );
+        assert_eq!(
+            FromWorker::parse(
+                b"{\"cmd\":\"stats\",\"data\":{\"activeConnections\":2,\"totalRequests\":40}}"
+            ),
+            Stats {
+                active: Some(2),
+                total_requests: Some(40)
+            }
+        );
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"stats\",\"data\":{}}"),
+            Stats {
+                active: None,
+                total_requests: None
+            }
+        );
+        assert_eq!(FromWorker::parse(b"{\"type\":\"request\"}"), Request);
+        assert_eq!(FromWorker::parse(b"{\"type\":\"heartbeat\"}"), Heartbeat);
+        assert_eq!(FromWorker::parse(b"{\"cmd\":\"heartbeat\"}"), Heartbeat);
+        assert_eq!(FromWorker::parse(b"{\"type\":\"ready\"}"), Ready);
+        assert_eq!(FromWorker::parse(b"\"plain string\""), Other);
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"NODE_\"}"),
+            Other,
+            "NODE_ alone is not internal"
+        );
+        assert_eq!(FromWorker::parse(b""), Malformed);
+        assert_eq!(FromWorker::parse(b"{oops}"), Malformed);
+        // A lone surrogate (Node escapes it) is rejected by serde_json: dropped, not fatal.
+        assert_eq!(FromWorker::parse(b"{\"s\":\"\\ud800\"}"), Malformed);
+    }
+
+    #[test]
+    fn classifies_master_messages() {
+        let env = &HANDLE_ENVELOPE[..HANDLE_ENVELOPE.len() - 1];
+        assert_eq!(
+            FromMaster::parse(env),
+            FromMaster::Handle {
+                msg: Value::String(HANDLE_MESSAGE.into())
+            }
+        );
+        let with_key =
+            br#"{"cmd":"NODE_HANDLE","type":"net.Socket","msg":"m","key":"4:127.0.0.1:0"}"#;
+        assert_eq!(
+            FromMaster::parse(with_key),
+            FromMaster::Handle {
+                msg: Value::String("m".into())
+            }
+        );
+        assert_eq!(
+            FromMaster::parse(br#"{"cmd":"NODE_SOCKET_GET_COUNT"}"#),
+            FromMaster::OtherInternal
+        );
+        assert_eq!(
+            FromMaster::parse(br#"{"cmd":"reload"}"#),
+            FromMaster::User(serde_json::json!({"cmd":"reload"}))
+        );
+    }
+
+    #[test]
+    fn constants_are_single_valid_json_lines() {
+        for l in [HANDLE_ENVELOPE, HANDLE_ACK, HANDLE_NACK] {
+            assert_eq!(l.iter().filter(|&&b| b == b'\n').count(), 1);
+            assert_eq!(*l.last().unwrap(), b'\n');
+            serde_json::from_slice::<Value>(&l[..l.len() - 1]).unwrap();
+        }
+        assert_eq!(
+            encode(&serde_json::json!({"type":"ready"})),
+            b"{\"type\":\"ready\"}\n"
+        );
+    }
+}

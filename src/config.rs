@@ -1,0 +1,758 @@
+//! Settings: the command line, the TOML config file, and how they merge.
+//!
+//! Every option exists in both places (`--shutdown-timeout` on the command line is
+//! `shutdown_timeout` in the file); command-line flags override the file, which overrides the
+//! defaults. Every value a user can get wrong is validated here, once, and reported as one line
+//! naming the option (and, for the file, the line) and the bad value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::balance::{DEFAULT_HASH_SEED, Policy};
+
+/// A settings error: always one line, naming the input.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("{origin}: invalid value `{value}` for `{key}`: {reason}")]
+    Invalid {
+        /// Where the value came from (`command line`, `lb.toml line 3`).
+        origin: String,
+        /// The option name.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has an unknown key / wrong type.
+    #[error("config file {path} line {line}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// The parser's message (one line).
+        message: String,
+    },
+    /// The worker command cannot be run.
+    #[error("worker command `{command}` not found or not executable{hint}")]
+    CommandNotFound {
+        /// The program name as given.
+        command: String,
+        /// Extra help.
+        hint: String,
+    },
+}
+
+/// `lb`: sticky-session TCP load balancer that passes accepted connections to worker processes.
+#[derive(Debug, Parser)]
+#[command(name = "lb", version, about, long_about = None)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    after_help = "Without a worker command, lb runs its built-in HTTP/WebSocket worker.\n\
+Examples:\n  lb\n  lb -w 4 -l 0.0.0.0:3000 -- node server.js\n  lb route 203.0.113.7 --workers 4"
+)]
+pub struct Cli {
+    /// Helper subcommands.
+    #[command(subcommand)]
+    pub sub: Option<Sub>,
+    /// Options of the server.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Worker command and its arguments (after `--`); default: the built-in worker.
+    #[arg(last = true, value_name = "WORKER_COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Helper subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Sub {
+    /// Print the slot (0-based) that `sticky` sends IP to when all slots are up.
+    Route {
+        /// The client IP address.
+        ip: String,
+        /// Number of worker slots.
+        #[arg(short, long, default_value = "0", hide_default_value = true)]
+        workers: String,
+        /// Seed of the sticky hash.
+        #[arg(long)]
+        hash_seed: Option<String>,
+        /// Read workers / hash_seed from this config file.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Run as lb's built-in worker (lb starts this itself; not for direct use).
+    #[command(hide = true, name = "builtin-worker")]
+    BuiltinWorker,
+}
+
+/// Server options, as given on the command line (all optional: the file and defaults fill in).
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TCP address to accept on (`[::]:8000` is dual-stack; port 0 = any free port)
+    /// [default: 127.0.0.1:8000]
+    #[arg(short, long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Worker processes [default: number of CPUs]
+    #[arg(short, long, value_name = "N")]
+    pub workers: Option<String>,
+    /// sticky, round-robin or least-connections [default: sticky]
+    #[arg(short, long, value_name = "P")]
+    pub policy: Option<String>,
+    /// Prometheus/admin HTTP address, or `off` [default: 127.0.0.1:9464]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// TOML config file; flags override it
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seed of the sticky hash (decimal u64)
+    #[arg(long, value_name = "S")]
+    pub hash_seed: Option<String>,
+    /// Graceful drain time before workers are killed [default: 30s]
+    #[arg(long, value_name = "D")]
+    pub shutdown_timeout: Option<String>,
+    /// Restart a worker that sent heartbeats and then stays silent this long [default: 30s]
+    #[arg(long, value_name = "D")]
+    pub heartbeat_timeout: Option<String>,
+    /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
+    #[arg(long, value_name = "BYTES")]
+    pub max_memory: Option<String>,
+    /// How long a connection may wait for a ready worker [default: 5s]
+    #[arg(long, value_name = "D")]
+    pub queue_timeout: Option<String>,
+    /// A worker is ready only once it sends {"type":"ready"}
+    #[arg(long)]
+    pub wait_ready: bool,
+    /// How long a new worker may take to become ready [default: 30s]
+    #[arg(long, value_name = "D")]
+    pub ready_timeout: Option<String>,
+    /// Listen backlog [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<String>,
+    /// Most connections waiting for a worker before new ones are closed [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<String>,
+    /// Most unconfirmed handoffs per worker before it is skipped [default: 256]
+    #[arg(long, value_name = "N")]
+    pub max_pending: Option<String>,
+    /// text or json [default: text]
+    #[arg(long, value_name = "F")]
+    pub log_format: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The fully resolved, validated settings lb runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Public listening address.
+    pub listen: SocketAddr,
+    /// Number of worker slots.
+    pub workers: usize,
+    /// Balancing policy.
+    pub policy: Policy,
+    /// Admin/metrics address; `None` = off.
+    pub metrics: Option<SocketAddr>,
+    /// Seed of the sticky hash.
+    pub hash_seed: u64,
+    /// Graceful drain time.
+    pub shutdown_timeout: Duration,
+    /// Heartbeat silence that gets a worker replaced.
+    pub heartbeat_timeout: Duration,
+    /// RSS limit per worker.
+    pub max_memory: Option<u64>,
+    /// Longest wait for a ready worker.
+    pub queue_timeout: Duration,
+    /// Readiness gating on `{"type":"ready"}`.
+    pub wait_ready: bool,
+    /// Longest time a new worker may take to become ready.
+    pub ready_timeout: Duration,
+    /// Listen backlog.
+    pub backlog: u32,
+    /// Bound of the no-worker wait queue.
+    pub max_queue: usize,
+    /// Bound of unconfirmed handoffs per worker.
+    pub max_pending: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Worker command; `None` = the built-in worker.
+    pub command: Option<Vec<String>>,
+}
+
+/// The config file's keys (the long option names with `_`), each optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Spanned<toml::Value>>,
+    workers: Option<Spanned<toml::Value>>,
+    policy: Option<Spanned<toml::Value>>,
+    metrics: Option<Spanned<toml::Value>>,
+    hash_seed: Option<Spanned<toml::Value>>,
+    shutdown_timeout: Option<Spanned<toml::Value>>,
+    heartbeat_timeout: Option<Spanned<toml::Value>>,
+    max_memory: Option<Spanned<toml::Value>>,
+    queue_timeout: Option<Spanned<toml::Value>>,
+    wait_ready: Option<Spanned<toml::Value>>,
+    ready_timeout: Option<Spanned<toml::Value>>,
+    backlog: Option<Spanned<toml::Value>>,
+    max_queue: Option<Spanned<toml::Value>>,
+    max_pending: Option<Spanned<toml::Value>>,
+    log_format: Option<Spanned<toml::Value>>,
+    command: Option<Spanned<toml::Value>>,
+}
+
+/// A loaded config file: its keys plus what is needed to name lines in errors.
+struct File {
+    path: PathBuf,
+    text: String,
+    keys: FileConfig,
+}
+
+impl File {
+    fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let keys: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            line: e.span().map_or(1, |s| line_of(&text, s.start)),
+            message: one_line(e.message()),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            text,
+            keys,
+        })
+    }
+
+    fn origin(&self, v: &Spanned<toml::Value>) -> String {
+        format!(
+            "config file {} line {}",
+            self.path.display(),
+            line_of(&self.text, v.span().start)
+        )
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One source of a value: the command line or a file entry.
+struct Source<'a> {
+    key: &'static str,
+    origin: String,
+    raw: Raw<'a>,
+}
+
+enum Raw<'a> {
+    Str(&'a str),
+    Toml(&'a toml::Value),
+}
+
+impl Source<'_> {
+    fn text(&self) -> String {
+        match &self.raw {
+            Raw::Str(s) => (*s).to_owned(),
+            Raw::Toml(toml::Value::String(s)) => s.clone(),
+            Raw::Toml(v) => v.to_string(),
+        }
+    }
+
+    fn invalid(&self, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            key: self.key.replace('_', "-"),
+            value: self.text(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Parses the value with `parse` (TOML integers and booleans are accepted as their text).
+    fn parse<T>(&self, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        if let Raw::Toml(v) = &self.raw
+            && !matches!(
+                v,
+                toml::Value::String(_) | toml::Value::Integer(_) | toml::Value::Boolean(_)
+            )
+        {
+            return Err(self.invalid(format!(
+                "expected a string or number, found {}",
+                v.type_str()
+            )));
+        }
+        parse(&self.text()).map_err(|r| self.invalid(r))
+    }
+}
+
+impl Settings {
+    /// Resolves settings from parsed command-line arguments (reading `--config` if given).
+    pub fn from_cli(run: &RunArgs, command: &[String]) -> Result<Self, ConfigError> {
+        let file = run.config.as_deref().map(File::load).transpose()?;
+        fn pick<'a>(
+            file: Option<&File>,
+            key: &'static str,
+            cli: Option<&'a String>,
+            file_v: Option<&'a Spanned<toml::Value>>,
+        ) -> Option<Source<'a>> {
+            if let Some(s) = cli {
+                Some(Source {
+                    key,
+                    origin: "command line".into(),
+                    raw: Raw::Str(s.as_str()),
+                })
+            } else {
+                let f = file?;
+                let v = file_v?;
+                Some(Source {
+                    key,
+                    origin: f.origin(v),
+                    raw: Raw::Toml(v.get_ref()),
+                })
+            }
+        }
+        let fk = file.as_ref().map(|f| &f.keys);
+        macro_rules! get {
+            ($name:ident) => {
+                pick(
+                    file.as_ref(),
+                    stringify!($name),
+                    run.$name.as_ref(),
+                    fk.and_then(|k| k.$name.as_ref()),
+                )
+            };
+        }
+
+        let listen = match get!(listen) {
+            Some(s) => s.parse(parse_addr)?,
+            None => "127.0.0.1:8000".parse().expect("valid default"),
+        };
+        let workers = match get!(workers) {
+            Some(s) => s.parse(|v| parse_count(v, 1, 1024))?,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        let policy = match get!(policy) {
+            Some(s) => s.parse(|v| v.parse::<Policy>().map_err(|e| e.to_string()))?,
+            None => Policy::Sticky,
+        };
+        let metrics = match get!(metrics) {
+            Some(s) => s.parse(|v| {
+                if v == "off" {
+                    Ok(None)
+                } else {
+                    parse_addr(v).map(Some)
+                }
+            })?,
+            None => Some("127.0.0.1:9464".parse().expect("valid default")),
+        };
+        let hash_seed = match get!(hash_seed) {
+            Some(s) => s.parse(parse_seed)?,
+            None => DEFAULT_HASH_SEED,
+        };
+        let dur = |src: Option<Source<'_>>, default: Duration| match src {
+            Some(s) => s.parse(parse_duration),
+            None => Ok(default),
+        };
+        let shutdown_timeout = dur(get!(shutdown_timeout), Duration::from_secs(30))?;
+        let heartbeat_timeout = dur(get!(heartbeat_timeout), Duration::from_secs(30))?;
+        let queue_timeout = dur(get!(queue_timeout), Duration::from_secs(5))?;
+        let ready_timeout = dur(get!(ready_timeout), Duration::from_secs(30))?;
+        let max_memory = match get!(max_memory) {
+            Some(s) => s.parse(|v| {
+                if v == "off" {
+                    Ok(None)
+                } else {
+                    parse_bytes(v).map(Some)
+                }
+            })?,
+            None => None,
+        };
+        let wait_ready = if run.wait_ready {
+            true
+        } else {
+            match pick(
+                file.as_ref(),
+                "wait_ready",
+                None,
+                fk.and_then(|k| k.wait_ready.as_ref()),
+            ) {
+                Some(s) => s.parse(parse_bool)?,
+                None => false,
+            }
+        };
+        let backlog = match get!(backlog) {
+            Some(s) => s.parse(|v| parse_count(v, 1, 1 << 20))? as u32,
+            None => 4096,
+        };
+        let max_queue = match get!(max_queue) {
+            Some(s) => s.parse(|v| parse_count(v, 0, 1 << 24))?,
+            None => 4096,
+        };
+        let max_pending = match get!(max_pending) {
+            Some(s) => s.parse(|v| parse_count(v, 1, 1 << 16))?,
+            None => 256,
+        };
+        let log_format = match get!(log_format) {
+            Some(s) => s.parse(|v| match v {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected text or json".into()),
+            })?,
+            None => LogFormat::Text,
+        };
+        let command = if !command.is_empty() {
+            Some(command.to_vec())
+        } else if let Some((f, v)) = file
+            .as_ref()
+            .and_then(|f| Some((f, f.keys.command.as_ref()?)))
+        {
+            let src = Source {
+                key: "command",
+                origin: f.origin(v),
+                raw: Raw::Toml(v.get_ref()),
+            };
+            let list = v.get_ref().as_array().map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+            });
+            match list {
+                Some(Some(list)) if !list.is_empty() && !list[0].is_empty() => Some(list),
+                _ => {
+                    return Err(src.invalid(
+                        "expected a non-empty array of strings, e.g. [\"node\", \"server.js\"]",
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(cmd) = &command {
+            check_command(&cmd[0])?;
+        }
+        Ok(Self {
+            listen,
+            workers,
+            policy,
+            metrics,
+            hash_seed,
+            shutdown_timeout,
+            heartbeat_timeout,
+            max_memory,
+            queue_timeout,
+            wait_ready,
+            ready_timeout,
+            backlog,
+            max_queue,
+            max_pending,
+            log_format,
+            command,
+        })
+    }
+}
+
+/// Resolves `lb route`'s worker count and seed (flags over file over defaults).
+pub fn route_settings(
+    workers: &str,
+    hash_seed: Option<&String>,
+    config: Option<&Path>,
+) -> Result<(usize, u64), ConfigError> {
+    let run = RunArgs {
+        workers: (workers != "0").then(|| workers.to_owned()),
+        hash_seed: hash_seed.cloned(),
+        config: config.map(Path::to_owned),
+        ..RunArgs::default()
+    };
+    let s = Settings::from_cli(&run, &[])?;
+    Ok((s.workers, s.hash_seed))
+}
+
+/// Checks that the worker program exists and is executable (searching `PATH` for bare names).
+fn check_command(program: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| executable(&dir.join(program)))
+        })
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(ConfigError::CommandNotFound {
+            command: program.to_owned(),
+            hint: if program.contains('/') {
+                String::new()
+            } else {
+                " in PATH".into()
+            },
+        })
+    }
+}
+
+/// Parses a socket address (`127.0.0.1:8000`, `[::]:8000`, `localhost:8000`).
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port: u16 = port.parse().map_err(|_| format!("bad port `{port}`"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    Err("expected IP:PORT, e.g. 127.0.0.1:8000 or [::]:8000".into())
+}
+
+fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| "expected a whole number".to_string())?;
+    if n < min || n > max {
+        return Err(format!("must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a decimal number from 0 to 18446744073709551615".into())
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+/// Parses a humane duration: `500ms`, `30s`, `2m`, `1h`, `1.5s`, or combinations like `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const HELP: &str = "expected a duration like 500ms, 30s, 2m or 1h";
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(HELP.into());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let value: f64 = num.parse().map_err(|_| HELP.to_string())?;
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" | "sec" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(format!("missing unit ({HELP})")),
+            _ => return Err(HELP.into()),
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    if !total.is_finite() || total > 365.0 * 86400.0 {
+        return Err("duration too long".into());
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// Parses a byte size: `1048576`, `512MiB`, `1GiB`, `100MB`, `64k`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    const HELP: &str = "expected a size like 512MiB, 1GiB or 1048576";
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| HELP.to_string())?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "ki" | "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(HELP.into()),
+    };
+    let bytes = value * scale;
+    if bytes < 1.0 || !bytes.is_finite() {
+        return Err("must be at least 1 byte".into());
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("30").unwrap_err().contains("missing unit"));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("100MB").unwrap(), 100_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr("[::]:8000").unwrap().to_string(), "[::]:8000");
+        assert_eq!(
+            parse_addr("localhost:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
+        assert!(parse_addr("127.0.0.1").is_err());
+        assert!(parse_addr("nowhere:80").is_err());
+    }
+
+    fn file(text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(format!(
+            "{:x}.toml",
+            ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(text)
+        ));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn load(text: &str, cli: RunArgs) -> Result<Settings, ConfigError> {
+        let run = RunArgs {
+            config: Some(file(text)),
+            ..cli
+        };
+        Settings::from_cli(&run, &[])
+    }
+
+    #[test]
+    fn file_values_and_cli_override() {
+        let s = load(
+            "workers = 3\npolicy = \"round-robin\"\nshutdown_timeout = \"2s\"\n",
+            RunArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.workers, s.policy, s.shutdown_timeout),
+            (3, Policy::RoundRobin, Duration::from_secs(2))
+        );
+        let s = load(
+            "workers = 3\n",
+            RunArgs {
+                workers: Some("5".into()),
+                ..RunArgs::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.workers, 5);
+    }
+
+    #[test]
+    fn file_errors_name_line_key_and_value() {
+        let e = load(
+            "listen = \"127.0.0.1:0\"\nworkers = 0\n",
+            RunArgs::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("`workers`") && e.contains("`0`"),
+            "{e}"
+        );
+        let e = load("\nbogus = 1\n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("bogus"), "{e}");
+        let e = load("workers = [1]\n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workers") && e.contains("array"), "{e}");
+        let e = load("workers = \n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let e = load("queue_timeout = \"soon\"\n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue-timeout") && e.contains("soon"), "{e}");
+        let e = load("command = []\n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("command"), "{e}");
+        for e in [
+            load("workers = 0\n", RunArgs::default())
+                .unwrap_err()
+                .to_string(),
+            load("\nbogus = 1\n", RunArgs::default())
+                .unwrap_err()
+                .to_string(),
+        ] {
+            assert!(!e.contains('\n'), "error must be one line: {e}");
+        }
+    }
+
+    #[test]
+    fn command_from_file_is_checked() {
+        let s = load("command = [\"sh\", \"-c\", \"true\"]\n", RunArgs::default()).unwrap();
+        assert_eq!(s.command.unwrap()[0], "sh");
+        let e = load("command = [\"no-such-program-xyz\"]\n", RunArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no-such-program-xyz"), "{e}");
+    }
+}

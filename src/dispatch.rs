@@ -1,0 +1,404 @@
+//! One task per worker process: hands connections over its channel and tracks the ACKs.
+//!
+//! The task owns the master's end of the worker's channel. It receives [`Handoff`]s from the
+//! master, sends each as one `NODE_HANDLE` line with its fd in one `sendmsg`, and keeps the
+//! master's copy of the fd until the worker answers:
+//!
+//! - `NODE_HANDLE_ACK` → the master's copy is closed (mandatory: otherwise a worker's
+//!   `socket.destroy()` never reaches the client) and the master is told.
+//! - `NODE_HANDLE_NACK` → the same envelope and fd are sent again, up to [`MAX_NACKS`] times, then the
+//!   connection goes back to the master for another worker.
+//! - send error / channel EOF → every connection not yet ACKed goes back to the master.
+//!
+//! ACKs and NACKs arrive in the order handles were sent, so they are matched FIFO. Up to `window`
+//! handles may be in flight (each envelope is small and written whole by one `sendmsg`, which Node
+//! tolerates, node-ipc.md §4.3); after a partial write, or `ETOOMANYREFS`, no further handle is sent
+//! until every in-flight one is answered. A connection is never dropped silently.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+
+use crate::channel::{FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder};
+use crate::sys;
+
+/// NACKs one worker may return for one connection before it is given to another worker
+/// (Node's `MAX_HANDLE_RETRANSMISSIONS`).
+pub const MAX_NACKS: u8 = 3;
+
+/// Fds a worker may send without an envelope before the oldest are closed.
+const MAX_STRAY_FDS: usize = 16;
+
+/// An accepted connection on its way to a worker.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The client socket (non-blocking, close-on-exec). Dropping it closes the master's copy.
+    pub stream: TcpStream,
+    /// The client's address (the sticky key).
+    pub peer: SocketAddr,
+    /// When the master accepted it (for the handoff-duration histogram and queue deadline).
+    pub accepted: Instant,
+    /// NACKs received for it from the current worker.
+    pub nacks: u8,
+    /// Workers it has been given to so far.
+    pub dispatches: u8,
+}
+
+/// Why connections came back from a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returned {
+    /// NACKed [`MAX_NACKS`] + 1 times.
+    Nack,
+    /// `sendmsg` failed (not `EAGAIN`).
+    SendError,
+    /// The worker's channel closed (the worker exited).
+    WorkerExit,
+}
+
+impl Returned {
+    /// The `reason` label of `lb_handoff_failures_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Nack => "nack",
+            Self::SendError => "send_error",
+            Self::WorkerExit => "worker_exit",
+        }
+    }
+}
+
+/// What a dispatch task reports to the master.
+#[derive(Debug)]
+pub enum Report {
+    /// A connection was ACKed (the master's copy is already closed).
+    Acked {
+        /// When it was accepted.
+        accepted: Instant,
+    },
+    /// One NACK (the connection is being retried or returned).
+    Nacked,
+    /// Connections the worker did not take; the master must place them elsewhere.
+    Returned(Vec<Handoff>, Returned),
+    /// A message from the worker.
+    Message(FromWorker),
+    /// A channel line over the length limit was dropped.
+    TooLong,
+    /// The worker sent an fd (with or without an envelope); it was closed (and NACKed).
+    StrayFd,
+    /// The channel is closed; nothing more will come from this task except returned connections.
+    Closed,
+}
+
+/// A report tagged with the worker it is about.
+#[derive(Debug)]
+pub struct Event {
+    /// Slot id.
+    pub slot: usize,
+    /// Generation of the worker in that slot.
+    pub generation: u64,
+    /// What happened.
+    pub report: Report,
+}
+
+/// Runs the dispatch task for one worker until its channel closes and the master stops sending.
+pub async fn run(
+    slot: usize,
+    generation: u64,
+    channel: UnixStream,
+    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
+    reports: mpsc::UnboundedSender<Event>,
+    window: usize,
+    max_line: usize,
+) {
+    let send = |report| {
+        let _ = reports.send(Event {
+            slot,
+            generation,
+            report,
+        });
+    };
+    let registered = channel
+        .set_nonblocking(true)
+        .and_then(|_| sys::register(channel, Interest::READABLE | Interest::WRITABLE));
+    let io = match registered {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::error!(slot, "cannot register worker channel: {e}");
+            send(Report::Closed);
+            return return_all_until_closed(&mut handoffs, send).await;
+        }
+    };
+    let mut d = Dispatcher::new(window.max(1), max_line);
+    let mut accepting = true;
+    let mut open = true;
+    while open && !d.failed {
+        if d.want_write() {
+            d.flush(io.get_ref().as_fd(), &send);
+        }
+        tokio::select! {
+            ready = io.readable() => {
+                let Ok(mut guard) = ready else { break };
+                // Bounded batch per wakeup; readiness stays set if there is more.
+                for _ in 0..16 {
+                    let r = guard.try_io(|io| {
+                        sys::recv_with_fds(io.get_ref().as_fd(), &mut d.buf, &mut d.stray, &mut d.truncated)
+                    });
+                    match r {
+                        Err(_would_block) => break,
+                        Ok(Ok(0)) => { open = false; break; }
+                        Ok(Ok(n)) => d.decoder.extend(&d.buf[..n]),
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(slot, generation, "worker channel read error: {e}");
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                drop(guard);
+                d.process_lines(&send);
+            }
+            ready = io.writable(), if d.blocked_on_write => {
+                let Ok(mut guard) = ready else { break };
+                d.blocked_on_write = false;
+                if guard.try_io(|io| d.flush_io(io.get_ref().as_fd(), &send)).is_err() {
+                    d.blocked_on_write = true;
+                }
+            }
+            h = handoffs.recv(), if accepting => match h {
+                Some(h) => {
+                    d.queue.push_back(h);
+                    // Take everything already queued before writing: one pass, many sends.
+                    while let Ok(h) = handoffs.try_recv() { d.queue.push_back(h); }
+                }
+                None => {
+                    accepting = false;
+                    d.draining = true;
+                }
+            },
+        }
+    }
+    // The channel is gone: nothing it held was ACKed.
+    let mut back: Vec<Handoff> = d.in_flight.drain(..).collect();
+    back.extend(d.queue.drain(..));
+    if !back.is_empty() {
+        send(Report::Returned(back, Returned::WorkerExit));
+    }
+    send(Report::Closed);
+    drop(d);
+    if accepting {
+        return_all_until_closed(&mut handoffs, send).await;
+    }
+}
+
+/// After the channel closed: hand back whatever the master still sends until it stops.
+async fn return_all_until_closed(
+    handoffs: &mut mpsc::UnboundedReceiver<Handoff>,
+    send: impl Fn(Report),
+) {
+    while let Some(h) = handoffs.recv().await {
+        send(Report::Returned(vec![h], Returned::WorkerExit));
+    }
+}
+
+/// The state of one worker's channel.
+struct Dispatcher {
+    /// Connections waiting to be sent.
+    queue: VecDeque<Handoff>,
+    /// Connections sent and not yet answered, oldest first.
+    in_flight: VecDeque<Handoff>,
+    /// Most handles in flight at once.
+    window: usize,
+    /// The unsent tail of a partially written line (sent before anything else).
+    partial: Option<(&'static [u8], usize)>,
+    /// NACK replies owed to the worker for handles it sent us.
+    owed_nacks: usize,
+    /// No new handle until `in_flight` is empty (after a partial write or ETOOMANYREFS).
+    hold: bool,
+    /// The last write returned EAGAIN: wait for writability.
+    blocked_on_write: bool,
+    /// The channel failed on write.
+    failed: bool,
+    /// The master sends no more (the worker is being replaced): NACKed connections go back to
+    /// the master at once instead of being retried here.
+    draining: bool,
+    decoder: LineDecoder,
+    buf: Vec<u8>,
+    /// Fds the worker sent us, in arrival order.
+    stray: VecDeque<OwnedFd>,
+    truncated: bool,
+}
+
+impl Dispatcher {
+    fn new(window: usize, max_line: usize) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            window,
+            partial: None,
+            owed_nacks: 0,
+            hold: false,
+            blocked_on_write: false,
+            failed: false,
+            draining: false,
+            decoder: LineDecoder::new(max_line),
+            buf: vec![0; 64 * 1024],
+            stray: VecDeque::new(),
+            truncated: false,
+        }
+    }
+
+    fn want_write(&self) -> bool {
+        !self.blocked_on_write
+            && !self.failed
+            && (self.partial.is_some()
+                || self.owed_nacks > 0
+                || (!self.queue.is_empty() && !self.hold && self.in_flight.len() < self.window))
+    }
+
+    /// Writes what can be written; EAGAIN sets `blocked_on_write`.
+    fn flush(&mut self, fd: BorrowedFd<'_>, send: &impl Fn(Report)) {
+        if let Err(e) = self.flush_io(fd, send) {
+            debug_assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            self.blocked_on_write = true;
+        }
+    }
+
+    /// Writes until done or `WouldBlock` (returned as `Err`, for `AsyncFdReadyGuard::try_io`).
+    fn flush_io(&mut self, fd: BorrowedFd<'_>, send: &impl Fn(Report)) -> io::Result<()> {
+        loop {
+            if self.failed {
+                return Ok(());
+            }
+            if let Some((line, off)) = self.partial {
+                let n = self.write(fd, &line[off..])?;
+                self.partial = if off + n < line.len() {
+                    Some((line, off + n))
+                } else {
+                    None
+                };
+                continue;
+            }
+            if self.owed_nacks > 0 {
+                let n = self.write(fd, HANDLE_NACK)?;
+                self.owed_nacks -= 1;
+                if n < HANDLE_NACK.len() {
+                    self.partial = Some((HANDLE_NACK, n));
+                }
+                continue;
+            }
+            if self.hold || self.in_flight.len() >= self.window {
+                return Ok(());
+            }
+            let Some(h) = self.queue.pop_front() else {
+                return Ok(());
+            };
+            match sys::send_with_fd(fd, HANDLE_ENVELOPE, Some(h.stream.as_fd())) {
+                Ok(n) => {
+                    self.in_flight.push_back(h);
+                    if n < HANDLE_ENVELOPE.len() {
+                        // The fd went with the first chunk; the rest follows without one, and no
+                        // other handle may be sent until this one is answered (node-ipc.md §4.3).
+                        self.partial = Some((HANDLE_ENVELOPE, n));
+                        self.hold = true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.queue.push_front(h);
+                    return Err(e);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.queue.push_front(h),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETOOMANYREFS)
+                        && !self.in_flight.is_empty() =>
+                {
+                    // Too many fds in flight to this worker: wait for its answers.
+                    self.queue.push_front(h);
+                    self.hold = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!("handoff sendmsg failed: {e}");
+                    self.failed = true;
+                    send(Report::Returned(vec![h], Returned::SendError));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Writes bytes without an fd; a hard error marks the channel failed (reported as 0 bytes).
+    fn write(&mut self, fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+        loop {
+            match sys::send_with_fd(fd, bytes, None) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                Err(e) => {
+                    tracing::debug!("worker channel write failed: {e}");
+                    self.failed = true;
+                    return Ok(bytes.len());
+                }
+            }
+        }
+    }
+
+    fn process_lines(&mut self, send: &impl Fn(Report)) {
+        while let Some(line) = self.decoder.next_line() {
+            let msg = match line {
+                Line::TooLong => {
+                    send(Report::TooLong);
+                    continue;
+                }
+                Line::Complete(bytes) => FromWorker::parse(bytes),
+            };
+            match msg {
+                FromWorker::HandleAck => match self.in_flight.pop_front() {
+                    Some(h) => {
+                        send(Report::Acked {
+                            accepted: h.accepted,
+                        });
+                        drop(h); // closes the master's copy
+                    }
+                    None => send(Report::Message(FromWorker::OtherInternal)),
+                },
+                FromWorker::HandleNack => match self.in_flight.pop_front() {
+                    Some(mut h) => {
+                        send(Report::Nacked);
+                        h.nacks += 1;
+                        if h.nacks > MAX_NACKS || self.draining {
+                            send(Report::Returned(vec![h], Returned::Nack));
+                        } else {
+                            self.queue.push_front(h);
+                        }
+                    }
+                    None => send(Report::Message(FromWorker::OtherInternal)),
+                },
+                FromWorker::Handle => {
+                    // lb does not take handles from workers: answer so the worker's later
+                    // messages are not stuck behind it, and close the fd if one came.
+                    self.stray.pop_front();
+                    self.owed_nacks += 1;
+                    send(Report::StrayFd);
+                }
+                other => send(Report::Message(other)),
+            }
+            if self.in_flight.is_empty() {
+                self.hold = false;
+            }
+        }
+        while self.stray.len() > MAX_STRAY_FDS {
+            self.stray.pop_front();
+            send(Report::StrayFd);
+        }
+        if self.truncated {
+            self.truncated = false;
+            send(Report::StrayFd);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! # lb — a sticky-session TCP load-balancer front end
+//!
+//! One master process accepts every TCP connection itself and never reads from it. It picks a
+//! worker process (client-IP rendezvous hash, round-robin or least-connections) and passes the
+//! connection's file descriptor to it over a Unix socket with `SCM_RIGHTS`; after that the master
+//! is out of the data path. The worker channel speaks Node.js's own child-process IPC format, so
+//! unmodified Node.js sticky-session workers run under lb, and so do Rust programs using
+//! [`worker`]. The master supervises its workers and exports per-worker counts for Prometheus.
+//!
+//! # Layout
+//!
+//! The data path, in order:
+//!
+//! - [`listener`] — the public socket: socket2 bind with a real backlog, `accept4` with
+//!   `SOCK_NONBLOCK | SOCK_CLOEXEC`, classified accept errors.
+//! - [`balance`] — the policies, pure functions with no I/O.
+//! - [`dispatch`] — one task per worker: sends handles, matches ACK/NACK FIFO, hands back every
+//!   connection a worker did not take.
+//! - [`sys`] — the raw syscalls (`sendmsg`/`recvmsg` with `SCM_RIGHTS`, `accept4`); one of the two
+//!   modules allowed `unsafe`.
+//! - [`channel`] — framing and classification of Node IPC messages (`json` mode).
+//! - [`worker`] — the worker side: the `lb::worker` library and lb's built-in HTTP/WebSocket worker.
+//!
+//! Beside it:
+//!
+//! - [`master`] — the single-threaded loop that owns all state: routing, supervision (spawn,
+//!   readiness, backoff, heartbeats, memory, rolling restart, graceful shutdown).
+//! - [`spawn`] — starting a worker with its channel on fd 3 (the other `unsafe` module).
+//! - [`metrics`] — Prometheus metrics and the admin endpoint.
+//! - [`config`] — command line and TOML config file.
+#![deny(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod balance;
+pub mod channel;
+pub mod config;
+pub mod dispatch;
+pub mod listener;
+pub mod master;
+pub mod metrics;
+pub mod spawn;
+pub mod sys;
+pub mod worker;

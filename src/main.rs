@@ -1,0 +1,137 @@
+//! The `lb` binary: parses settings, binds, and runs the master (or the built-in worker).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::config::{Cli, LogFormat, Settings, Sub};
+use lb::listener::{self, Listener};
+use lb::master::{self, Master};
+use lb::metrics::{self, Shared};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(), // usage errors exit 2, --help/--version exit 0
+    };
+    match cli.sub {
+        Some(Sub::BuiltinWorker) => {
+            init_logging(LogFormat::Text);
+            match lb::worker::builtin::main() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("built-in worker: {e:#}")),
+            }
+        }
+        Some(Sub::Route {
+            ip,
+            workers,
+            hash_seed,
+            config,
+        }) => route(&ip, &workers, hash_seed.as_ref(), config.as_deref()),
+        None => match Settings::from_cli(&cli.run, &cli.command) {
+            Ok(settings) => serve(settings),
+            Err(e) => fail(&e.to_string()),
+        },
+    }
+}
+
+/// Prints a one-line error and returns exit status 2.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("lb: error: {msg}");
+    ExitCode::from(2)
+}
+
+fn route(
+    ip: &str,
+    workers: &str,
+    seed: Option<&String>,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let Ok(addr) = ip.parse::<std::net::IpAddr>() else {
+        return fail(&format!("invalid IP address `{ip}`"));
+    };
+    match lb::config::route_settings(workers, seed, config) {
+        Ok((n, seed)) => {
+            println!("{}", lb::balance::StickyHash::new(seed).home(addr, n));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    init_logging(settings.log_format);
+    if let Some(limit) = listener::raise_nofile_limit() {
+        tracing::debug!("open-file limit: {limit}");
+    }
+    let argv = match &settings.command {
+        Some(cmd) => cmd.clone(),
+        None => match std::env::current_exe() {
+            Ok(exe) => vec![exe.to_string_lossy().into_owned(), "builtin-worker".into()],
+            Err(e) => {
+                return fail(&format!(
+                    "cannot find lb's own executable for the built-in worker: {e}"
+                ));
+            }
+        },
+    };
+    let socket = match listener::bind(settings.listen, settings.backlog) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let metrics_listener = match settings.metrics.map(metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("metrics endpoint: {e}")),
+    };
+    // One thread: the master's work per connection is a few syscalls, and workers must be
+    // spawned from a thread that lives as long as the process (PR_SET_PDEATHSIG).
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    let result = rt.block_on(async move {
+        let listener = Listener::new(socket)?;
+        let local = listener.local_addr()?;
+        let shared = Shared::new(settings.workers, settings.policy);
+        let metrics_addr = match metrics_listener {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                let l = tokio::net::TcpListener::from_std(l)?;
+                let addr = l.local_addr()?;
+                tokio::spawn(metrics::serve(l, shared.clone()));
+                Some(addr)
+            }
+            None => None,
+        };
+        tracing::info!(
+            "{} ({} workers, policy {}, worker command: {})",
+            master::listening_line(local, metrics_addr),
+            settings.workers,
+            settings.policy,
+            settings
+                .command
+                .as_ref()
+                .map_or_else(|| "built-in".to_string(), |c| c.join(" "))
+        );
+        Master::new(settings, argv, shared).run(listener).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}

@@ -1,0 +1,468 @@
+//! Prometheus metrics and the admin HTTP endpoint (`/metrics`, `/workers`, `/healthz`).
+//!
+//! Everything is served from the master's own state: a scrape never talks to a worker, so it
+//! cannot block on one. Per-worker series are labelled by slot (never by pid, which would grow
+//! without bound) and exist from start-up at 0. Worker-reported cumulative counts are turned into
+//! deltas per worker generation by the master, so exported counters never go backwards when a
+//! worker restarts.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use serde::Serialize;
+
+use crate::balance::Policy;
+
+/// Per-slot metric handles (looked up once, so the hot path does no label hashing).
+#[derive(Debug, Clone)]
+pub struct SlotMetrics {
+    /// Requests the worker reported.
+    pub requests: IntCounter,
+    /// Connections ACKed by the worker.
+    pub connections: IntCounter,
+    /// Active connections (worker-reported, else lb's estimate).
+    pub active: IntGauge,
+    /// 1 if the slot's worker is ready.
+    pub up: IntGauge,
+    /// Replacements of the slot's worker.
+    pub restarts: IntCounter,
+    /// RSS of the slot's worker.
+    pub memory: IntGauge,
+}
+
+/// All of lb's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Per-slot handles, indexed by slot.
+    pub slots: Vec<SlotMetrics>,
+    /// Connections accepted by the master.
+    pub accepted: IntCounter,
+    /// Handoff failures by reason.
+    failures: IntCounterVec,
+    /// Accept → ACK latency.
+    pub handoff_duration: Histogram,
+    /// Connections waiting for a ready worker.
+    pub queued: IntGauge,
+    /// Accept errors by kind.
+    accept_errors: IntCounterVec,
+    /// Channel messages lb dropped or ignored, by reason.
+    channel_dropped: IntCounterVec,
+}
+
+/// Reasons of `lb_handoff_failures_total`.
+pub const FAILURE_REASONS: [&str; 5] = [
+    "nack",
+    "send_error",
+    "worker_exit",
+    "no_worker",
+    "queue_full",
+];
+/// Reasons of `lb_channel_messages_dropped_total`.
+pub const DROP_REASONS: [&str; 4] = ["malformed", "too_long", "ignored", "stray_fd"];
+
+impl Metrics {
+    /// Creates every series for `workers` slots, at 0.
+    pub fn new(workers: usize, policy: Policy) -> Self {
+        let registry = Registry::new();
+        let slot_vec_counter = |name: &str, help: &str| {
+            let v = IntCounterVec::new(Opts::new(name, help), &["worker"]).expect("valid metric");
+            registry
+                .register(Box::new(v.clone()))
+                .expect("unique metric");
+            v
+        };
+        let slot_vec_gauge = |name: &str, help: &str| {
+            let v = IntGaugeVec::new(Opts::new(name, help), &["worker"]).expect("valid metric");
+            registry
+                .register(Box::new(v.clone()))
+                .expect("unique metric");
+            v
+        };
+        let requests = slot_vec_counter(
+            "lb_worker_requests_total",
+            "Requests the worker reported (stats / request messages), monotonic across restarts.",
+        );
+        let connections = slot_vec_counter(
+            "lb_worker_connections_total",
+            "Connections handed to and acknowledged by the worker.",
+        );
+        let active = slot_vec_gauge(
+            "lb_worker_active_connections",
+            "Active connections of the worker (worker-reported, else lb's estimate).",
+        );
+        let up = slot_vec_gauge(
+            "lb_worker_up",
+            "1 if the slot's worker is ready to receive connections.",
+        );
+        let restarts = slot_vec_counter(
+            "lb_worker_restarts_total",
+            "Replacements of the slot's worker, for any reason (crash, heartbeat, memory, rolling restart).",
+        );
+        let memory = slot_vec_gauge(
+            "lb_worker_memory_bytes",
+            "Resident set size of the slot's worker, from /proc.",
+        );
+        let slots = (0..workers)
+            .map(|i| {
+                let l = i.to_string();
+                SlotMetrics {
+                    requests: requests.with_label_values(&[&l]),
+                    connections: connections.with_label_values(&[&l]),
+                    active: active.with_label_values(&[&l]),
+                    up: up.with_label_values(&[&l]),
+                    restarts: restarts.with_label_values(&[&l]),
+                    memory: memory.with_label_values(&[&l]),
+                }
+            })
+            .collect();
+        let accepted = IntCounter::new(
+            "lb_accepted_connections_total",
+            "Connections accepted by the master.",
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(accepted.clone()))
+            .expect("unique");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "lb_handoff_failures_total",
+                "Handoffs that did not reach a worker, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(failures.clone()))
+            .expect("unique");
+        for r in FAILURE_REASONS {
+            failures.with_label_values(&[r]);
+        }
+        let handoff_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "lb_handoff_duration_seconds",
+                "Time from accept to the worker's ACK.",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(handoff_duration.clone()))
+            .expect("unique");
+        let queued = IntGauge::new(
+            "lb_queued_connections",
+            "Connections waiting for a ready worker.",
+        )
+        .expect("valid");
+        registry.register(Box::new(queued.clone())).expect("unique");
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "lb_accept_errors_total",
+                "Errors accepting connections (exhausted = out of fds/memory).",
+            ),
+            &["kind"],
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(accept_errors.clone()))
+            .expect("unique");
+        for k in ["exhausted", "transient", "other"] {
+            accept_errors.with_label_values(&[k]);
+        }
+        let channel_dropped = IntCounterVec::new(
+            Opts::new(
+                "lb_channel_messages_dropped_total",
+                "Worker channel messages lb dropped or ignored, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(channel_dropped.clone()))
+            .expect("unique");
+        for r in DROP_REASONS {
+            channel_dropped.with_label_values(&[r]);
+        }
+        let info = IntGaugeVec::new(
+            Opts::new(
+                "lb_build_info",
+                "lb's version and balancing policy (always 1).",
+            ),
+            &["version", "policy"],
+        )
+        .expect("valid");
+        registry.register(Box::new(info.clone())).expect("unique");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), policy.as_str()])
+            .set(1);
+        Self {
+            registry,
+            slots,
+            accepted,
+            failures,
+            handoff_duration,
+            queued,
+            accept_errors,
+            channel_dropped,
+        }
+    }
+
+    /// Counts `n` handoff failures for `reason` (one of [`FAILURE_REASONS`]).
+    pub fn failure(&self, reason: &str, n: u64) {
+        self.failures.with_label_values(&[reason]).inc_by(n);
+    }
+
+    /// Counts an accept error of `kind` (`exhausted`, `transient`, `other`).
+    pub fn accept_error(&self, kind: &str) {
+        self.accept_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a dropped channel message (one of [`DROP_REASONS`]).
+    pub fn dropped(&self, reason: &str) {
+        self.channel_dropped.with_label_values(&[reason]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
+        out
+    }
+}
+
+/// One row of the `/workers` table, kept current by the master.
+#[derive(Debug, Clone, Default)]
+pub struct SlotView {
+    /// Pid of the slot's current worker.
+    pub pid: Option<u32>,
+    /// `starting`, `ready`, `draining`, `backoff`, `failed`, `exited`.
+    pub state: &'static str,
+    /// When the current worker started.
+    pub started: Option<Instant>,
+    /// Generation (spawn count) of the current worker.
+    pub generation: u64,
+}
+
+/// What the admin endpoint reads: metrics plus the slot table.
+#[derive(Debug)]
+pub struct Shared {
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The slot table.
+    pub table: Mutex<Vec<SlotView>>,
+    /// The policy (for `/workers`).
+    pub policy: Policy,
+}
+
+impl Shared {
+    /// Creates the shared state for `workers` slots.
+    pub fn new(workers: usize, policy: Policy) -> Arc<Self> {
+        Arc::new(Self {
+            metrics: Metrics::new(workers, policy),
+            table: Mutex::new(vec![
+                SlotView {
+                    state: "starting",
+                    ..SlotView::default()
+                };
+                workers
+            ]),
+            policy,
+        })
+    }
+
+    /// Updates slot `slot`'s row.
+    pub fn set_slot(&self, slot: usize, view: SlotView) {
+        if let Ok(mut t) = self.table.lock() {
+            t[slot] = view;
+        }
+    }
+
+    /// Whether any slot's worker is ready.
+    pub fn any_ready(&self) -> bool {
+        self.metrics.slots.iter().any(|s| s.up.get() > 0)
+    }
+
+    /// The `/workers` JSON document.
+    pub fn workers_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Row {
+            slot: usize,
+            pid: Option<u32>,
+            state: &'static str,
+            generation: u64,
+            uptime_seconds: f64,
+            connections: u64,
+            active_connections: i64,
+            requests: u64,
+            restarts: u64,
+            memory_bytes: i64,
+        }
+        #[derive(Serialize)]
+        struct Doc {
+            policy: Policy,
+            workers: Vec<Row>,
+        }
+        let table = self.table.lock().map(|t| t.clone()).unwrap_or_default();
+        let workers = table
+            .iter()
+            .enumerate()
+            .map(|(slot, v)| {
+                let m = &self.metrics.slots[slot];
+                Row {
+                    slot,
+                    pid: v.pid,
+                    state: v.state,
+                    generation: v.generation,
+                    uptime_seconds: v
+                        .started
+                        .map_or(0.0, |t| (t.elapsed().as_millis() as f64) / 1000.0),
+                    connections: m.connections.get(),
+                    active_connections: m.active.get(),
+                    requests: m.requests.get(),
+                    restarts: m.restarts.get(),
+                    memory_bytes: m.memory.get(),
+                }
+            })
+            .collect();
+        serde_json::to_vec_pretty(&Doc {
+            policy: self.policy,
+            workers,
+        })
+        .expect("serializable")
+    }
+}
+
+/// Serves the admin endpoint on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("metrics endpoint accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&req, &shared)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
+        });
+    }
+}
+
+fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let (status, ctype, body): (StatusCode, &str, Vec<u8>) = match (req.method(), req.uri().path())
+    {
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(),
+        ),
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/workers") => {
+            (StatusCode::OK, "application/json", shared.workers_json())
+        }
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/healthz") => {
+            if shared.any_ready() {
+                (StatusCode::OK, "text/plain", b"ok\n".to_vec())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    b"no worker ready\n".to_vec(),
+                )
+            }
+        }
+        (_, "/metrics" | "/workers" | "/healthz") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            b"method not allowed\n".to_vec(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"not found (try /metrics, /workers, /healthz)\n".to_vec(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_str(ctype).expect("ascii"),
+    );
+    resp
+}
+
+/// Binds the admin endpoint.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, crate::listener::BindError> {
+    let s = crate::listener::bind(addr, 128)?;
+    Ok(s.into())
+}
+
+/// Reads a process's resident set size from `/proc/PID/statm`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_exists_at_start() {
+        let m = Metrics::new(3, Policy::Sticky);
+        let text = String::from_utf8(m.render()).unwrap();
+        for w in 0..3 {
+            for name in [
+                "lb_worker_requests_total",
+                "lb_worker_connections_total",
+                "lb_worker_up",
+                "lb_worker_restarts_total",
+            ] {
+                assert!(
+                    text.contains(&format!("{name}{{worker=\"{w}\"}} 0")),
+                    "{name} {w}\n{text}"
+                );
+            }
+        }
+        for r in FAILURE_REASONS {
+            assert!(text.contains(&format!("lb_handoff_failures_total{{reason=\"{r}\"}} 0")));
+        }
+        assert!(text.contains("lb_build_info{policy=\"sticky\""));
+    }
+
+    #[test]
+    fn rss_of_self() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 1 << 20);
+    }
+}

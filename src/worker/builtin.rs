@@ -1,0 +1,181 @@
+//! lb's built-in worker: HTTP/1.1 (keep-alive) with hyper and a WebSocket echo, on [`Worker`].
+//!
+//! Routes:
+//! - `GET /` → `200 worker <slot> pid <pid>\n`
+//! - `GET /ws` → WebSocket echo (text and binary; messages up to 16 MiB)
+//! - `POST /echo` → the request body, streamed back
+//! - `GET /sleep/<ms>` → waits, then answers like `/` (for drain and shutdown tests)
+//! - anything else → 404
+//!
+//! On SIGTERM it stops taking connections, lets in-flight requests finish (idle keep-alive
+//! connections are closed), and exits once none remain.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use super::{Counters, Worker};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Largest WebSocket message and frame the echo endpoint accepts (PITFALLS §13).
+const WS_MAX_MESSAGE: usize = 16 << 20;
+
+/// Runs the built-in worker until lb closes the channel or SIGTERM drains it.
+pub fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let mut worker = Worker::from_env()?;
+    let slot = worker.slot().unwrap_or(0);
+    let hello: Bytes = format!("worker {slot} pid {}\n", std::process::id()).into();
+    let counters = worker.counters().clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(true).max_buf_size(64 * 1024);
+    let http = Arc::new(http);
+    loop {
+        tokio::select! {
+            conn = worker.accept() => {
+                let Some(conn) = conn else { break };
+                let hello = hello.clone();
+                let http = http.clone();
+                let mut stop = stop_rx.clone();
+                let counters = conn.guard.counters().clone();
+                tokio::spawn(async move {
+                    let _ = conn.stream.set_nodelay(true);
+                    let service = hyper::service::service_fn(move |req| {
+                        let hello = hello.clone();
+                        let counters = counters.clone();
+                        async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
+                    });
+                    let io = TokioIo::new(conn.stream);
+                    let served = http.serve_connection(io, service).with_upgrades();
+                    tokio::pin!(served);
+                    tokio::select! {
+                        _ = served.as_mut() => {}
+                        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                            served.as_mut().graceful_shutdown();
+                            let _ = served.await;
+                        }
+                    }
+                    drop(conn.guard);
+                });
+            }
+            _ = term.recv() => break,
+        }
+    }
+    // Drain: tell connections to finish their current request, then wait for them to close.
+    let _ = stop_tx.send(true);
+    drop(worker);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    while counters.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+async fn route(req: Request<Incoming>, hello: &Bytes, counters: &Counters) -> Response<Body> {
+    let path = req.uri().path();
+    let resp = match (req.method(), path) {
+        (&Method::GET, "/") => text(StatusCode::OK, hello.clone()),
+        (&Method::GET, "/ws") => websocket(req),
+        (&Method::POST, "/echo") => {
+            let body = req.into_body().boxed();
+            Response::new(body)
+        }
+        (&Method::GET, p) if p.starts_with("/sleep/") => {
+            match p["/sleep/".len()..].parse::<u64>() {
+                Ok(ms) if ms <= 600_000 => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    text(StatusCode::OK, hello.clone())
+                }
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    Bytes::from_static(b"bad duration\n"),
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
+    };
+    counters.request_done();
+    resp
+}
+
+fn text(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let h = req.headers();
+    let upgrade = h
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = h.get(SEC_WEBSOCKET_KEY).filter(|_| upgrade) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            Bytes::from_static(b"expected a WebSocket upgrade\n"),
+        );
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(WS_MAX_MESSAGE))
+            .max_frame_size(Some(WS_MAX_MESSAGE));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                let _ = tx.close().await;
+                break;
+            }
+        }
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    hs.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    hs.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    r
+}
