@@ -1,0 +1,362 @@
+//! Test harness: runs the real `lb` binary on port 0 and talks to it with real clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// Path of the lb binary under test.
+pub const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+/// A running lb master.
+pub struct Lb {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Polls `cond` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Lb {
+    /// Starts lb with `args` (listen and metrics on port 0 unless given) and waits for its
+    /// "listening on" line.
+    pub fn start(args: &[&str]) -> Lb {
+        Self::start_with(args, &[])
+    }
+
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Lb {
+        let mut cmd = Command::new(LB);
+        if !args
+            .iter()
+            .any(|a| *a == "-l" || *a == "--listen" || *a == "-c")
+        {
+            cmd.args(["-l", "127.0.0.1:0"]);
+        }
+        if !args.iter().any(|a| *a == "--metrics" || *a == "-c") {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start lb");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut sent = false;
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let line = strip_ansi(&line);
+                    if !sent && line.contains("listening on ") {
+                        let _ = tx.send(line.clone());
+                        sent = true;
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "lb did not report its address; log: {:?}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        let after = line.split("listening on ").nth(1).unwrap();
+        let addr: SocketAddr = after.split(',').next().unwrap().trim().parse().unwrap();
+        let metrics = after
+            .split("metrics on ")
+            .nth(1)
+            .map(|m| m.split_whitespace().next().unwrap().parse().unwrap());
+        Lb {
+            child,
+            addr,
+            metrics,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Client address to connect to (127.0.0.1 when lb listens on an unspecified address).
+    pub fn target(&self) -> SocketAddr {
+        if self.addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], self.addr.port()))
+        } else {
+            self.addr
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Waits for lb to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        wait_for("lb to exit", timeout, || {
+            self.child.try_wait().unwrap().map(|s| s.code())
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let m = self.metrics.expect("metrics enabled");
+        let (status, body) = http_get(m, "/metrics", None);
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// The value of one metric series (`name{labels}`), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics_text(), series)
+    }
+
+    pub fn workers(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.metrics.expect("metrics enabled"), "/workers", None);
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Pids of the slots' current workers, once every slot is ready.
+    pub fn wait_all_ready(&self, n: usize) -> Vec<u32> {
+        wait_for("all workers ready", Duration::from_secs(20), || {
+            let w = self.workers();
+            let rows = w["workers"].as_array()?.clone();
+            if rows.len() == n && rows.iter().all(|r| r["state"] == "ready") {
+                Some(
+                    rows.iter()
+                        .map(|r| r["pid"].as_u64().unwrap() as u32)
+                        .collect(),
+                )
+            } else {
+                None
+            }
+        })
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        // SIGKILL the master; its workers die with it (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Connects to `addr`, from source IP `from` if given.
+pub fn connect(addr: SocketAddr, from: Option<IpAddr>) -> TcpStream {
+    let s = match from {
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
+        Some(ip) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )
+            .unwrap();
+            sock.bind(&SocketAddr::new(ip, 0).into())
+                .expect("bind source address");
+            sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+                .expect("connect");
+            sock.into()
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// One HTTP/1.1 request on an open connection; returns (status, body). Understands
+/// content-length and chunked bodies.
+pub fn request(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    close: bool,
+) -> (u16, Vec<u8>) {
+    let conn = if close { "close" } else { "keep-alive" };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: lb\r\nconnection: {conn}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    read_response(stream)
+}
+
+pub fn read_response(stream: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut r = BufReader::new(stream);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line).expect("read status line");
+    assert!(
+        status_line.starts_with("HTTP/1.1 "),
+        "bad status line {status_line:?}"
+    );
+    let status: u16 = status_line[9..12].parse().unwrap();
+    let mut len = None;
+    let mut chunked = false;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap();
+        match k.to_ascii_lowercase().as_str() {
+            "content-length" => len = Some(v.trim().parse::<usize>().unwrap()),
+            "transfer-encoding" => chunked = v.trim().eq_ignore_ascii_case("chunked"),
+            _ => {}
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = len {
+        body.resize(n, 0);
+        r.read_exact(&mut body).unwrap();
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    assert!(r.buffer().is_empty(), "unexpected bytes after the response");
+    (status, body)
+}
+
+/// GET `path` on a fresh connection (from `from`), `Connection: close`.
+pub fn http_get(addr: SocketAddr, path: &str, from: Option<IpAddr>) -> (u16, String) {
+    let mut s = connect(addr, from);
+    let (status, body) = request(&mut s, "GET", path, b"", true);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Parses the built-in worker's `worker <slot> pid <pid>` body.
+pub fn slot_and_pid(body: &str) -> (usize, u32) {
+    let parts: Vec<&str> = body.split_whitespace().collect();
+    assert!(
+        parts.len() == 4 && parts[0] == "worker" && parts[2] == "pid",
+        "unexpected body {body:?}"
+    );
+    (parts[1].parse().unwrap(), parts[3].parse().unwrap())
+}
+
+/// Which slot served a fresh connection from `from`.
+pub fn served_by(addr: SocketAddr, from: Option<IpAddr>) -> (usize, u32) {
+    let (status, body) = http_get(addr, "/", from);
+    assert_eq!(status, 200, "{body}");
+    slot_and_pid(&body)
+}
+
+/// The i-th distinct client source address (127.1.x.y).
+pub fn client_ip(i: usize) -> IpAddr {
+    IpAddr::from([
+        127,
+        1 + (i / 250 / 250) as u8,
+        ((i / 250) % 250) as u8,
+        (i % 250 + 1) as u8,
+    ])
+}
+
+/// `lb route IP -w N` through the real binary.
+pub fn lb_route(ip: IpAddr, workers: usize, extra: &[&str]) -> usize {
+    let out = Command::new(LB)
+        .args(["route", &ip.to_string(), "--workers", &workers.to_string()])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+pub fn kill(pid: u32, sig: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+}
