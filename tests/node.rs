@@ -25,11 +25,19 @@ fn node_modules() -> PathBuf {
 }
 
 fn example(name: &str) -> String {
-    root().join("examples/node").join(name).to_string_lossy().into_owned()
+    root()
+        .join("examples/node")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn fixture(name: &str) -> String {
-    root().join("tests/fixtures").join(name).to_string_lossy().into_owned()
+    root()
+        .join("tests/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn start_node(args: &[&str], script: &str, env: &[(&str, &str)]) -> Lb {
@@ -57,11 +65,25 @@ fn http_keep_alive_and_real_client_address_through_node_workers() {
         let mut conn = connect(lb.addr, Some(ip));
         let replies: Vec<_> = (0..3).map(|_| whoami(&mut conn, false)).collect();
         for r in &replies {
-            assert_eq!(r["pid"], replies[0]["pid"], "keep-alive requests moved between workers");
-            assert_eq!(r["remoteAddress"], ip.to_string(), "the worker must see the real client address");
+            assert_eq!(
+                r["pid"], replies[0]["pid"],
+                "keep-alive requests moved between workers"
+            );
+            assert_eq!(
+                r["remoteAddress"],
+                ip.to_string(),
+                "the worker must see the real client address"
+            );
         }
         // And the sticky slot is the one `lb route` names.
-        assert_eq!(replies[0]["slot"].as_str().unwrap().parse::<usize>().unwrap(), lb_route(ip, 2, &[]));
+        assert_eq!(
+            replies[0]["slot"]
+                .as_str()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap(),
+            lb_route(ip, 2, &[])
+        );
     }
 }
 
@@ -88,7 +110,11 @@ fn socketio_clients(lb: &Lb, clients: usize) -> Vec<serde_json::Value> {
         .env("NODE_PATH", node_modules())
         .output()
         .expect("run node");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("client summary")
 }
 
@@ -99,8 +125,12 @@ fn socketio_with_default_transports_works_across_3_workers_under_sticky() {
     let results = socketio_clients(&lb, 24);
     let failed: Vec<_> = results.iter().filter(|r| r["ok"] != true).collect();
     assert!(failed.is_empty(), "socket.io clients failed: {failed:?}");
-    assert!(results.iter().all(|r| r["transport"] == "websocket"), "every client upgraded to websocket");
-    let pids: std::collections::HashSet<_> = results.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    assert!(
+        results.iter().all(|r| r["transport"] == "websocket"),
+        "every client upgraded to websocket"
+    );
+    let pids: std::collections::HashSet<_> =
+        results.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
     assert_eq!(pids.len(), 3, "clients should be spread over all 3 workers");
 }
 
@@ -108,24 +138,36 @@ fn socketio_with_default_transports_works_across_3_workers_under_sticky() {
 fn socketio_long_polling_breaks_without_stickiness() {
     // The control for the test above: the same clients under round-robin fail, which is why
     // sticky routing matters.
-    let lb = start_node(&["-w", "3", "-p", "round-robin"], &example("socketio.js"), &[]);
+    let lb = start_node(
+        &["-w", "3", "-p", "round-robin"],
+        &example("socketio.js"),
+        &[],
+    );
     lb.wait_all_ready(3);
     let results = socketio_clients(&lb, 6);
-    assert!(results.iter().any(|r| r["ok"] != true), "round-robin unexpectedly worked: {results:?}");
+    assert!(
+        results.iter().any(|r| r["ok"] != true),
+        "round-robin unexpectedly worked: {results:?}"
+    );
 }
 
 #[test]
 fn a_20mb_post_is_echoed_byte_exact() {
     let lb = start_node(&["-w", "2"], &example("server.js"), &[]);
     lb.wait_all_ready(2);
-    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let body: Vec<u8> = (0..20 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let mut conn = connect(lb.addr, None);
     // Write from another thread: the worker streams the echo back while it is still reading.
     let mut writer = conn.try_clone().unwrap();
     let sent = body.clone();
     let w = std::thread::spawn(move || {
         use std::io::Write;
-        let head = format!("POST /echo HTTP/1.1\r\nhost: lb\r\nconnection: close\r\ncontent-length: {}\r\n\r\n", sent.len());
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nhost: lb\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            sent.len()
+        );
         writer.write_all(head.as_bytes()).unwrap();
         writer.write_all(&sent).unwrap();
     });
@@ -153,15 +195,21 @@ fn counts_match(report: &str) {
         }
     }
     assert_eq!(served.values().sum::<u64>(), 60);
-    wait_for("lb's request counts to match what the workers served", Duration::from_secs(10), || {
-        let text = lb.metrics_text();
-        (0..3)
-            .all(|s| {
-                metric_value(&text, &format!("lb_worker_requests_total{{worker=\"{s}\"}}"))
-                    == Some(*served.get(&s).unwrap_or(&0) as f64)
-            })
-            .then_some(())
-    });
+    wait_for(
+        "lb's request counts to match what the workers served",
+        Duration::from_secs(10),
+        || {
+            let text = lb.metrics_text();
+            (0..3)
+                .all(|s| {
+                    metric_value(
+                        &text,
+                        &format!("lb_worker_requests_total{{worker=\"{s}\"}}"),
+                    ) == Some(*served.get(&s).unwrap_or(&0) as f64)
+                })
+                .then_some(())
+        },
+    );
     assert_eq!(lb.metric("lb_accepted_connections_total"), Some(30.0));
 }
 
@@ -189,15 +237,26 @@ fn a_worker_that_sends_lb_a_handle_is_answered_and_keeps_working() {
     let lb = start_node(&["-w", "1"], &fixture("handle-sender.js"), &[]);
     lb.wait_all_ready(1);
     // Node retransmits a NACKed handle 3 times: lb answers each one.
-    wait_for("the worker's handle to be refused", Duration::from_secs(10), || {
-        (lb.metric("lb_channel_messages_dropped_total{reason=\"stray_fd\"}")? >= 4.0).then_some(())
-    });
+    wait_for(
+        "the worker's handle to be refused",
+        Duration::from_secs(10),
+        || {
+            (lb.metric("lb_channel_messages_dropped_total{reason=\"stray_fd\"}")? >= 4.0)
+                .then_some(())
+        },
+    );
     for _ in 0..5 {
         assert_eq!(http_get(lb.addr, "/", None).0, 200);
     }
     // Its later messages are not stuck behind the handle: the request messages arrive.
-    wait_for("request messages after the handle", Duration::from_secs(10), || {
-        (lb.metric("lb_worker_requests_total{worker=\"0\"}")? == 5.0).then_some(())
-    });
-    assert!(lb.metric("lb_channel_messages_dropped_total{reason=\"ignored\"}").unwrap() >= 2.0);
+    wait_for(
+        "request messages after the handle",
+        Duration::from_secs(10),
+        || (lb.metric("lb_worker_requests_total{worker=\"0\"}")? == 5.0).then_some(()),
+    );
+    assert!(
+        lb.metric("lb_channel_messages_dropped_total{reason=\"ignored\"}")
+            .unwrap()
+            >= 2.0
+    );
 }

@@ -29,6 +29,9 @@ use super::{Counters, Worker};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// While draining, how long a connection that has not sent its first request yet is kept open.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 /// Largest WebSocket message and frame the echo endpoint accepts (PITFALLS §13).
 const WS_MAX_MESSAGE: usize = 16 << 20;
 
@@ -42,6 +45,8 @@ pub fn main() -> anyhow::Result<()> {
 
 async fn serve() -> anyhow::Result<()> {
     let mut worker = Worker::from_env()?;
+    // For `lb --wait-ready`: we can take connections from now on.
+    worker.ready();
     let slot = worker.slot().unwrap_or(0);
     let hello: Bytes = format!("worker {slot} pid {}\n", std::process::id()).into();
     let counters = worker.counters().clone();
@@ -60,9 +65,14 @@ async fn serve() -> anyhow::Result<()> {
                 let counters = conn.guard.counters().clone();
                 tokio::spawn(async move {
                     let _ = conn.stream.set_nodelay(true);
+                    // A connection handed to us has a client that is about to send a request:
+                    // when draining, let that first request in before closing (else a client
+                    // that connected just before SIGTERM would see its connection closed).
+                    let (started_tx, mut started_rx) = watch::channel(false);
                     let service = hyper::service::service_fn(move |req| {
                         let hello = hello.clone();
                         let counters = counters.clone();
+                        started_tx.send_replace(true);
                         async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
                     });
                     let io = TokioIo::new(conn.stream);
@@ -70,7 +80,11 @@ async fn serve() -> anyhow::Result<()> {
                     tokio::pin!(served);
                     tokio::select! {
                         _ = served.as_mut() => {}
-                        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                        _ = async {
+                            let _ = stop.wait_for(|s| *s).await;
+                            let first = async { let _ = started_rx.wait_for(|s| *s).await; };
+                            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await;
+                        } => {
                             served.as_mut().graceful_shutdown();
                             let _ = served.await;
                         }

@@ -1,0 +1,337 @@
+//! Worker lifecycle through the real binary: respawn, rolling restart, shutdown, heartbeats,
+//! memory limit, and master death.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn fixture(name: &str) -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name
+}
+
+fn slot_pid(lb: &Lb, slot: usize) -> Option<u32> {
+    let w = lb.workers();
+    let row = &w["workers"][slot];
+    (row["state"] == "ready").then(|| row["pid"].as_u64().unwrap() as u32)
+}
+
+#[test]
+fn a_killed_worker_is_replaced_in_its_slot_and_only_its_clients_move_and_return() {
+    let lb = Lb::start(&["-w", "4"]);
+    let pids = lb.wait_all_ready(4);
+    let ips: Vec<IpAddr> = (0..80).map(client_ip).collect();
+    let home: HashMap<IpAddr, usize> = ips
+        .iter()
+        .map(|&ip| (ip, served_by(lb.addr, Some(ip)).0))
+        .collect();
+    let victim = 2;
+    kill(pids[victim], Signal::SIGKILL);
+    // While the slot is down or coming back: nobody hangs, other slots' clients stay put.
+    for &ip in &ips {
+        let (slot, pid) = served_by(lb.addr, Some(ip));
+        assert_ne!(pid, pids[victim], "a dead worker served a request");
+        if home[&ip] != victim {
+            assert_eq!(slot, home[&ip], "client {ip} of a live slot moved");
+        }
+    }
+    let new_pid = wait_for("slot 2 to be refilled", Duration::from_secs(10), || {
+        slot_pid(&lb, victim).filter(|p| *p != pids[victim])
+    });
+    assert!(!alive(pids[victim]));
+    // Everyone is home again, the killed slot's clients on the new worker.
+    for &ip in &ips {
+        let (slot, pid) = served_by(lb.addr, Some(ip));
+        assert_eq!(slot, home[&ip]);
+        if slot == victim {
+            assert_eq!(pid, new_pid);
+        }
+    }
+    assert_eq!(
+        lb.metric("lb_worker_restarts_total{worker=\"2\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        lb.metric("lb_worker_restarts_total{worker=\"0\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn rolling_restart_under_connection_churn_loses_nothing_and_keeps_the_mapping() {
+    let lb = Lb::start(&["-w", "3", "--wait-ready"]);
+    let before = lb.wait_all_ready(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<HashMap<IpAddr, std::collections::HashSet<usize>>>> = Arc::default();
+    let addr = lb.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, failures, requests, seen) = (
+                stop.clone(),
+                failures.clone(),
+                requests.clone(),
+                seen.clone(),
+            );
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && i < 20_000 {
+                    let ip = client_ip(t * 1000 + i % 25);
+                    i += 1;
+                    let r = std::panic::catch_unwind(|| served_by(addr, Some(ip)));
+                    match r {
+                        Ok((slot, _)) => {
+                            seen.lock().unwrap().entry(ip).or_default().insert(slot);
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("{ip}: {e:?}")),
+                    }
+                    requests.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    wait_for("traffic before the roll", Duration::from_secs(10), || {
+        (requests.load(Ordering::Relaxed) > 200).then_some(())
+    });
+    lb.signal(Signal::SIGUSR2);
+    let after = wait_for(
+        "every worker to be replaced",
+        Duration::from_secs(30),
+        || {
+            let w = lb.workers();
+            let rows = w["workers"].as_array()?.clone();
+            let pids: Vec<u32> = rows
+                .iter()
+                .filter_map(|r| r["pid"].as_u64())
+                .map(|p| p as u32)
+                .collect();
+            (rows
+                .iter()
+                .all(|r| r["state"] == "ready" && r["restarts"] == 1)
+                && pids.len() == 3
+                && pids.iter().all(|p| !before.contains(p)))
+            .then_some(pids)
+        },
+    );
+    let at_roll_end = requests.load(Ordering::Relaxed);
+    wait_for("traffic after the roll", Duration::from_secs(10), || {
+        (requests.load(Ordering::Relaxed) > at_roll_end + 200).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    // Every client stayed on one slot throughout, and the slot is the one `lb route` names.
+    for (ip, slots) in seen.lock().unwrap().iter() {
+        assert_eq!(slots.len(), 1, "client {ip} was served by slots {slots:?}");
+        assert_eq!(lb_route(*ip, 3, &[]), *slots.iter().next().unwrap());
+    }
+    for p in before {
+        wait_for("old workers to exit", Duration::from_secs(10), || {
+            (!alive(p)).then_some(())
+        });
+    }
+    assert_eq!(after.len(), 3);
+    assert_eq!(
+        lb.metric("lb_handoff_failures_total{reason=\"no_worker\"}"),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn sigterm_lets_a_slow_request_finish_then_exits_0_with_no_worker_left() {
+    let mut lb = Lb::start(&["-w", "2"]);
+    let pids = lb.wait_all_ready(2);
+    let mut conn = connect(lb.addr, None);
+    use std::io::Write;
+    conn.write_all(b"GET /sleep/1500 HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the request to be in a worker",
+        Duration::from_secs(10),
+        || {
+            let w = lb.workers();
+            w["workers"]
+                .as_array()?
+                .iter()
+                .any(|r| r["active_connections"] == 1)
+                .then_some(())
+        },
+    );
+    lb.signal(Signal::SIGTERM);
+    let (status, body) = read_response(&mut conn);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        lb.log_text()
+    );
+    for p in pids {
+        assert!(!alive(p), "worker {p} outlived lb");
+    }
+    // The listener is closed: new connections are refused.
+    assert!(std::net::TcpStream::connect(lb.addr).is_err());
+}
+
+#[test]
+fn sigterm_kills_workers_that_ignore_it_after_the_shutdown_timeout() {
+    // Ready only once its SIGTERM handler is installed.
+    let stubborn = "process.on('SIGTERM', () => {}); setInterval(() => {}, 1000); process.send({type: 'ready'});";
+    let mut lb = Lb::start(&[
+        "-w",
+        "1",
+        "--wait-ready",
+        "--shutdown-timeout",
+        "500ms",
+        "--",
+        "node",
+        "-e",
+        stubborn,
+    ]);
+    let pids = lb.wait_all_ready(1);
+    let started = Instant::now();
+    lb.signal(Signal::SIGTERM);
+    assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    wait_for(
+        "the stubborn worker to be gone",
+        Duration::from_secs(5),
+        || (!alive(pids[0])).then_some(()),
+    );
+}
+
+#[test]
+fn workers_die_when_the_master_is_sigkilled() {
+    let mut lb = Lb::start(&["-w", "3"]);
+    let pids = lb.wait_all_ready(3);
+    lb.child.kill().unwrap();
+    lb.child.wait().unwrap();
+    for p in pids {
+        wait_for(
+            "worker to die with its master",
+            Duration::from_secs(5),
+            || (!alive(p)).then_some(()),
+        );
+    }
+}
+
+#[test]
+fn a_worker_that_exits_at_once_is_respawned_with_backoff_and_clients_are_closed_not_hung() {
+    let lb = Lb::start(&[
+        "-w",
+        "1",
+        "--queue-timeout",
+        "300ms",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ]);
+    let t0 = Instant::now();
+    // Several respawns happen, spaced by a growing delay (not a spin).
+    wait_for("a few respawns", Duration::from_secs(10), || {
+        (lb.metric("lb_worker_restarts_total{worker=\"0\"}")? >= 3.0).then_some(())
+    });
+    let elapsed = t0.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "3 respawns after 100+200 ms of backoff at least"
+    );
+    let restarts_at_2s = {
+        wait_for("2 s of uptime", Duration::from_secs(5), || {
+            (t0.elapsed() >= Duration::from_secs(2)).then_some(())
+        });
+        lb.metric("lb_worker_restarts_total{worker=\"0\"}").unwrap()
+    };
+    assert!(
+        restarts_at_2s <= 6.0,
+        "backoff should bound respawns, saw {restarts_at_2s} in 2 s"
+    );
+    // A client gets its connection closed after the queue timeout instead of hanging.
+    let mut c = connect(lb.addr, None);
+    use std::io::{Read, Write};
+    c.write_all(b"GET / HTTP/1.1\r\nhost: lb\r\n\r\n").unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected the connection to be closed");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(
+        lb.metric("lb_handoff_failures_total{reason=\"no_worker\"}")
+            .unwrap()
+            >= 1.0
+    );
+    assert!(lb.log_text().contains("respawning in"), "{}", lb.log_text());
+    let (status, _) = http_get(lb.metrics.unwrap(), "/healthz", None);
+    assert_eq!(status, 503);
+}
+
+#[test]
+fn a_worker_that_stops_heartbeating_is_replaced() {
+    let lb = Lb::start(&[
+        "-w",
+        "1",
+        "--heartbeat-timeout",
+        "1s",
+        "--",
+        "node",
+        &fixture("stops-heartbeat.js"),
+    ]);
+    let first = lb.wait_all_ready(1)[0];
+    let second = wait_for(
+        "the silent worker to be replaced",
+        Duration::from_secs(15),
+        || slot_pid(&lb, 0).filter(|p| *p != first),
+    );
+    assert_ne!(first, second);
+    wait_for(
+        "the silent worker to be gone",
+        Duration::from_secs(5),
+        || (!alive(first)).then_some(()),
+    );
+    assert!(lb.log_text().contains("no heartbeat"), "{}", lb.log_text());
+}
+
+#[test]
+fn a_worker_over_the_memory_limit_is_replaced_gracefully() {
+    let lb = Lb::start_with(
+        &[
+            "-w",
+            "1",
+            "--max-memory",
+            "100MiB",
+            "--",
+            "node",
+            &fixture("grows.js"),
+        ],
+        &[("GROW_MB", "160")],
+    );
+    let first = lb.wait_all_ready(1)[0];
+    wait_for("the worker to be replaced", Duration::from_secs(15), || {
+        (lb.metric("lb_worker_restarts_total{worker=\"0\"}")? >= 1.0).then_some(())
+    });
+    wait_for("the big worker to be gone", Duration::from_secs(10), || {
+        (!alive(first)).then_some(())
+    });
+    assert!(
+        lb.log_text().contains("exceeds --max-memory"),
+        "{}",
+        lb.log_text()
+    );
+    assert!(lb.metric("lb_worker_memory_bytes{worker=\"0\"}").unwrap() > 0.0);
+}
