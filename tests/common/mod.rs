@@ -73,11 +73,11 @@ impl Lb {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     let line = strip_ansi(&line);
+                    log.lock().unwrap().push(line.clone());
                     if !sent && line.contains("listening on ") {
-                        let _ = tx.send(line.clone());
+                        let _ = tx.send(line);
                         sent = true;
                     }
-                    log.lock().unwrap().push(line);
                 }
             });
         }
