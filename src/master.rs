@@ -368,6 +368,12 @@ impl Master {
         let metrics = &shared.metrics;
         let sm = &metrics.slots[slot];
         let wait_ready = self.settings.wait_ready;
+        // Connections a replaced (draining) worker hands back belong to the slot's new worker;
+        // only the slot's current worker refusing them means "try another slot".
+        let is_current = self.slots[slot]
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == generation);
         let Some(p) = find_proc(&mut self.slots[slot], generation) else {
             // A report from a process we no longer track: only returned connections matter.
             if let Report::Returned(conns, reason) = report {
@@ -449,7 +455,7 @@ impl Master {
             }
         }
         for h in reroute {
-            self.route(h, Some(slot));
+            self.route(h, is_current.then_some(slot));
         }
         if became_ready {
             self.on_ready(slot, generation);

@@ -283,3 +283,37 @@ fn route_prints_a_slot() {
         slot
     );
 }
+
+#[test]
+fn a_rust_worker_on_the_lb_worker_library_serves_connections() {
+    // `cargo test` builds the examples next to the lb binary.
+    let exe = std::path::Path::new(LB)
+        .parent()
+        .unwrap()
+        .join("examples/echo_worker");
+    assert!(exe.exists(), "{} not built", exe.display());
+    let lb = Lb::start(&["-w", "2", "--wait-ready", "--", exe.to_str().unwrap()]);
+    lb.wait_all_ready(2);
+    use std::io::{BufRead, Write};
+    let ip = client_ip(7);
+    let mut c = connect(lb.addr, Some(ip));
+    c.write_all(b"hello\nworld\n").unwrap();
+    let mut r = std::io::BufReader::new(c);
+    let slot = lb_route(ip, 2, &[]);
+    for word in ["hello", "world"] {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("[{slot}] {word}\n"));
+    }
+    wait_for(
+        "the library's stats to reach lb",
+        Duration::from_secs(10),
+        || {
+            (lb.metric(&format!("lb_worker_requests_total{{worker=\"{slot}\"}}"))? == 2.0
+                && lb.metric(&format!(
+                    "lb_worker_active_connections{{worker=\"{slot}\"}}"
+                ))? == 1.0)
+                .then_some(())
+        },
+    );
+}

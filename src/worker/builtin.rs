@@ -44,59 +44,68 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 async fn serve() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut worker = Worker::from_env()?;
-    // For `lb --wait-ready`: we can take connections from now on.
+    // For `lb --wait-ready`: we can take connections (and drain on SIGTERM) from now on.
     worker.ready();
     let slot = worker.slot().unwrap_or(0);
     let hello: Bytes = format!("worker {slot} pid {}\n", std::process::id()).into();
     let counters = worker.counters().clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).max_buf_size(64 * 1024);
     let http = Arc::new(http);
+    let serve_one = |conn: super::Connection| {
+        let hello = hello.clone();
+        let http = http.clone();
+        let mut stop = stop_rx.clone();
+        let counters = conn.guard.counters().clone();
+        tokio::spawn(async move {
+            let _ = conn.stream.set_nodelay(true);
+            // A connection handed to us has a client that is about to send a request: when
+            // draining, let that first request in before closing (else a client that connected
+            // just before SIGTERM would see its connection closed).
+            let (started_tx, mut started_rx) = watch::channel(false);
+            let service = hyper::service::service_fn(move |req| {
+                let hello = hello.clone();
+                let counters = counters.clone();
+                started_tx.send_replace(true);
+                async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
+            });
+            let io = TokioIo::new(conn.stream);
+            let served = http.serve_connection(io, service).with_upgrades();
+            tokio::pin!(served);
+            tokio::select! {
+                _ = served.as_mut() => {}
+                _ = async {
+                    let _ = stop.wait_for(|s| *s).await;
+                    let first = async { let _ = started_rx.wait_for(|s| *s).await; };
+                    let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await;
+                } => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = served.await;
+                }
+            }
+            drop(conn.guard);
+        });
+    };
     loop {
         tokio::select! {
-            conn = worker.accept() => {
-                let Some(conn) = conn else { break };
-                let hello = hello.clone();
-                let http = http.clone();
-                let mut stop = stop_rx.clone();
-                let counters = conn.guard.counters().clone();
-                tokio::spawn(async move {
-                    let _ = conn.stream.set_nodelay(true);
-                    // A connection handed to us has a client that is about to send a request:
-                    // when draining, let that first request in before closing (else a client
-                    // that connected just before SIGTERM would see its connection closed).
-                    let (started_tx, mut started_rx) = watch::channel(false);
-                    let service = hyper::service::service_fn(move |req| {
-                        let hello = hello.clone();
-                        let counters = counters.clone();
-                        started_tx.send_replace(true);
-                        async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
-                    });
-                    let io = TokioIo::new(conn.stream);
-                    let served = http.serve_connection(io, service).with_upgrades();
-                    tokio::pin!(served);
-                    tokio::select! {
-                        _ = served.as_mut() => {}
-                        _ = async {
-                            let _ = stop.wait_for(|s| *s).await;
-                            let first = async { let _ = started_rx.wait_for(|s| *s).await; };
-                            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await;
-                        } => {
-                            served.as_mut().graceful_shutdown();
-                            let _ = served.await;
-                        }
-                    }
-                    drop(conn.guard);
-                });
-            }
+            conn = worker.accept() => match conn {
+                Some(conn) => serve_one(conn),
+                None => break,
+            },
             _ = term.recv() => break,
         }
     }
-    // Drain: tell connections to finish their current request, then wait for them to close.
+    // Drain: take no new connections (lb gets NACKs and re-routes them), but serve every one
+    // already acknowledged.
     let _ = stop_tx.send(true);
+    worker.close();
+    while let Some(conn) = worker.accept().await {
+        serve_one(conn);
+    }
+    // Then wait for connections to finish their current request and close.
     drop(worker);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
     while counters.active() > 0 && tokio::time::Instant::now() < deadline {

@@ -198,6 +198,13 @@ impl Worker {
         self.conns.recv().await
     }
 
+    /// Stops taking connections (for a graceful drain): from now on lb gets a NACK for every
+    /// handle and gives the connection to another worker. Connections already received are still
+    /// returned by [`Worker::accept`], which then returns `None`.
+    pub fn close(&mut self) {
+        self.conns.close();
+    }
+
     /// The next user message from lb (lb sends none by default).
     pub async fn message(&mut self) -> Option<Value> {
         self.messages.recv().await
