@@ -407,4 +407,66 @@ mod tests {
             b"{\"type\":\"ready\"}\n"
         );
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// However the bytes are chunked, the decoder returns exactly the lines sent.
+            #[test]
+            fn any_chunking_yields_the_same_lines(
+                lines in proptest::collection::vec(proptest::collection::vec(any::<u8>().prop_filter("no newline", |b| *b != b'\n'), 0..40), 0..20),
+                cuts in proptest::collection::vec(1usize..30, 0..40),
+            ) {
+                let mut stream = Vec::new();
+                for l in &lines {
+                    stream.extend_from_slice(l);
+                    stream.push(b'\n');
+                }
+                let mut d = LineDecoder::new(64);
+                let mut got = Vec::new();
+                let mut rest = &stream[..];
+                let mut cuts = cuts.into_iter();
+                while !rest.is_empty() {
+                    let n = cuts.next().unwrap_or(rest.len()).min(rest.len());
+                    d.extend(&rest[..n]);
+                    rest = &rest[n..];
+                    while let Some(l) = d.next_line() {
+                        match l {
+                            Line::Complete(b) => got.push(b.to_vec()),
+                            Line::TooLong => prop_assert!(false, "no line is over the limit"),
+                        }
+                    }
+                }
+                prop_assert_eq!(got, lines);
+                prop_assert_eq!(d.buffered(), 0);
+            }
+
+            /// Arbitrary bytes never panic the decoder or the classifiers, and memory stays bounded.
+            #[test]
+            fn arbitrary_bytes_are_harmless(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..30)) {
+                let mut d = LineDecoder::new(100);
+                for c in &chunks {
+                    d.extend(c);
+                    while let Some(l) = d.next_line() {
+                        if let Line::Complete(b) = l {
+                            let _ = FromWorker::parse(b);
+                            let _ = FromMaster::parse(b);
+                        }
+                    }
+                    prop_assert!(d.buffered() <= 100 + 300);
+                }
+            }
+
+            /// JSON-shaped input with random structure classifies without panicking.
+            #[test]
+            fn json_like_lines_classify(cmd in "[A-Za-z_]{0,20}", ty in "[a-z]{0,10}", n in any::<i64>()) {
+                let line = format!(r#"{{"cmd":"{cmd}","type":"{ty}","data":{{"activeConnections":{n},"totalRequests":{n}}}}}"#);
+                let _ = FromWorker::parse(line.as_bytes());
+            }
+        }
+    }
 }

@@ -149,9 +149,26 @@ pub struct RunArgs {
     /// Most unconfirmed handoffs per worker before it is skipped [default: 256]
     #[arg(long, value_name = "N")]
     pub max_pending: Option<String>,
+    /// A worker that leaves a handoff unanswered this long gets no new connections until it
+    /// answers [default: 2s]
+    #[arg(long, value_name = "D")]
+    pub stall_timeout: Option<String>,
+    /// Where sticky clients of a stalled worker go: `next` (their next rendezvous choice) or
+    /// `wait` (queue for up to --queue-timeout) [default: next]
+    #[arg(long, value_name = "MODE")]
+    pub sticky_stalled: Option<String>,
     /// text or json [default: text]
     #[arg(long, value_name = "F")]
     pub log_format: Option<String>,
+}
+
+/// Where sticky clients go while their worker is stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StalledSticky {
+    /// To their next rendezvous choice (availability first).
+    Next,
+    /// Wait (bounded by the queue timeout) for their own worker (stickiness first).
+    Wait,
 }
 
 /// Log output format.
@@ -194,6 +211,10 @@ pub struct Settings {
     pub max_queue: usize,
     /// Bound of unconfirmed handoffs per worker.
     pub max_pending: usize,
+    /// Unanswered-handoff time that marks a worker stalled.
+    pub stall_timeout: Duration,
+    /// Sticky behaviour for a stalled worker's clients.
+    pub sticky_stalled: StalledSticky,
     /// Log format.
     pub log_format: LogFormat,
     /// Worker command; `None` = the built-in worker.
@@ -218,6 +239,8 @@ struct FileConfig {
     backlog: Option<Spanned<toml::Value>>,
     max_queue: Option<Spanned<toml::Value>>,
     max_pending: Option<Spanned<toml::Value>>,
+    stall_timeout: Option<Spanned<toml::Value>>,
+    sticky_stalled: Option<Spanned<toml::Value>>,
     log_format: Option<Spanned<toml::Value>>,
     command: Option<Spanned<toml::Value>>,
 }
@@ -422,6 +445,15 @@ impl Settings {
             Some(s) => s.parse(|v| parse_count(v, 1, 1 << 16))?,
             None => 256,
         };
+        let stall_timeout = dur(get!(stall_timeout), Duration::from_secs(2))?;
+        let sticky_stalled = match get!(sticky_stalled) {
+            Some(s) => s.parse(|v| match v {
+                "next" => Ok(StalledSticky::Next),
+                "wait" => Ok(StalledSticky::Wait),
+                _ => Err("expected next or wait".into()),
+            })?,
+            None => StalledSticky::Next,
+        };
         let log_format = match get!(log_format) {
             Some(s) => s.parse(|v| match v {
                 "text" => Ok(LogFormat::Text),
@@ -475,6 +507,8 @@ impl Settings {
             backlog,
             max_queue,
             max_pending,
+            stall_timeout,
+            sticky_stalled,
             log_format,
             command,
         })
@@ -754,5 +788,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no-such-program-xyz"), "{e}");
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any config file text gives settings or a one-line error, never a panic.
+            #[test]
+            fn any_config_text_is_ok_or_a_one_line_error(
+                text in r#"(([a-z_]{1,18}) = ("[^"\n]{0,12}"|[0-9-]{1,6}|true|\[\]|\{\})?\n){0,6}"#
+            ) {
+                match load(&text, RunArgs::default()) {
+                    Ok(_) => {}
+                    Err(e) => prop_assert!(!e.to_string().contains('\n'), "multi-line error: {}", e),
+                }
+            }
+
+            /// Durations and sizes never panic on arbitrary text.
+            #[test]
+            fn value_parsers_never_panic(v in "\\PC{0,16}") {
+                let _ = parse_duration(&v);
+                let _ = parse_bytes(&v);
+                let _ = parse_addr(&v);
+            }
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::sync::mpsc;
@@ -31,9 +31,6 @@ use crate::sys;
 /// NACKs one worker may return for one connection before it is given to another worker
 /// (Node's `MAX_HANDLE_RETRANSMISSIONS`).
 pub const MAX_NACKS: u8 = 3;
-
-/// Fds a worker may send without an envelope before the oldest are closed.
-const MAX_STRAY_FDS: usize = 16;
 
 /// An accepted connection on its way to a worker.
 #[derive(Debug)]
@@ -50,6 +47,19 @@ pub struct Handoff {
     pub dispatches: u8,
 }
 
+impl Handoff {
+    /// A freshly accepted connection.
+    pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+        Self {
+            stream,
+            peer,
+            accepted: Instant::now(),
+            nacks: 0,
+            dispatches: 0,
+        }
+    }
+}
+
 /// Why connections came back from a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Returned {
@@ -59,6 +69,8 @@ pub enum Returned {
     SendError,
     /// The worker's channel closed (the worker exited).
     WorkerExit,
+    /// Not sent yet when the worker stalled: not a failure, just route it elsewhere.
+    Stalled,
 }
 
 impl Returned {
@@ -68,6 +80,7 @@ impl Returned {
             Self::Nack => "nack",
             Self::SendError => "send_error",
             Self::WorkerExit => "worker_exit",
+            Self::Stalled => "stalled",
         }
     }
 }
@@ -90,6 +103,14 @@ pub enum Report {
     TooLong,
     /// The worker sent an fd (with or without an envelope); it was closed (and NACKed).
     StrayFd,
+    /// The worker has not answered its oldest handle for the stall timeout: it gets no new
+    /// connections until it answers again (its unsent connections come back as `Stalled`).
+    Stalled,
+    /// A stalled worker answered again.
+    Recovered,
+    /// The worker broke the handle protocol (an ACK/NACK with nothing in flight): its channel
+    /// cannot be trusted any more.
+    Desync,
     /// The channel is closed; nothing more will come from this task except returned connections.
     Closed,
 }
@@ -105,6 +126,17 @@ pub struct Event {
     pub report: Report,
 }
 
+/// Bounds of one dispatch task.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Handles in flight before waiting for answers.
+    pub window: usize,
+    /// Longest channel line accepted from the worker.
+    pub max_line: usize,
+    /// Unanswered-handle time after which the worker is reported stalled.
+    pub stall_timeout: Duration,
+}
+
 /// Runs the dispatch task for one worker until its channel closes and the master stops sending.
 pub async fn run(
     slot: usize,
@@ -112,9 +144,13 @@ pub async fn run(
     channel: UnixStream,
     mut handoffs: mpsc::UnboundedReceiver<Handoff>,
     reports: mpsc::UnboundedSender<Event>,
-    window: usize,
-    max_line: usize,
+    limits: Limits,
 ) {
+    let Limits {
+        window,
+        max_line,
+        stall_timeout,
+    } = limits;
     let send = |report| {
         let _ = reports.send(Event {
             slot,
@@ -170,11 +206,23 @@ pub async fn run(
                     d.blocked_on_write = true;
                 }
             }
+            () = stall_timer(d.oldest_sent, stall_timeout), if !d.stalled => {
+                d.stalled = true;
+                send(Report::Stalled);
+                let unsent: Vec<Handoff> = d.queue.drain(..).collect();
+                if !unsent.is_empty() {
+                    send(Report::Returned(unsent, Returned::Stalled));
+                }
+            }
             h = handoffs.recv(), if accepting => match h {
                 Some(h) => {
                     d.queue.push_back(h);
                     // Take everything already queued before writing: one pass, many sends.
                     while let Ok(h) = handoffs.try_recv() { d.queue.push_back(h); }
+                    if d.stalled {
+                        // Sent before the master heard of the stall: route elsewhere.
+                        send(Report::Returned(d.queue.drain(..).collect(), Returned::Stalled));
+                    }
                 }
                 None => {
                     accepting = false;
@@ -193,6 +241,14 @@ pub async fn run(
     drop(d);
     if accepting {
         return_all_until_closed(&mut handoffs, send).await;
+    }
+}
+
+/// Fires `timeout` after `since` (never if `since` is None).
+async fn stall_timer(since: Option<Instant>, timeout: Duration) {
+    match since {
+        Some(t) => tokio::time::sleep_until((t + timeout).into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -224,6 +280,12 @@ struct Dispatcher {
     blocked_on_write: bool,
     /// The channel failed on write.
     failed: bool,
+    /// When the oldest unanswered handle was sent (None when nothing is in flight).
+    oldest_sent: Option<Instant>,
+    /// Send times of in-flight handles, parallel to `in_flight`.
+    sent_at: VecDeque<Instant>,
+    /// The worker has not answered for the stall timeout.
+    stalled: bool,
     /// The master sends no more (the worker is being replaced): NACKed connections go back to
     /// the master at once instead of being retried here.
     draining: bool,
@@ -246,6 +308,9 @@ impl Dispatcher {
             blocked_on_write: false,
             failed: false,
             draining: false,
+            oldest_sent: None,
+            sent_at: VecDeque::new(),
+            stalled: false,
             decoder: LineDecoder::new(max_line),
             buf: vec![0; 64 * 1024],
             stray: VecDeque::new(),
@@ -301,6 +366,9 @@ impl Dispatcher {
             match sys::send_with_fd(fd, HANDLE_ENVELOPE, Some(h.stream.as_fd())) {
                 Ok(n) => {
                     self.in_flight.push_back(h);
+                    let now = Instant::now();
+                    self.sent_at.push_back(now);
+                    self.oldest_sent.get_or_insert(now);
                     if n < HANDLE_ENVELOPE.len() {
                         // The fd went with the first chunk; the rest follows without one, and no
                         // other handle may be sent until this one is answered (node-ipc.md §4.3).
@@ -348,6 +416,18 @@ impl Dispatcher {
         }
     }
 
+    /// Takes the oldest in-flight handle for an ACK/NACK, updating the stall bookkeeping.
+    fn pop_answered(&mut self, send: &impl Fn(Report)) -> Option<Handoff> {
+        let h = self.in_flight.pop_front()?;
+        self.sent_at.pop_front();
+        self.oldest_sent = self.sent_at.front().copied();
+        if self.stalled {
+            self.stalled = false;
+            send(Report::Recovered);
+        }
+        Some(h)
+    }
+
     fn process_lines(&mut self, send: &impl Fn(Report)) {
         while let Some(line) = self.decoder.next_line() {
             let msg = match line {
@@ -358,16 +438,16 @@ impl Dispatcher {
                 Line::Complete(bytes) => FromWorker::parse(bytes),
             };
             match msg {
-                FromWorker::HandleAck => match self.in_flight.pop_front() {
+                FromWorker::HandleAck => match self.pop_answered(send) {
                     Some(h) => {
                         send(Report::Acked {
                             accepted: h.accepted,
                         });
                         drop(h); // closes the master's copy
                     }
-                    None => send(Report::Message(FromWorker::OtherInternal)),
+                    None => send(Report::Desync),
                 },
-                FromWorker::HandleNack => match self.in_flight.pop_front() {
+                FromWorker::HandleNack => match self.pop_answered(send) {
                     Some(mut h) => {
                         send(Report::Nacked);
                         h.nacks += 1;
@@ -377,7 +457,7 @@ impl Dispatcher {
                             self.queue.push_front(h);
                         }
                     }
-                    None => send(Report::Message(FromWorker::OtherInternal)),
+                    None => send(Report::Desync),
                 },
                 FromWorker::Handle => {
                     // lb does not take handles from workers: answer so the worker's later
@@ -392,7 +472,10 @@ impl Dispatcher {
                 self.hold = false;
             }
         }
-        while self.stray.len() > MAX_STRAY_FDS {
+        // An fd arrives with the first byte of its message, so only a line still incomplete can
+        // own one; any other fd came with a message that is not a handle: close it.
+        let keep = if self.decoder.buffered() > 0 { 1 } else { 0 };
+        while self.stray.len() > keep {
             self.stray.pop_front();
             send(Report::StrayFd);
         }

@@ -26,9 +26,9 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use crate::balance::{Balancer, SlotLoad};
+use crate::balance::{Balancer, Policy, SlotLoad};
 use crate::channel::{DEFAULT_MAX_LINE, FromWorker};
-use crate::config::Settings;
+use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{self, Handoff, Report, Returned};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{Shared, SlotView};
@@ -103,12 +103,19 @@ struct Proc {
     acked_since_report: u64,
     /// Last heartbeat (`None` until the first: workers that never beat are not watched).
     last_heartbeat: Option<Instant>,
+    /// Leaves a handoff unanswered for the stall timeout: no new connections for now.
+    stalled: bool,
     /// When SIGTERM was sent (then SIGKILL after the shutdown timeout).
     term_sent: Option<Instant>,
     killed: bool,
 }
 
 impl Proc {
+    /// May receive new connections.
+    fn takes_connections(&self) -> bool {
+        self.ready && self.tx.is_some() && !self.stalled
+    }
+
     fn load(&self) -> u64 {
         self.reported_active + self.acked_since_report + self.outstanding as u64
     }
@@ -311,14 +318,32 @@ impl Master {
             return; // dropping `h` closes it; the failure reasons were counted as they happened
         }
         for (i, slot) in self.slots.iter().enumerate() {
-            let p = slot.current.as_ref().filter(|p| p.ready && p.tx.is_some());
+            let p = slot.current.as_ref().filter(|p| p.takes_connections());
             self.loads[i] = SlotLoad {
                 eligible: Some(i) != exclude
                     && p.is_some_and(|p| p.outstanding < self.settings.max_pending),
                 load: p.map_or(0, Proc::load),
             };
         }
-        let Some(s) = self.balancer.pick(h.peer.ip(), &self.loads) else {
+        // Sticky clients of a stalled worker may be configured to wait for it.
+        let wait_for_home = self.settings.policy == Policy::Sticky
+            && self.settings.sticky_stalled == StalledSticky::Wait
+            && self
+                .balancer
+                .hash()
+                .pick(h.peer.ip(), self.slots.len(), |i| {
+                    self.slots[i]
+                        .current
+                        .as_ref()
+                        .is_some_and(|p| p.ready && p.tx.is_some())
+                })
+                .is_some_and(|home| self.slots[home].current.as_ref().is_some_and(|p| p.stalled));
+        let pick = if wait_for_home {
+            None
+        } else {
+            self.balancer.pick(h.peer.ip(), &self.loads)
+        };
+        let Some(s) = pick else {
             if self.shutting_down.is_some() {
                 self.shared.metrics.failure("no_worker", 1);
                 return;
@@ -377,7 +402,9 @@ impl Master {
         let Some(p) = find_proc(&mut self.slots[slot], generation) else {
             // A report from a process we no longer track: only returned connections matter.
             if let Report::Returned(conns, reason) = report {
-                metrics.failure(reason.label(), conns.len() as u64);
+                if reason != Returned::Stalled {
+                    metrics.failure(reason.label(), conns.len() as u64);
+                }
                 for h in conns {
                     self.route(h, None);
                 }
@@ -386,6 +413,7 @@ impl Master {
         };
         let mut reroute = Vec::new();
         let mut became_ready = false;
+        let mut flush = false;
         match report {
             Report::Acked { accepted } => {
                 p.outstanding = p.outstanding.saturating_sub(1);
@@ -398,7 +426,7 @@ impl Master {
             Report::Nacked => metrics.failure("nack", 1),
             Report::Returned(conns, reason) => {
                 p.outstanding = p.outstanding.saturating_sub(conns.len());
-                if reason != Returned::Nack {
+                if !matches!(reason, Returned::Nack | Returned::Stalled) {
                     metrics.failure(reason.label(), conns.len() as u64);
                 }
                 if reason == Returned::SendError {
@@ -439,6 +467,34 @@ impl Master {
                 FromWorker::Other | FromWorker::OtherInternal => metrics.dropped("ignored"),
                 FromWorker::HandleAck | FromWorker::HandleNack | FromWorker::Handle => {}
             },
+            Report::Stalled => {
+                p.stalled = true;
+                tracing::warn!(
+                    slot,
+                    pid = p.pid,
+                    "worker has not answered a handoff for {:?}; no new connections until it does",
+                    self.settings.stall_timeout
+                );
+            }
+            Report::Recovered => {
+                p.stalled = false;
+                tracing::info!(slot, pid = p.pid, "stalled worker answers again");
+                flush = true;
+            }
+            Report::Desync => {
+                metrics.dropped("desync");
+                if p.term_sent.is_none() && !p.exited {
+                    tracing::error!(
+                        slot,
+                        pid = p.pid,
+                        "worker answered a handoff that was never sent; its channel cannot be trusted, replacing it"
+                    );
+                    p.ready = false;
+                    p.tx = None;
+                    spawn::signal_group(p.pid, Signal::SIGTERM);
+                    p.term_sent = Some(Instant::now());
+                }
+            }
             Report::TooLong => metrics.dropped("too_long"),
             Report::StrayFd => metrics.dropped("stray_fd"),
             Report::Closed => {
@@ -459,6 +515,8 @@ impl Master {
         }
         if became_ready {
             self.on_ready(slot, generation);
+        } else if flush {
+            self.flush_waiting();
         }
         self.update_slot(slot);
         self.update_active(slot);
@@ -613,14 +671,18 @@ impl Master {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let reports = self.reports_tx.clone();
+        let limits = dispatch::Limits {
+            window: HANDOFF_WINDOW,
+            max_line: DEFAULT_MAX_LINE,
+            stall_timeout: self.settings.stall_timeout,
+        };
         tokio::spawn(dispatch::run(
             slot,
             generation,
             spawned.channel,
             rx,
             reports,
-            HANDOFF_WINDOW,
-            DEFAULT_MAX_LINE,
+            limits,
         ));
         let mut child = spawned.child;
         let exits = self.exits_tx.clone();
@@ -642,6 +704,7 @@ impl Master {
             reported_active: 0,
             acked_since_report: 0,
             last_heartbeat: None,
+            stalled: false,
             term_sent: None,
             killed: false,
         };
@@ -917,30 +980,18 @@ impl Master {
 
     fn update_slot(&self, slot: usize) {
         let s = &self.slots[slot];
-        let up = s
-            .current
-            .as_ref()
-            .is_some_and(|p| p.ready && p.tx.is_some());
+        let up = s.current.as_ref().is_some_and(Proc::takes_connections);
         self.shared.metrics.slots[slot].up.set(up as i64);
+        let live = s.current.as_ref().is_some_and(|p| !p.exited);
         let state = match s.state {
-            _ if up && s.incoming.is_some() => "ready",
             _ if up => "ready",
-            SlotState::Stopped => {
-                if s.current.as_ref().is_some_and(|p| !p.exited) {
-                    "draining"
-                } else {
-                    "exited"
-                }
-            }
+            _ if s.current.as_ref().is_some_and(|p| p.stalled && !p.exited) => "stalled",
+            SlotState::Stopped if live => "draining",
+            SlotState::Stopped => "exited",
             SlotState::Failed => "failed",
             SlotState::Backoff => "backoff",
-            SlotState::Starting | SlotState::Ready => {
-                if s.current.as_ref().is_some_and(|p| !p.exited) {
-                    "starting"
-                } else {
-                    "backoff"
-                }
-            }
+            SlotState::Starting | SlotState::Ready if live => "starting",
+            SlotState::Starting | SlotState::Ready => "backoff",
         };
         let cur = s.current.as_ref();
         self.shared.set_slot(

@@ -69,7 +69,7 @@ pub const FAILURE_REASONS: [&str; 5] = [
     "queue_full",
 ];
 /// Reasons of `lb_channel_messages_dropped_total`.
-pub const DROP_REASONS: [&str; 4] = ["malformed", "too_long", "ignored", "stray_fd"];
+pub const DROP_REASONS: [&str; 5] = ["malformed", "too_long", "ignored", "stray_fd", "desync"];
 
 impl Metrics {
     /// Creates every series for `workers` slots, at 0.
