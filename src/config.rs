@@ -97,7 +97,12 @@ pub enum Sub {
     },
     /// Run as lb's built-in worker (lb starts this itself; not for direct use).
     #[command(hide = true, name = "builtin-worker")]
-    BuiltinWorker,
+    BuiltinWorker {
+        /// Serve HTTP directly on this address instead of taking connections from lb
+        /// (benchmark baseline; SO_REUSEPORT).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
 }
 
 /// Server options, as given on the command line (all optional: the file and defaults fill in).

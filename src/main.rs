@@ -14,9 +14,13 @@ fn main() -> ExitCode {
         Err(e) => e.exit(), // usage errors exit 2, --help/--version exit 0
     };
     match cli.sub {
-        Some(Sub::BuiltinWorker) => {
+        Some(Sub::BuiltinWorker { listen }) => {
             init_logging(LogFormat::Text);
-            match lb::worker::builtin::main() {
+            let run = match listen {
+                Some(addr) => lb::worker::builtin::main_standalone(addr),
+                None => lb::worker::builtin::main(),
+            };
+            match run {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(&format!("built-in worker: {e:#}")),
             }

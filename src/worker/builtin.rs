@@ -56,36 +56,10 @@ async fn serve() -> anyhow::Result<()> {
     http.keep_alive(true).max_buf_size(64 * 1024);
     let http = Arc::new(http);
     let serve_one = |conn: super::Connection| {
-        let hello = hello.clone();
-        let http = http.clone();
-        let mut stop = stop_rx.clone();
-        let counters = conn.guard.counters().clone();
+        let (hello, http, stop) = (hello.clone(), http.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            let _ = conn.stream.set_nodelay(true);
-            // A connection handed to us has a client that is about to send a request: when
-            // draining, let that first request in before closing (else a client that connected
-            // just before SIGTERM would see its connection closed).
-            let (started_tx, mut started_rx) = watch::channel(false);
-            let service = hyper::service::service_fn(move |req| {
-                let hello = hello.clone();
-                let counters = counters.clone();
-                started_tx.send_replace(true);
-                async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
-            });
-            let io = TokioIo::new(conn.stream);
-            let served = http.serve_connection(io, service).with_upgrades();
-            tokio::pin!(served);
-            tokio::select! {
-                _ = served.as_mut() => {}
-                _ = async {
-                    let _ = stop.wait_for(|s| *s).await;
-                    let first = async { let _ = started_rx.wait_for(|s| *s).await; };
-                    let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await;
-                } => {
-                    served.as_mut().graceful_shutdown();
-                    let _ = served.await;
-                }
-            }
+            let counters = conn.guard.counters().clone();
+            serve_connection(conn.stream, hello, counters, http, stop).await;
             drop(conn.guard);
         });
     };
@@ -112,6 +86,70 @@ async fn serve() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+/// Serves one HTTP/1.1 connection (with upgrades) until it closes or a drain finishes it.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    hello: Bytes,
+    counters: Arc<Counters>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    // A connection handed to us has a client that is about to send a request: when draining,
+    // let that first request in before closing (else a client that connected just before
+    // SIGTERM would see its connection closed).
+    let (started_tx, mut started_rx) = watch::channel(false);
+    let service = hyper::service::service_fn(move |req| {
+        let hello = hello.clone();
+        let counters = counters.clone();
+        started_tx.send_replace(true);
+        async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
+    });
+    let served = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => {}
+        _ = async {
+            let _ = stop.wait_for(|s| *s).await;
+            let first = async { let _ = started_rx.wait_for(|s| *s).await; };
+            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first).await;
+        } => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.await;
+        }
+    }
+}
+
+/// Runs the built-in HTTP server on its own listening socket, without lb (`SO_REUSEPORT`, so
+/// several can share a port). This is the *direct* baseline of the benchmarks.
+pub fn main_standalone(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        socket.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(socket.into())?;
+        let hello: Bytes = format!("worker direct pid {}\n", std::process::id()).into();
+        let counters = Arc::new(Counters::default());
+        let http = Arc::new(hyper::server::conn::http1::Builder::new());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let (hello, counters, http, stop) = (hello.clone(), counters.clone(), http.clone(), stop_rx.clone());
+            tokio::spawn(serve_connection(stream, hello, counters, http, stop));
+        }
+    })
 }
 
 async fn route(req: Request<Incoming>, hello: &Bytes, counters: &Counters) -> Response<Body> {

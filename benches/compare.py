@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""lb against the tools users would pick instead, measured in one run, interleaved.
+
+Run through benches/run.sh (which builds lb and installs nginx, HAProxy and the npm packages).
+Every configuration fronts 2 workers on loopback and is started once; the workloads then visit the
+configurations round-robin for --rounds rounds, so machine noise hits all of them alike, and the
+median of the rounds is reported. CPU is read from /proc/PID/stat around each measurement and
+reported per connection (churn) or per request (keep-alive): on this shared machine CPU per unit
+of work is far steadier than throughput.
+
+Writes benches/results/results.json, results.md and chart.svg.
+"""
+import argparse
+import json
+import os
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LB = ROOT / "target/release/lb"
+LOADGEN = ROOT / "target/release/examples/loadgen"
+HELLO = ROOT / "benches/node/hello.js"
+CLUSTER = ROOT / "benches/node/cluster.js"
+PRIMARY = ROOT / "examples/node/primary.js"
+NODE_SERVER = ROOT / "examples/node/server.js"
+OUT = ROOT / "benches/results"
+TICK = os.sysconf("SC_CLK_TCK")
+PROCS = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv, env=None, **kw):
+    e = dict(os.environ)
+    e.update(env or {})
+    e.setdefault("NODE_PATH", str(ROOT / "examples/node/node_modules"))
+    p = subprocess.Popen([str(a) for a in argv], env=e, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
+                         start_new_session=True, **kw)
+    PROCS.append(p)
+    return p
+
+
+def stop_all():
+    for p in PROCS:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 5
+    for p in PROCS:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        c = children(todo.pop())
+        out += c
+        todo += c
+    return out
+
+
+def cpu(pids):
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                if s.recv(12).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"nothing answered on port {port}")
+
+
+class Config:
+    """One balancer setup: how to find its balancer and worker processes."""
+
+    def __init__(self, name, kind, port, balancer, workers, group):
+        self.name, self.kind, self.port = name, kind, port
+        self.balancer_pids, self.worker_pids, self.group = balancer, workers, group
+
+
+def lb_config(name, policy, cmd=None):
+    port = free_port()
+    argv = [LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
+    if cmd:
+        argv += ["--"] + cmd
+    p = start(argv)
+    wait_port(port)
+    return Config(name, "node" if cmd else "builtin", port, lambda: [p.pid], lambda: descendants(p.pid),
+                  "node" if cmd else "builtin")
+
+
+def builtin_direct(port):
+    return start([LB, "builtin-worker", "--listen", f"127.0.0.1:{port}"])
+
+
+def node_direct(port):
+    return start(["node", HELLO], env={"LISTEN_PORT": str(port)})
+
+
+def configs(selected):
+    made = []
+    want = lambda n: selected is None or n in selected
+
+    if want("direct"):
+        port = free_port()
+        p = builtin_direct(port)
+        wait_port(port)
+        made.append(Config("direct", "builtin", port, lambda: [], lambda p=p: [p.pid], "builtin"))
+    if want("reuseport-2"):
+        port = free_port()
+        ps = [builtin_direct(port), builtin_direct(port)]
+        wait_port(port)
+        made.append(Config("reuseport-2", "builtin", port, lambda: [], lambda ps=ps: [x.pid for x in ps], "builtin"))
+    for policy in ["sticky", "round-robin", "least-connections"]:
+        if want(f"lb-{policy}"):
+            made.append(lb_config(f"lb-{policy}", policy))
+    if want("nginx-self") and have("nginx"):
+        made.append(nginx_config("nginx-self", None))
+    for backend in ["builtin", "node"]:
+        if want(f"nginx-iphash-{backend}") and have("nginx"):
+            made.append(nginx_config(f"nginx-iphash-{backend}", backend))
+        if want(f"haproxy-source-{backend}") and have("haproxy"):
+            made.append(haproxy_config(f"haproxy-source-{backend}", backend))
+    if want("node-direct"):
+        port = free_port()
+        p = node_direct(port)
+        wait_port(port)
+        made.append(Config("node-direct", "node", port, lambda: [], lambda p=p: [p.pid], "node"))
+    for policy in ["none", "rr"]:
+        if want(f"node-cluster-{policy}"):
+            port = free_port()
+            p = start(["node", CLUSTER, port, 2, policy])
+            wait_port(port)
+            made.append(Config(f"node-cluster-{policy}", "node", port,
+                               (lambda p=p: [p.pid]) if policy == "rr" else (lambda: []),
+                               (lambda p=p: descendants(p.pid)) if policy == "rr" else (lambda p=p: [p.pid] + descendants(p.pid)),
+                               "node"))
+    if want("node-sticky-primary"):
+        port = free_port()
+        p = start(["node", PRIMARY, port, 2, HELLO])
+        wait_port(port)
+        made.append(Config("node-sticky-primary", "node", port, lambda p=p: [p.pid], lambda p=p: descendants(p.pid), "node"))
+    if want("lb-node"):
+        made.append(lb_config("lb-node", "sticky", ["node", str(HELLO)]))
+    return made
+
+
+def have(tool):
+    return subprocess.call(["sh", "-c", f"command -v {tool}"], stdout=subprocess.DEVNULL) == 0
+
+
+def backends(kind):
+    ports = [free_port(), free_port()]
+    ps = [builtin_direct(p) if kind == "builtin" else node_direct(p) for p in ports]
+    for p in ports:
+        wait_port(p)
+    return ports, ps
+
+
+def nginx_config(name, backend):
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="lb-bench-nginx-"))
+    if backend is None:
+        server = "location / { return 200 'ok\\n'; }"
+        upstream, ps = "", []
+    else:
+        ports, ps = backends(backend)
+        upstream = "upstream be { ip_hash; " + " ".join(f"server 127.0.0.1:{p};" for p in ports) + " keepalive 64; }"
+        server = ("location / { proxy_pass http://be; proxy_http_version 1.1; "
+                  "proxy_set_header Connection \"\"; }")
+    conf = f"""
+worker_processes 2;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+daemon off;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  {upstream}
+  server {{ listen 127.0.0.1:{port} backlog=4096; keepalive_requests 1000000; {server} }}
+}}
+"""
+    (tmp / "nginx.conf").write_text(conf)
+    p = start(["nginx", "-c", tmp / "nginx.conf", "-p", tmp])
+    wait_port(port)
+    return Config(name, backend or "nginx", port, lambda p=p: [p.pid] + descendants(p.pid),
+                  lambda ps=ps: [x.pid for x in ps] + sum((descendants(x.pid) for x in ps), []),
+                  backend or "builtin")
+
+
+def haproxy_config(name, backend):
+    port = free_port()
+    ports, ps = backends(backend)
+    tmp = Path(tempfile.mkdtemp(prefix="lb-bench-haproxy-"))
+    conf = f"""
+global
+  maxconn 9000
+  nbthread 2
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  balance source
+  server a 127.0.0.1:{ports[0]}
+  server b 127.0.0.1:{ports[1]}
+"""
+    (tmp / "haproxy.cfg").write_text(conf)
+    p = start(["haproxy", "-db", "-f", tmp / "haproxy.cfg"])
+    wait_port(port)
+    return Config(name, backend, port, lambda p=p: [p.pid],
+                  lambda ps=ps: [x.pid for x in ps] + sum((descendants(x.pid) for x in ps), []), backend)
+
+
+def loadgen(port, mode, seconds, extra=()):
+    out = subprocess.run([LOADGEN, f"127.0.0.1:{port}", mode, "--seconds", str(seconds), *extra],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    return json.loads(out.stdout)
+
+
+def measure(c, mode, seconds):
+    bal, wk = c.balancer_pids(), c.worker_pids()
+    b0, w0 = cpu(bal), cpu(wk)
+    r = loadgen(c.port, mode, seconds)
+    b1, w1 = cpu(bal), cpu(wk)
+    n = max(r["requests"], 1)
+    counts = [v for k, v in r["bodies"].items()]
+    share = max(counts) / (sum(counts) / len(counts)) if len(counts) > 1 else None
+    return {
+        "rps": r["rps"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"],
+        "balancer_cpu_us": (b1 - b0) * 1e6 / n, "server_cpu_us": (b1 - b0 + w1 - w0) * 1e6 / n,
+        "balancer_rss": rss(bal), "workers": len(counts), "share": share,
+    }
+
+
+def ws_measure(c, conns):
+    bal = c.balancer_pids()
+    rss0_b, rss0_w = rss(bal), rss(c.worker_pids())
+    g = subprocess.Popen([LOADGEN, f"127.0.0.1:{c.port}", "ws", "--conns", str(conns), "--path", "/ws"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = g.stdout.readline()
+    r = json.loads(line)
+    time.sleep(0.5)  # let workers settle their per-connection state before reading RSS
+    out = {"conns": r["connections"], "errors": r["errors"], "seconds": r["seconds"],
+           "balancer_rss_before": rss0_b, "balancer_rss_after": rss(bal),
+           "workers_rss_before": rss0_w, "workers_rss_after": rss(c.worker_pids())}
+    g.stdin.close()
+    g.wait(timeout=60)
+    return out
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--ws-conns", type=int, default=10000)
+    ap.add_argument("--only", help="comma-separated configuration names")
+    a = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    selected = set(a.only.split(",")) if a.only else None
+    try:
+        cs = configs(selected)
+        print(f"configurations: {', '.join(c.name for c in cs)}", file=sys.stderr)
+        runs = {c.name: {"churn": [], "keepalive": []} for c in cs}
+        for rnd in range(a.rounds):
+            for mode in ["churn", "keepalive"]:
+                for c in cs:
+                    m = measure(c, mode, a.seconds)
+                    runs[c.name][mode].append(m)
+                    print(f"round {rnd + 1} {mode:9} {c.name:24} {m['rps']:9.0f}/s  balancer {m['balancer_cpu_us']:6.1f} µs  "
+                          f"server {m['server_cpu_us']:6.1f} µs  p99 {m['p99_us']} µs  errors {m['errors']}", file=sys.stderr)
+        ws = {}
+        for c in cs:
+            if c.name in ("lb-sticky", "lb-node", "node-sticky-primary", "haproxy-source-builtin", "nginx-iphash-builtin") and a.ws_conns:
+                ws[c.name] = ws_measure(c, a.ws_conns)
+                print(f"ws {c.name}: {ws[c.name]}", file=sys.stderr)
+    finally:
+        stop_all()
+    summary = {}
+    for c in cs:
+        s = {"kind": c.kind}
+        for mode in ["churn", "keepalive"]:
+            rs = runs[c.name][mode]
+            s[mode] = {k: med([r[k] for r in rs]) for k in rs[0] if k != "workers"}
+            s[mode]["rounds"] = [r["rps"] for r in rs]
+        summary[c.name] = s
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "seconds": a.seconds,
+            "cpus": os.cpu_count(), "kernel": os.uname().release}
+    (OUT / "results.json").write_text(json.dumps({"meta": meta, "results": summary, "websockets": ws}, indent=2))
+    (OUT / "results.md").write_text(markdown(summary, ws, meta))
+    (OUT / "chart.svg").write_text(chart(summary))
+    print((OUT / "results.md").read_text())
+
+
+def baseline(summary, kind):
+    return summary.get("direct" if kind != "node" else "node-direct")
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "—"
+    return f"{x:,.0f}{unit}" if abs(x) >= 100 else f"{x:.1f}{unit}"
+
+
+def markdown(summary, ws, meta):
+    lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs (Linux {meta['kernel']}), {meta['rounds']} interleaved "
+             f"rounds of {meta['seconds']:g} s per workload, medians. 50 concurrent clients from 64 source addresses; "
+             "every configuration fronts 2 workers. CPU columns are per connection (churn) or per request (keep-alive).",
+             "",
+             "| configuration | churn conn/s | × direct | balancer CPU µs/conn | server CPU µs/conn | churn p50 / p99 µs "
+             "| keep-alive req/s | × direct | balancer CPU µs/req | keep-alive p99 µs | worker share (max/mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        ch, ka = s["churn"], s["keepalive"]
+        base = baseline(summary, s["kind"])
+        share = "—" if ch["share"] is None else f"{ch['share']:.2f}"
+        rc = ch["rps"] / base["churn"]["rps"] if base else None
+        rk = ka["rps"] / base["keepalive"]["rps"] if base else None
+        lines.append(f"| {name} | {fmt(ch['rps'])} | {fmt(rc and rc * 100, '%')} | {fmt(ch['balancer_cpu_us'])} | "
+                     f"{fmt(ch['server_cpu_us'])} | {fmt(ch['p50_us'])} / {fmt(ch['p99_us'])} | {fmt(ka['rps'])} | "
+                     f"{fmt(rk and rk * 100, '%')} | {fmt(ka['balancer_cpu_us'])} | {fmt(ka['p99_us'])} | "
+                     f"{share} |")
+    if ws:
+        lines += ["", "Idle WebSocket connections:", "",
+                  "| configuration | connections | time to open | balancer RSS before → after | workers RSS before → after |",
+                  "|---|---|---|---|---|"]
+        mib = lambda b: f"{b / 1048576:.1f} MiB"
+        for name, w in ws.items():
+            lines.append(f"| {name} | {w['conns']:,} (errors {w['errors']}) | {w['seconds']:.2f} s | "
+                         f"{mib(w['balancer_rss_before'])} → {mib(w['balancer_rss_after'])} | "
+                         f"{mib(w['workers_rss_before'])} → {mib(w['workers_rss_after'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary):
+    """Horizontal bars: churn and keep-alive throughput as % of the matching direct baseline."""
+    rows = []
+    for name, s in summary.items():
+        base = baseline(summary, s["kind"])
+        if base:
+            rows.append((name, s["churn"]["rps"] / base["churn"]["rps"] * 100,
+                         s["keepalive"]["rps"] / base["keepalive"]["rps"] * 100))
+    top = max([max(r[1], r[2]) for r in rows] + [100])
+    w, left, bar, gap = 820, 210, 11, 10
+    h = 60 + len(rows) * (2 * bar + gap)
+    scale = (w - left - 60) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           '<text x="10" y="20" font-size="14" font-weight="bold">Throughput as % of direct (same worker kind, same run)</text>',
+           f'<rect x="{left}" y="30" width="10" height="10" fill="#3b7dd8"/><text x="{left + 14}" y="39">churn (new connection per request)</text>',
+           f'<rect x="{left + 240}" y="30" width="10" height="10" fill="#e8892e"/><text x="{left + 254}" y="39">keep-alive</text>']
+    x100 = left + 100 * scale
+    for i, (name, c, k) in enumerate(rows):
+        y = 52 + i * (2 * bar + gap)
+        out.append(f'<text x="{left - 6}" y="{y + bar + 4}" text-anchor="end">{name}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{c * scale:.1f}" height="{bar}" fill="#3b7dd8"/>')
+        out.append(f'<text x="{left + c * scale + 4:.1f}" y="{y + bar - 2}">{c:.0f}%</text>')
+        out.append(f'<rect x="{left}" y="{y + bar}" width="{k * scale:.1f}" height="{bar}" fill="#e8892e"/>')
+        out.append(f'<text x="{left + k * scale + 4:.1f}" y="{y + 2 * bar - 2}">{k:.0f}%</text>')
+    out.append(f'<line x1="{x100:.1f}" y1="45" x2="{x100:.1f}" y2="{h - 5}" stroke="#555" stroke-dasharray="4 3"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()
