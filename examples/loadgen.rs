@@ -30,9 +30,21 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut it = std::env::args().skip(1);
-    let target = it.next().expect("TARGET").parse().expect("TARGET is IP:PORT");
+    let target = it
+        .next()
+        .expect("TARGET")
+        .parse()
+        .expect("TARGET is IP:PORT");
     let mode = it.next().expect("MODE");
-    let mut a = Args { target, mode, concurrency: 50, seconds: 5.0, sources: 64, conns: 10_000, path: "/".into() };
+    let mut a = Args {
+        target,
+        mode,
+        concurrency: 50,
+        seconds: 5.0,
+        sources: 64,
+        conns: 10_000,
+        path: "/".into(),
+    };
     while let Some(flag) = it.next() {
         let v = it.next().expect("flag value");
         match flag.as_str() {
@@ -70,7 +82,8 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
                 .lines()
                 .find_map(|l| {
                     let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
                 })
                 .unwrap_or(0);
             while buf.len() < end + 4 + len {
@@ -81,7 +94,9 @@ async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Re
                 buf.extend_from_slice(&tmp[..n]);
             }
             if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.1 101") {
-                return Err(std::io::Error::other(head.lines().next().unwrap_or("").to_owned()));
+                return Err(std::io::Error::other(
+                    head.lines().next().unwrap_or("").to_owned(),
+                ));
             }
             return Ok(buf[end + 4..end + 4 + len].to_vec());
         }
@@ -136,7 +151,8 @@ async fn client(a: std::sync::Arc<Args>, id: usize, deadline: Instant) -> Tally 
         };
         match ok {
             Ok(body) => {
-                t.latencies_us.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                t.latencies_us
+                    .push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 let key = String::from_utf8_lossy(&body).trim().to_owned();
                 *t.bodies.entry(key).or_default() += 1;
             }
@@ -192,7 +208,10 @@ async fn websockets(a: &Args) -> serde_json::Value {
 
 fn main() {
     let a = std::sync::Arc::new(parse_args());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         if a.mode == "ws" {
             websockets(&a).await;

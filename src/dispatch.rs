@@ -336,6 +336,7 @@ impl Dispatcher {
 
     /// Writes until done or `WouldBlock` (returned as `Err`, for `AsyncFdReadyGuard::try_io`).
     fn flush_io(&mut self, fd: BorrowedFd<'_>, send: &impl Fn(Report)) -> io::Result<()> {
+        let mut now: Option<Instant> = None;
         loop {
             if self.failed {
                 return Ok(());
@@ -366,7 +367,8 @@ impl Dispatcher {
             match sys::send_with_fd(fd, HANDLE_ENVELOPE, Some(h.stream.as_fd())) {
                 Ok(n) => {
                     self.in_flight.push_back(h);
-                    let now = Instant::now();
+                    // One clock read per batch of sends.
+                    let now = *now.get_or_insert_with(Instant::now);
                     self.sent_at.push_back(now);
                     self.oldest_sent.get_or_insert(now);
                     if n < HANDLE_ENVELOPE.len() {

@@ -171,6 +171,8 @@ pub struct Master {
     exits_rx: mpsc::UnboundedReceiver<Exit>,
     roll: Option<Roll>,
     shutting_down: Option<Instant>,
+    /// The shutdown timeout passed and the remaining workers were SIGKILLed.
+    shutdown_killed: bool,
     accept_paused_until: Option<Instant>,
     last_exhausted_log: Option<Instant>,
 }
@@ -207,6 +209,7 @@ impl Master {
             exits_rx,
             roll: None,
             shutting_down: None,
+            shutdown_killed: false,
             accept_paused_until: None,
             last_exhausted_log: None,
         }
@@ -223,8 +226,16 @@ impl Master {
         for slot in 0..self.slots.len() {
             self.spawn_into(slot, false);
         }
+        // One timer for every deadline, reset only when the earliest deadline changes (the hot
+        // path — accept, hand off, ACK — then touches no timer at all).
+        let mut armed = next_housekeeping;
+        let timer = tokio::time::sleep_until(armed.into());
+        tokio::pin!(timer);
         loop {
             let now = Instant::now();
+            if self.accept_paused_until.is_some_and(|t| t <= now) {
+                self.accept_paused_until = None;
+            }
             if now >= next_housekeeping {
                 self.housekeeping(now);
                 next_housekeeping = now + HOUSEKEEPING;
@@ -239,8 +250,12 @@ impl Master {
                 }
                 self.shutdown_step(started, now);
             }
-            let deadline = self.next_deadline(next_housekeeping);
-            let accepting = listener.is_some() && self.accept_paused_until.is_none_or(|t| t <= now);
+            let deadline = self.next_deadline(next_housekeeping).max(now);
+            if deadline != armed {
+                armed = deadline;
+                timer.as_mut().reset(armed.into());
+            }
+            let accepting = listener.is_some() && self.accept_paused_until.is_none();
             tokio::select! {
                 biased;
                 Some(ev) = self.reports_rx.recv() => {
@@ -262,7 +277,11 @@ impl Master {
                 _ = int.recv() => self.begin_shutdown("SIGINT"),
                 _ = usr2.recv() => self.begin_roll(),
                 _ = hup.recv() => tracing::info!("SIGHUP received: config reload is not supported yet; ignoring"),
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                () = &mut timer => {
+                    // Fired: arm far ahead until the next pass computes the real deadline.
+                    armed = Instant::now() + HOUSEKEEPING;
+                    timer.as_mut().reset(armed.into());
+                }
             }
         }
         tracing::info!("all workers exited; bye");
@@ -277,14 +296,7 @@ impl Master {
             match Listener::accept(guard) {
                 Ok((stream, peer)) => {
                     self.shared.metrics.accepted.inc();
-                    let h = Handoff {
-                        stream,
-                        peer,
-                        accepted: Instant::now(),
-                        nacks: 0,
-                        dispatches: 0,
-                    };
-                    self.route(h, None);
+                    self.route(Handoff::new(stream, peer), None);
                 }
                 Err((AcceptError::WouldBlock, _)) => return,
                 Err((AcceptError::Transient, _)) => self.shared.metrics.accept_error("transient"),
@@ -815,9 +827,10 @@ impl Master {
     }
 
     fn shutdown_step(&mut self, started: Instant, now: Instant) {
-        if now - started < self.settings.shutdown_timeout {
+        if now - started < self.settings.shutdown_timeout || self.shutdown_killed {
             return;
         }
+        self.shutdown_killed = true;
         for s in &mut self.slots {
             for p in s
                 .current
@@ -967,10 +980,12 @@ impl Master {
                 d = d.min(t);
             }
         }
-        if let Some(t) = self.shutting_down {
+        if let Some(t) = self.shutting_down
+            && !self.shutdown_killed
+        {
             d = d.min(t + self.settings.shutdown_timeout);
         }
-        d.max(Instant::now() + Duration::from_millis(1))
+        d
     }
 
     /// Forgets processes that have exited and whose channel is closed.

@@ -107,7 +107,9 @@ async fn serve_connection(
         started_tx.send_replace(true);
         async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
     });
-    let served = http.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let served = http
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(served);
     tokio::select! {
         _ = served.as_mut() => {}
@@ -125,9 +127,15 @@ async fn serve_connection(
 /// Runs the built-in HTTP server on its own listening socket, without lb (`SO_REUSEPORT`, so
 /// several can share a port). This is the *direct* baseline of the benchmarks.
 pub fn main_standalone(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.bind(&addr.into())?;
@@ -146,7 +154,12 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> anyhow::Result<()> {
                     continue;
                 }
             };
-            let (hello, counters, http, stop) = (hello.clone(), counters.clone(), http.clone(), stop_rx.clone());
+            let (hello, counters, http, stop) = (
+                hello.clone(),
+                counters.clone(),
+                http.clone(),
+                stop_rx.clone(),
+            );
             tokio::spawn(serve_connection(stream, hello, counters, http, stop));
         }
     })
