@@ -14,8 +14,14 @@
 use serde_json::Value;
 
 /// The handoff envelope lb sends with each connection fd (one `sendmsg`, one fd).
+///
+/// The `key` makes a Node worker track the sockets it receives (node-ipc.md §5.2), so lb can ask
+/// an unmodified Node worker how many of them are still open with [`SOCKET_COUNT_QUERY`].
 pub const HANDLE_ENVELOPE: &[u8] =
-    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"sticky-session:connection\"}\n";
+    b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"sticky-session:connection\",\"key\":\"lb\"}\n";
+/// Asks a Node worker how many sockets received with [`HANDLE_ENVELOPE`] are open; it answers
+/// `{"cmd":"NODE_SOCKET_COUNT","key":"lb","count":N}`. Other workers ignore it (an internal message).
+pub const SOCKET_COUNT_QUERY: &[u8] = b"{\"cmd\":\"NODE_SOCKET_GET_COUNT\",\"key\":\"lb\"}\n";
 /// The user message that accompanies a handed-off connection.
 pub const HANDLE_MESSAGE: &str = "sticky-session:connection";
 /// "I took the fd" (sent by the receiver of a `NODE_HANDLE`).
@@ -127,6 +133,8 @@ pub enum FromWorker {
     HandleNack,
     /// `{"cmd":"NODE_HANDLE",...}`: the worker sent us a handle; it must be answered.
     Handle,
+    /// `{"cmd":"NODE_SOCKET_COUNT","key":"lb","count":N}`: a Node worker's open handed-off sockets.
+    SocketCount(u64),
     /// Another internal `NODE_*` message (ignored).
     OtherInternal,
     /// `{"cmd":"stats","data":{"activeConnections":A,"totalRequests":T}}` (cumulative).
@@ -173,6 +181,10 @@ impl FromWorker {
                 "NODE_HANDLE_ACK" => Self::HandleAck,
                 "NODE_HANDLE_NACK" => Self::HandleNack,
                 "NODE_HANDLE" => Self::Handle,
+                "NODE_SOCKET_COUNT" if map.get("key").and_then(Value::as_str) == Some("lb") => map
+                    .get("count")
+                    .and_then(as_count)
+                    .map_or(Self::OtherInternal, Self::SocketCount),
                 _ => Self::OtherInternal,
             };
         }
@@ -397,7 +409,7 @@ mod tests {
 
     #[test]
     fn constants_are_single_valid_json_lines() {
-        for l in [HANDLE_ENVELOPE, HANDLE_ACK, HANDLE_NACK] {
+        for l in [HANDLE_ENVELOPE, HANDLE_ACK, HANDLE_NACK, SOCKET_COUNT_QUERY] {
             assert_eq!(l.iter().filter(|&&b| b == b'\n').count(), 1);
             assert_eq!(*l.last().unwrap(), b'\n');
             serde_json::from_slice::<Value>(&l[..l.len() - 1]).unwrap();

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
-use crate::channel::{FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder};
+use crate::channel::{
+    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder, SOCKET_COUNT_QUERY,
+};
 use crate::sys;
 
 /// NACKs one worker may return for one connection before it is given to another worker
@@ -58,6 +60,15 @@ impl Handoff {
             dispatches: 0,
         }
     }
+}
+
+/// What the master sends a dispatch task.
+#[derive(Debug)]
+pub enum ToWorker {
+    /// A connection to hand over.
+    Handoff(Handoff),
+    /// Ask a Node worker for its open handed-off socket count ([`SOCKET_COUNT_QUERY`]).
+    QuerySocketCount,
 }
 
 /// Why connections came back from a worker.
@@ -142,7 +153,7 @@ pub async fn run(
     slot: usize,
     generation: u64,
     channel: UnixStream,
-    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
+    mut handoffs: mpsc::UnboundedReceiver<ToWorker>,
     reports: mpsc::UnboundedSender<Event>,
     limits: Limits,
 ) {
@@ -216,9 +227,9 @@ pub async fn run(
             }
             h = handoffs.recv(), if accepting => match h {
                 Some(h) => {
-                    d.queue.push_back(h);
+                    d.take(h);
                     // Take everything already queued before writing: one pass, many sends.
-                    while let Ok(h) = handoffs.try_recv() { d.queue.push_back(h); }
+                    while let Ok(h) = handoffs.try_recv() { d.take(h); }
                     if d.stalled {
                         // Sent before the master heard of the stall: route elsewhere.
                         send(Report::Returned(d.queue.drain(..).collect(), Returned::Stalled));
@@ -254,11 +265,13 @@ async fn stall_timer(since: Option<Instant>, timeout: Duration) {
 
 /// After the channel closed: hand back whatever the master still sends until it stops.
 async fn return_all_until_closed(
-    handoffs: &mut mpsc::UnboundedReceiver<Handoff>,
+    handoffs: &mut mpsc::UnboundedReceiver<ToWorker>,
     send: impl Fn(Report),
 ) {
-    while let Some(h) = handoffs.recv().await {
-        send(Report::Returned(vec![h], Returned::WorkerExit));
+    while let Some(m) = handoffs.recv().await {
+        if let ToWorker::Handoff(h) = m {
+            send(Report::Returned(vec![h], Returned::WorkerExit));
+        }
     }
 }
 
@@ -274,6 +287,8 @@ struct Dispatcher {
     partial: Option<(&'static [u8], usize)>,
     /// NACK replies owed to the worker for handles it sent us.
     owed_nacks: usize,
+    /// Socket-count queries to send.
+    owed_queries: usize,
     /// No new handle until `in_flight` is empty (after a partial write or ETOOMANYREFS).
     hold: bool,
     /// The last write returned EAGAIN: wait for writability.
@@ -304,6 +319,7 @@ impl Dispatcher {
             window,
             partial: None,
             owed_nacks: 0,
+            owed_queries: 0,
             hold: false,
             blocked_on_write: false,
             failed: false,
@@ -323,6 +339,7 @@ impl Dispatcher {
             && !self.failed
             && (self.partial.is_some()
                 || self.owed_nacks > 0
+                || self.owed_queries > 0
                 || (!self.queue.is_empty() && !self.hold && self.in_flight.len() < self.window))
     }
 
@@ -355,6 +372,14 @@ impl Dispatcher {
                 self.owed_nacks -= 1;
                 if n < HANDLE_NACK.len() {
                     self.partial = Some((HANDLE_NACK, n));
+                }
+                continue;
+            }
+            if self.owed_queries > 0 {
+                let n = self.write(fd, SOCKET_COUNT_QUERY)?;
+                self.owed_queries -= 1;
+                if n < SOCKET_COUNT_QUERY.len() {
+                    self.partial = Some((SOCKET_COUNT_QUERY, n));
                 }
                 continue;
             }
@@ -415,6 +440,15 @@ impl Dispatcher {
                     return Ok(bytes.len());
                 }
             }
+        }
+    }
+
+    /// Accepts one message from the master.
+    fn take(&mut self, m: ToWorker) {
+        match m {
+            ToWorker::Handoff(h) => self.queue.push_back(h),
+            // One outstanding query is enough.
+            ToWorker::QuerySocketCount => self.owed_queries = 1,
         }
     }
 

@@ -25,6 +25,7 @@
 //!
 //! - [`master`] — the single-threaded loop that owns all state: routing, supervision (spawn,
 //!   readiness, backoff, heartbeats, memory, rolling restart, graceful shutdown).
+//! - [`restart`] — respawn backoff and crash-loop detection (pure).
 //! - [`spawn`] — starting a worker with its channel on fd 3 (the other `unsafe` module).
 //! - [`metrics`] — Prometheus metrics and the admin endpoint.
 //! - [`config`] — command line and TOML config file.
@@ -39,6 +40,7 @@ pub mod dispatch;
 pub mod listener;
 pub mod master;
 pub mod metrics;
+pub mod restart;
 pub mod spawn;
 pub mod sys;
 pub mod worker;

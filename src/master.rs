@@ -29,55 +29,22 @@ use tokio::sync::mpsc;
 use crate::balance::{Balancer, Policy, SlotLoad};
 use crate::channel::{DEFAULT_MAX_LINE, FromWorker};
 use crate::config::{Settings, StalledSticky};
-use crate::dispatch::{self, Handoff, Report, Returned};
+use crate::dispatch::{self, Handoff, Report, Returned, ToWorker};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{Shared, SlotView};
+use crate::restart::{CRASH_LOOP_EXITS, CRASH_WINDOW, Next, RestartPolicy};
 use crate::spawn;
 
 /// Handles in flight per worker before waiting for ACKs.
 const HANDOFF_WINDOW: usize = 16;
 /// Workers a connection may be offered to before it is closed.
 const MAX_DISPATCHES: u8 = 8;
-/// First respawn delay.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest respawn delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A worker that ran this long resets its slot's backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-/// Exits within [`CRASH_WINDOW`] that mark a slot failed.
-const CRASH_LOOP_EXITS: usize = 10;
-/// Window for counting exits.
-const CRASH_WINDOW: Duration = Duration::from_secs(60);
-/// How long a failed slot rests before it is tried again.
-const FAILED_COOLDOWN: Duration = Duration::from_secs(60);
 /// How often memory is sampled and heartbeats checked.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Pause of the accept loop after running out of fds or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts per wakeup before other work gets a turn.
 const ACCEPT_BATCH: usize = 64;
-
-/// Exponential respawn backoff: 100 ms doubling to 30 s.
-#[derive(Debug, Clone, Default)]
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    /// The delay before the next respawn; each call doubles the next one.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = BACKOFF_MIN
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(BACKOFF_MAX);
-        self.attempt = self.attempt.saturating_add(1);
-        d
-    }
-
-    /// Back to the first delay (after a healthy run).
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
 
 /// A worker process exited: (slot, generation, status).
 type Exit = (usize, u64, Option<ExitStatus>);
@@ -88,7 +55,7 @@ struct Proc {
     generation: u64,
     pid: u32,
     /// Handoffs go here; `None` once draining or the channel closed.
-    tx: Option<mpsc::UnboundedSender<Handoff>>,
+    tx: Option<mpsc::UnboundedSender<ToWorker>>,
     started: Instant,
     ready: bool,
     exited: bool,
@@ -101,6 +68,8 @@ struct Proc {
     reported_active: u64,
     /// ACKs since that report (the report does not include them yet).
     acked_since_report: u64,
+    /// The worker reports `activeConnections` itself; otherwise lb asks Node's socket count.
+    reports_active: bool,
     /// Last heartbeat (`None` until the first: workers that never beat are not watched).
     last_heartbeat: Option<Instant>,
     /// Leaves a handoff unanswered for the stall timeout: no new connections for now.
@@ -145,9 +114,8 @@ struct Slot {
     /// Previous generations finishing their connections.
     draining: Vec<Proc>,
     next_generation: u64,
-    backoff: Backoff,
+    restart: RestartPolicy,
     respawn_at: Option<Instant>,
-    exits: VecDeque<Instant>,
 }
 
 /// A rolling restart in progress.
@@ -190,9 +158,8 @@ impl Master {
                 incoming: None,
                 draining: Vec::new(),
                 next_generation: 0,
-                backoff: Backoff::default(),
+                restart: RestartPolicy::default(),
                 respawn_at: Some(Instant::now()),
-                exits: VecDeque::new(),
             })
             .collect();
         Self {
@@ -374,11 +341,13 @@ impl Master {
             .expect("eligible slot has a worker");
         h.nacks = 0;
         h.dispatches += 1;
-        match p.tx.as_ref().expect("eligible").send(h) {
+        match p.tx.as_ref().expect("eligible").send(ToWorker::Handoff(h)) {
             Ok(()) => p.outstanding += 1,
-            Err(mpsc::error::SendError(h)) => {
+            Err(mpsc::error::SendError(m)) => {
                 p.tx = None;
-                self.route(h, Some(s));
+                if let ToWorker::Handoff(h) = m {
+                    self.route(h, Some(s));
+                }
             }
         }
     }
@@ -454,6 +423,7 @@ impl Master {
                     if let Some(a) = active {
                         p.reported_active = a;
                         p.acked_since_report = 0;
+                        p.reports_active = true;
                     }
                     if let Some(t) = total_requests {
                         // Cumulative per process: add the delta; a smaller value means the
@@ -465,6 +435,12 @@ impl Master {
                         };
                         p.reported_requests = t;
                         sm.requests.inc_by(delta);
+                    }
+                }
+                FromWorker::SocketCount(n) => {
+                    if !p.reports_active {
+                        p.reported_active = n;
+                        p.acked_since_report = 0;
                     }
                 }
                 FromWorker::Request => sm.requests.inc(),
@@ -601,13 +577,10 @@ impl Master {
                     ran.as_secs_f64()
                 );
             }
-            if ran >= HEALTHY_RUN {
-                s.backoff.reset();
-            }
             let old = s.current.take().expect("checked");
             s.draining.push(old); // kept until its channel reports closed
             if self.shutting_down.is_none() {
-                self.schedule_respawn(slot, now);
+                self.schedule_respawn(slot, now, ran);
             }
         } else if s
             .incoming
@@ -637,27 +610,22 @@ impl Master {
     }
 
     /// Decides when `slot` gets a new worker after an unexpected exit.
-    fn schedule_respawn(&mut self, slot: usize, now: Instant) {
+    fn schedule_respawn(&mut self, slot: usize, now: Instant, ran: Duration) {
         let s = &mut self.slots[slot];
-        s.exits.push_back(now);
-        while s.exits.front().is_some_and(|&t| now - t > CRASH_WINDOW) {
-            s.exits.pop_front();
-        }
-        if s.exits.len() >= CRASH_LOOP_EXITS {
-            tracing::error!(
-                slot,
-                "worker crash loop: {} exits within {CRASH_WINDOW:?}; slot marked failed, retrying in {FAILED_COOLDOWN:?}",
-                s.exits.len()
-            );
-            s.state = SlotState::Failed;
-            s.respawn_at = Some(now + FAILED_COOLDOWN);
-            s.exits.clear();
-            s.backoff.reset();
-        } else {
-            let delay = s.backoff.next_delay();
-            tracing::info!(slot, "respawning in {delay:?}");
-            s.state = SlotState::Backoff;
-            s.respawn_at = Some(now + delay);
+        match s.restart.on_exit(now, ran) {
+            Next::Failed(cooldown) => {
+                tracing::error!(
+                    slot,
+                    "worker crash loop: {CRASH_LOOP_EXITS} exits within {CRASH_WINDOW:?}; slot marked failed, retrying in {cooldown:?}"
+                );
+                s.state = SlotState::Failed;
+                s.respawn_at = Some(now + cooldown);
+            }
+            Next::Respawn(delay) => {
+                tracing::info!(slot, "respawning in {delay:?}");
+                s.state = SlotState::Backoff;
+                s.respawn_at = Some(now + delay);
+            }
         }
     }
 
@@ -675,7 +643,7 @@ impl Master {
             Err(e) => {
                 tracing::error!(slot, "cannot start worker `{}`: {e}", self.argv[0]);
                 if !incoming {
-                    self.schedule_respawn(slot, Instant::now());
+                    self.schedule_respawn(slot, Instant::now(), Duration::ZERO);
                     self.update_slot(slot);
                 }
                 return false;
@@ -715,6 +683,7 @@ impl Master {
             reported_requests: 0,
             reported_active: 0,
             acked_since_report: 0,
+            reports_active: false,
             last_heartbeat: None,
             stalled: false,
             term_sent: None,
@@ -953,6 +922,12 @@ impl Master {
                 p.ready = false;
                 continue;
             }
+            if !p.reports_active
+                && let Some(tx) = &p.tx
+            {
+                // An unmodified Node worker counts the sockets we sent it: ask.
+                let _ = tx.send(ToWorker::QuerySocketCount);
+            }
             let rss = crate::metrics::rss_bytes(p.pid).unwrap_or(0);
             self.shared.metrics.slots[slot].memory.set(rss as i64);
             if let Some(limit) = self.settings.max_memory
@@ -1078,16 +1053,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::default();
-        let delays: Vec<_> = (0..12).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(
-            delays,
-            [
-                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
-            ]
+    fn listening_line_names_both_addresses() {
+        let l = listening_line(
+            "127.0.0.1:1".parse().unwrap(),
+            Some("127.0.0.1:2".parse().unwrap()),
         );
-        b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert_eq!(l, "listening on 127.0.0.1:1, metrics on 127.0.0.1:2");
+        assert_eq!(
+            listening_line("127.0.0.1:1".parse().unwrap(), None),
+            "listening on 127.0.0.1:1, metrics off"
+        );
     }
 }

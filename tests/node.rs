@@ -260,3 +260,28 @@ fn a_worker_that_sends_lb_a_handle_is_answered_and_keeps_working() {
             >= 2.0
     );
 }
+
+#[test]
+fn active_connections_of_a_worker_that_reports_nothing_come_from_nodes_socket_count() {
+    // server.js with REPORT=none sends no stats: lb asks Node's own per-key socket count.
+    let lb = start_node(&["-w", "1"], &example("server.js"), &[("REPORT", "none")]);
+    lb.wait_all_ready(1);
+    let mut conns: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = connect(lb.addr, None);
+            whoami(&mut c, false);
+            c
+        })
+        .collect();
+    let series = "lb_worker_active_connections{worker=\"0\"}";
+    wait_for("3 active connections", Duration::from_secs(10), || {
+        (lb.metric(series)? == 3.0).then_some(())
+    });
+    conns.truncate(1);
+    wait_for(
+        "1 active connection after 2 closed",
+        Duration::from_secs(10),
+        || (lb.metric(series)? == 1.0).then_some(()),
+    );
+    assert_eq!(lb.workers()["workers"][0]["active_connections"], 1);
+}

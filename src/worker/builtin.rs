@@ -220,7 +220,12 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
+        // Small buffers: an idle WebSocket should cost kilobytes, not the 256 KiB of the
+        // defaults (they grow as large messages need).
         let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_write_buffer_size(WS_MAX_MESSAGE * 2)
             .max_message_size(Some(WS_MAX_MESSAGE))
             .max_frame_size(Some(WS_MAX_MESSAGE));
         let ws =
