@@ -368,19 +368,13 @@ impl Dispatcher {
                 continue;
             }
             if self.owed_nacks > 0 {
-                let n = self.write(fd, HANDLE_NACK)?;
+                self.write_line(fd, HANDLE_NACK)?;
                 self.owed_nacks -= 1;
-                if n < HANDLE_NACK.len() {
-                    self.partial = Some((HANDLE_NACK, n));
-                }
                 continue;
             }
             if self.owed_queries > 0 {
-                let n = self.write(fd, SOCKET_COUNT_QUERY)?;
+                self.write_line(fd, SOCKET_COUNT_QUERY)?;
                 self.owed_queries -= 1;
-                if n < SOCKET_COUNT_QUERY.len() {
-                    self.partial = Some((SOCKET_COUNT_QUERY, n));
-                }
                 continue;
             }
             if self.hold || self.in_flight.len() >= self.window {
@@ -425,6 +419,15 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Writes one control line; a partial write leaves its tail to be sent before anything else.
+    fn write_line(&mut self, fd: BorrowedFd<'_>, line: &'static [u8]) -> io::Result<()> {
+        let n = self.write(fd, line)?;
+        if n < line.len() {
+            self.partial = Some((line, n));
+        }
+        Ok(())
     }
 
     /// Writes bytes without an fd; a hard error marks the channel failed (reported as 0 bytes).

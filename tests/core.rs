@@ -317,3 +317,19 @@ fn a_rust_worker_on_the_lb_worker_library_serves_connections() {
         },
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let lb = Lb::start(&["-w", "1", "--log-format", "json"]);
+    lb.wait_all_ready(1);
+    let log = lb.log_text();
+    let first = log.lines().find(|l| l.contains("listening on")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(first).expect("a JSON log line");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("listening on 127.0.0.1:")
+    );
+    assert_eq!(v["level"], "INFO");
+}

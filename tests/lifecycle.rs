@@ -335,3 +335,44 @@ fn a_worker_over_the_memory_limit_is_replaced_gracefully() {
     );
     assert!(lb.metric("lb_worker_memory_bytes{worker=\"0\"}").unwrap() > 0.0);
 }
+
+#[test]
+fn a_rolling_restart_whose_new_worker_never_gets_ready_keeps_the_old_one() {
+    // The first worker of each slot says ready; its replacements never do.
+    let marker = std::env::temp_dir().join(format!("lb-roll-marker-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let script = format!(
+        "const fs = require('fs'); const m = {:?};
+         if (!fs.existsSync(m)) {{ fs.writeFileSync(m, ''); process.send({{type: 'ready'}}); }}
+         const http = require('http');
+         const s = http.createServer((q, r) => r.end(`worker ${{process.env.LB_WORKER_ID}} pid ${{process.pid}}\\n`));
+         process.on('message', (msg, c) => {{ if (msg === 'sticky-session:connection') {{ s.emit('connection', c); c.resume(); }} }});",
+        marker.to_str().unwrap()
+    );
+    let lb = Lb::start(&[
+        "-w",
+        "1",
+        "--wait-ready",
+        "--ready-timeout",
+        "1s",
+        "--",
+        "node",
+        "-e",
+        &script,
+    ]);
+    let before = lb.wait_all_ready(1)[0];
+    lb.signal(Signal::SIGUSR2);
+    wait_for("the roll to give up", Duration::from_secs(15), || {
+        lb.log_text()
+            .contains("rolling restart stopped")
+            .then_some(())
+    });
+    // The old worker still serves and the slot never went down.
+    assert_eq!(served_by(lb.addr, None), (0, before));
+    assert_eq!(
+        lb.metric("lb_worker_restarts_total{worker=\"0\"}"),
+        Some(0.0)
+    );
+    assert_eq!(lb.workers()["workers"][0]["pid"], before);
+    let _ = std::fs::remove_file(&marker);
+}
