@@ -58,7 +58,13 @@ fn whoami(stream: &mut std::net::TcpStream, close: bool) -> serde_json::Value {
 
 #[test]
 fn http_keep_alive_and_real_client_address_through_node_workers() {
-    let lb = start_node(&["-w", "2"], &example("server.js"), &[]);
+    // NODE_UNIQUE_ID in lb's own environment must not reach the workers (it would turn them
+    // into cluster workers waiting for a cluster primary).
+    let lb = start_node(
+        &["-w", "2"],
+        &example("server.js"),
+        &[("NODE_UNIQUE_ID", "7")],
+    );
     lb.wait_all_ready(2);
     for i in 0..6 {
         let ip = client_ip(100 + i);
