@@ -325,7 +325,12 @@ def main():
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--ws-conns", type=int, default=10000)
     ap.add_argument("--only", help="comma-separated configuration names")
+    ap.add_argument("--replot", action="store_true", help="only redraw the table and charts from results.json")
     a = ap.parse_args()
+    if a.replot:
+        saved = json.loads((OUT / "results.json").read_text())
+        write_outputs(saved["results"], saved["websockets"], saved["meta"])
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:  # root may raise the hard limit: 10 000 WebSockets through a proxy need ~40 000 fds
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 100000), max(hard, 100000)))
@@ -364,8 +369,13 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "seconds": a.seconds,
             "cpus": os.cpu_count(), "kernel": os.uname().release}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "results": summary, "websockets": ws}, indent=2))
+    write_outputs(summary, ws, meta)
+
+
+def write_outputs(summary, ws, meta):
     (OUT / "results.md").write_text(markdown(summary, ws, meta))
     (OUT / "chart.svg").write_text(chart(summary))
+    (OUT / "cpu.svg").write_text(cpu_chart(summary))
     print((OUT / "results.md").read_text())
 
 
@@ -435,6 +445,28 @@ def chart(summary):
         out.append(f'<rect x="{left}" y="{y + bar}" width="{k * scale:.1f}" height="{bar}" fill="#e8892e"/>')
         out.append(f'<text x="{left + k * scale + 4:.1f}" y="{y + 2 * bar - 2}">{k:.0f}%</text>')
     out.append(f'<line x1="{x100:.1f}" y1="45" x2="{x100:.1f}" y2="{h - 5}" stroke="#555" stroke-dasharray="4 3"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def cpu_chart(summary):
+    """Stacked bars: server CPU µs per churn connection, split into balancer and workers."""
+    rows = [(n, s["churn"]["balancer_cpu_us"], s["churn"]["server_cpu_us"]) for n, s in summary.items()]
+    top = max(r[2] for r in rows)
+    w, left, bar, gap = 820, 210, 14, 8
+    h = 60 + len(rows) * (bar + gap)
+    scale = (w - left - 70) / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           '<text x="10" y="20" font-size="14" font-weight="bold">CPU per connection under churn, µs (lower is better)</text>',
+           f'<rect x="{left}" y="30" width="10" height="10" fill="#c0392b"/><text x="{left + 14}" y="39">balancer</text>',
+           f'<rect x="{left + 100}" y="30" width="10" height="10" fill="#95a5a6"/><text x="{left + 114}" y="39">workers</text>']
+    for i, (name, b, total) in enumerate(rows):
+        y = 50 + i * (bar + gap)
+        out.append(f'<text x="{left - 6}" y="{y + bar - 3}" text-anchor="end">{name}</text>')
+        out.append(f'<rect x="{left}" y="{y}" width="{b * scale:.1f}" height="{bar}" fill="#c0392b"/>')
+        out.append(f'<rect x="{left + b * scale:.1f}" y="{y}" width="{(total - b) * scale:.1f}" height="{bar}" fill="#95a5a6"/>')
+        out.append(f'<text x="{left + total * scale + 4:.1f}" y="{y + bar - 3}">{total:.0f} ({b:.0f})</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -352,7 +352,8 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("metrics endpoint accept failed: {e}");
+                // Out of fds (counted by the main listener too): back off, do not spin or spam.
+                tracing::debug!("metrics endpoint accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
