@@ -17,12 +17,12 @@ fn main() -> ExitCode {
         Some(Sub::BuiltinWorker { listen }) => {
             init_logging(LogFormat::Text);
             let run = match listen {
-                Some(addr) => lb::worker::builtin::main_standalone(addr),
+                Some(addr) => lb::worker::builtin::main_standalone(addr).map_err(Into::into),
                 None => lb::worker::builtin::main(),
             };
             match run {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(&format!("built-in worker: {e:#}")),
+                Err(e) => fail(&format!("built-in worker: {e}")),
             }
         }
         Some(Sub::Route {
@@ -136,6 +136,6 @@ fn serve(settings: Settings) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
+        Err(e) => fail(&e.to_string()),
     }
 }

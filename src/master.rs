@@ -183,7 +183,7 @@ impl Master {
     }
 
     /// Runs until a graceful shutdown completes.
-    pub async fn run(mut self, listener: Listener) -> anyhow::Result<()> {
+    pub async fn run(mut self, listener: Listener) -> std::io::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;

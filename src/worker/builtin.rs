@@ -29,6 +29,17 @@ use super::{Counters, Worker};
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Why the built-in worker could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BuiltinError {
+    /// The lb channel is missing or unusable.
+    #[error(transparent)]
+    Worker(#[from] super::WorkerError),
+    /// The runtime or a signal handler could not be set up.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// While draining, how long a connection that has not sent its first request yet is kept open.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
@@ -36,14 +47,14 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 const WS_MAX_MESSAGE: usize = 16 << 20;
 
 /// Runs the built-in worker until lb closes the channel or SIGTERM drains it.
-pub fn main() -> anyhow::Result<()> {
+pub fn main() -> Result<(), BuiltinError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(serve())
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve() -> Result<(), BuiltinError> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut worker = Worker::from_env()?;
     // For `lb --wait-ready`: we can take connections (and drain on SIGTERM) from now on.
@@ -126,7 +137,7 @@ async fn serve_connection(
 
 /// Runs the built-in HTTP server on its own listening socket, without lb (`SO_REUSEPORT`, so
 /// several can share a port). This is the *direct* baseline of the benchmarks.
-pub fn main_standalone(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
