@@ -192,13 +192,22 @@ pub async fn run(
                 let Ok(mut guard) = ready else { break };
                 // Bounded batch per wakeup; readiness stays set if there is more.
                 for _ in 0..16 {
+                    let fds_before = d.stray.len();
                     let r = guard.try_io(|io| {
                         sys::recv_with_fds(io.get_ref().as_fd(), &mut d.buf, &mut d.stray, &mut d.truncated)
                     });
                     match r {
                         Err(_would_block) => break,
                         Ok(Ok(0)) => { open = false; break; }
-                        Ok(Ok(n)) => d.decoder.extend(&d.buf[..n]),
+                        Ok(Ok(n)) => {
+                            d.decoder.extend(&d.buf[..n]);
+                            // A short read drained the socket (as tokio does for its own streams),
+                            // unless it stopped early at a message carrying fds: skip the EAGAIN.
+                            if n < d.buf.len() && d.stray.len() == fds_before && !d.truncated {
+                                guard.clear_ready();
+                                break;
+                            }
+                        }
                         Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                         Ok(Err(e)) => {
                             tracing::debug!(slot, generation, "worker channel read error: {e}");
