@@ -275,3 +275,80 @@ fn out_of_file_descriptors_backs_off_instead_of_spinning_and_recovers() {
     });
     assert!(lb.log_text().contains("accept failed"), "{}", lb.log_text());
 }
+
+#[test]
+fn the_wait_queue_is_bounded_and_overflow_is_closed_and_counted() {
+    // A worker that never gets ready: every connection has to wait.
+    let lb = Lb::start(&[
+        "-w",
+        "1",
+        "--wait-ready",
+        "--max-queue",
+        "2",
+        "--queue-timeout",
+        "20s",
+        "--",
+        "sleep",
+        "600",
+    ]);
+    let waiting: Vec<_> = (0..2).map(|i| start_request(&lb, client_ip(i))).collect();
+    wait_for("two queued connections", Duration::from_secs(10), || {
+        (lb.metric("lb_queued_connections")? == 2.0).then_some(())
+    });
+    // The third is closed at once, not queued and not left hanging.
+    let mut third = start_request(&lb, client_ip(2));
+    let t = Instant::now();
+    let mut buf = [0u8; 8];
+    assert_eq!(third.read(&mut buf).unwrap_or(0), 0);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        lb.metric("lb_handoff_failures_total{reason=\"queue_full\"}"),
+        Some(1.0)
+    );
+    assert_eq!(lb.metric("lb_queued_connections"), Some(2.0));
+    drop(waiting);
+}
+
+#[test]
+fn a_worker_at_its_pending_limit_is_skipped() {
+    // Stopped worker, long stall timeout: only --max-pending bounds what is sent its way.
+    let lb = Lb::start(&[
+        "-w",
+        "2",
+        "-p",
+        "round-robin",
+        "--max-pending",
+        "3",
+        "--stall-timeout",
+        "60s",
+    ]);
+    let pids = lb.wait_all_ready(2);
+    kill(pids[0], Signal::SIGSTOP);
+    // Round-robin alternates until slot 0 holds 3 unanswered handoffs; after that every
+    // connection goes to slot 1 and is served.
+    let mut held = Vec::new();
+    let mut served_by_1 = 0;
+    for i in 0..12 {
+        let mut c = start_request(&lb, client_ip(i));
+        c.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut out = Vec::new();
+        match c.read_to_end(&mut out) {
+            Ok(_) if out.starts_with(b"HTTP/1.1 200") => served_by_1 += 1,
+            _ => held.push(c), // with the stopped worker
+        }
+    }
+    assert_eq!(
+        held.len(),
+        3,
+        "exactly --max-pending connections wait for the stopped worker"
+    );
+    assert_eq!(served_by_1, 9);
+    kill(pids[0], Signal::SIGCONT);
+    for mut c in held {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (status, body) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert_eq!(slot_and_pid(std::str::from_utf8(&body).unwrap()).1, pids[0]);
+    }
+}
