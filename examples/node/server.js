@@ -28,9 +28,35 @@ const server = http.createServer((req, res) => {
   res.writeHead(200, { 'content-type': 'text/plain' });
   res.end(`worker ${slot} pid ${process.pid}\n`);
 });
+// Graceful drain: lb sends SIGTERM on shutdown and rolling restart, and no new connections after
+// it. Finish what is open — including a connection handed over just before the signal whose
+// request has not been read yet — then exit.
+const sockets = new Set();
+let draining = false;
 server.on('connection', (c) => {
   activeConnections++;
-  c.on('close', () => activeConnections--);
+  sockets.add(c);
+  c.on('close', () => {
+    activeConnections--;
+    sockets.delete(c);
+    if (draining && sockets.size === 0) process.exit(0);
+  });
+});
+server.on('request', (req, res) => {
+  req.socket.busy = true;
+  res.on('finish', () => {
+    req.socket.busy = false;
+    req.socket.served = true;
+    if (draining) req.socket.end();
+  });
+});
+process.on('SIGTERM', () => {
+  draining = true;
+  for (const s of sockets) {
+    if (s.served && !s.busy) s.end(); // idle keep-alive connection
+    else if (!s.busy) setTimeout(() => s.end(), 2000).unref(); // request not read yet
+  }
+  if (sockets.size === 0) process.exit(0);
 });
 
 const wss = new WebSocketServer({ server, path: '/ws', maxPayload: 16 * 1024 * 1024 });
