@@ -5,8 +5,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -66,40 +64,8 @@ fn a_killed_worker_is_replaced_in_its_slot_and_only_its_clients_move_and_return(
 fn rolling_restart_under_connection_churn_loses_nothing_and_keeps_the_mapping() {
     let lb = Lb::start(&["-w", "3", "--wait-ready"]);
     let before = lb.wait_all_ready(3);
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let requests = Arc::new(AtomicUsize::new(0));
-    let seen: Arc<Mutex<HashMap<IpAddr, std::collections::HashSet<usize>>>> = Arc::default();
-    let addr = lb.addr;
-    let clients: Vec<_> = (0..4)
-        .map(|t| {
-            let (stop, failures, requests, seen) = (
-                stop.clone(),
-                failures.clone(),
-                requests.clone(),
-                seen.clone(),
-            );
-            std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && i < 20_000 {
-                    let ip = client_ip(t * 1000 + i % 25);
-                    i += 1;
-                    let r = std::panic::catch_unwind(|| served_by(addr, Some(ip)));
-                    match r {
-                        Ok((slot, _)) => {
-                            seen.lock().unwrap().entry(ip).or_default().insert(slot);
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!("{ip}: {e:?}")),
-                    }
-                    requests.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    wait_for("traffic before the roll", Duration::from_secs(10), || {
-        (requests.load(Ordering::Relaxed) > 200).then_some(())
-    });
+    let churn = Churn::start(lb.addr, 4, 0, 25);
+    churn.wait_more("traffic before the roll", 200);
     lb.signal(Signal::SIGUSR2);
     let after = wait_for(
         "every worker to be replaced",
@@ -120,23 +86,11 @@ fn rolling_restart_under_connection_churn_loses_nothing_and_keeps_the_mapping() 
             .then_some(pids)
         },
     );
-    let at_roll_end = requests.load(Ordering::Relaxed);
-    wait_for("traffic after the roll", Duration::from_secs(10), || {
-        (requests.load(Ordering::Relaxed) > at_roll_end + 200).then_some(())
-    });
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    churn.wait_more("traffic after the roll", 200);
+    let result = churn.stop();
+    result.assert_no_failures();
     // Every client stayed on one slot throughout, and the slot is the one `lb route` names.
-    for (ip, slots) in seen.lock().unwrap().iter() {
+    for (ip, slots) in &result.seen {
         assert_eq!(slots.len(), 1, "client {ip} was served by slots {slots:?}");
         assert_eq!(lb_route(*ip, 3, &[]), *slots.iter().next().unwrap());
     }

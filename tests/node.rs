@@ -294,37 +294,10 @@ fn active_connections_of_a_worker_that_reports_nothing_come_from_nodes_socket_co
 
 #[test]
 fn rolling_restart_of_node_workers_under_churn_loses_nothing() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
     let lb = start_node(&["-w", "2"], &example("server.js"), &[]);
     let before = lb.wait_all_ready(2);
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let addr = lb.addr;
-    let clients: Vec<_> = (0..3)
-        .map(|t| {
-            let (stop, done, failures) = (stop.clone(), done.clone(), failures.clone());
-            std::thread::spawn(move || {
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed)
-                    && std::time::Instant::now() < deadline
-                    && i < 20_000
-                {
-                    let ip = client_ip(500 + t * 100 + i % 20);
-                    i += 1;
-                    if let Err(e) = std::panic::catch_unwind(|| served_by(addr, Some(ip))) {
-                        failures.lock().unwrap().push(format!("{ip}: {e:?}"));
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    wait_for("traffic before the roll", Duration::from_secs(10), || {
-        (done.load(Ordering::Relaxed) > 100).then_some(())
-    });
+    let churn = Churn::start(lb.addr, 3, 500, 20);
+    churn.wait_more("traffic before the roll", 100);
     lb.signal(Signal::SIGUSR2);
     wait_for(
         "both Node workers replaced",
@@ -342,21 +315,8 @@ fn rolling_restart_of_node_workers_under_churn_loses_nothing() {
                 .then_some(())
         },
     );
-    let at_end = done.load(Ordering::Relaxed);
-    wait_for("traffic after the roll", Duration::from_secs(10), || {
-        (done.load(Ordering::Relaxed) > at_end + 100).then_some(())
-    });
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests, e.g. {:?}",
-        failures.len(),
-        &failures[..failures.len().min(3)]
-    );
+    churn.wait_more("traffic after the roll", 100);
+    churn.stop().assert_no_failures();
     for p in before {
         wait_for("old Node workers to exit", Duration::from_secs(10), || {
             (!alive(p)).then_some(())

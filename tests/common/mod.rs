@@ -360,3 +360,103 @@ pub fn alive(pid: u32) -> bool {
 pub fn kill(pid: u32, sig: Signal) {
     let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
 }
+
+/// Background connection churn: `threads` clients, each cycling over `ips_per_thread` source
+/// addresses, one `GET /` per new connection, until stopped (bounded by 20 000 requests per
+/// thread and 60 s).
+pub struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failures: std::sync::Arc<Mutex<Vec<String>>>,
+    seen:
+        std::sync::Arc<Mutex<std::collections::HashMap<IpAddr, std::collections::HashSet<usize>>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What a churn run saw.
+pub struct ChurnResult {
+    /// One line per failed request.
+    pub failures: Vec<String>,
+    /// The slots each client address was served by.
+    pub seen: std::collections::HashMap<IpAddr, std::collections::HashSet<usize>>,
+}
+
+impl Churn {
+    pub fn start(
+        addr: SocketAddr,
+        threads: usize,
+        first_ip: usize,
+        ips_per_thread: usize,
+    ) -> Churn {
+        use std::sync::atomic::Ordering;
+        let c = Churn {
+            stop: Default::default(),
+            done: Default::default(),
+            failures: Default::default(),
+            seen: Default::default(),
+            threads: Vec::new(),
+        };
+        let threads = (0..threads)
+            .map(|t| {
+                let (stop, done, failures, seen) = (
+                    c.stop.clone(),
+                    c.done.clone(),
+                    c.failures.clone(),
+                    c.seen.clone(),
+                );
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && i < 20_000 {
+                        let ip = client_ip(first_ip + t * ips_per_thread + i % ips_per_thread);
+                        i += 1;
+                        match std::panic::catch_unwind(|| served_by(addr, Some(ip))) {
+                            Ok((slot, _)) => {
+                                seen.lock().unwrap().entry(ip).or_default().insert(slot);
+                            }
+                            Err(e) => failures.lock().unwrap().push(format!("{ip}: {e:?}")),
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Churn { threads, ..c }
+    }
+
+    /// Requests completed (or failed) so far.
+    pub fn count(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have completed.
+    pub fn wait_more(&self, what: &str, n: usize) {
+        let target = self.count() + n;
+        wait_for(what, Duration::from_secs(20), || {
+            (self.count() >= target).then_some(())
+        });
+    }
+
+    pub fn stop(self) -> ChurnResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        ChurnResult {
+            failures: std::mem::take(&mut self.failures.lock().unwrap()),
+            seen: std::mem::take(&mut self.seen.lock().unwrap()),
+        }
+    }
+}
+
+impl ChurnResult {
+    pub fn assert_no_failures(&self) {
+        let f = &self.failures;
+        assert!(
+            f.is_empty(),
+            "{} failed requests, e.g. {:?}",
+            f.len(),
+            &f[..f.len().min(3)]
+        );
+    }
+}
