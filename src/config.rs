@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::balance::{DEFAULT_HASH_SEED, Policy};
+use crate::restart::CrashLoop;
 
 /// A settings error: always one line, naming the input.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +163,10 @@ pub struct RunArgs {
     /// `wait` (queue for up to --queue-timeout) [default: next]
     #[arg(long, value_name = "MODE")]
     pub sticky_stalled: Option<String>,
+    /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
+    /// failed for the length of the window [default: 10/1m]
+    #[arg(long, value_name = "N/D")]
+    pub crash_loop: Option<String>,
     /// text or json [default: text]
     #[arg(long, value_name = "F")]
     pub log_format: Option<String>,
@@ -220,6 +225,8 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// Sticky behaviour for a stalled worker's clients.
     pub sticky_stalled: StalledSticky,
+    /// Crash-loop guard.
+    pub crash_loop: CrashLoop,
     /// Log format.
     pub log_format: LogFormat,
     /// Worker command; `None` = the built-in worker.
@@ -245,6 +252,7 @@ struct FileConfig {
     max_queue: Option<Spanned<toml::Value>>,
     max_pending: Option<Spanned<toml::Value>>,
     stall_timeout: Option<Spanned<toml::Value>>,
+    crash_loop: Option<Spanned<toml::Value>>,
     sticky_stalled: Option<Spanned<toml::Value>>,
     log_format: Option<Spanned<toml::Value>>,
     command: Option<Spanned<toml::Value>>,
@@ -459,6 +467,10 @@ impl Settings {
             })?,
             None => StalledSticky::Next,
         };
+        let crash_loop = match get!(crash_loop) {
+            Some(s) => s.parse(parse_crash_loop)?,
+            None => CrashLoop::default(),
+        };
         let log_format = match get!(log_format) {
             Some(s) => s.parse(|v| match v {
                 "text" => Ok(LogFormat::Text),
@@ -514,6 +526,7 @@ impl Settings {
             max_pending,
             stall_timeout,
             sticky_stalled,
+            crash_loop,
             log_format,
             command,
         })
@@ -600,6 +613,18 @@ fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// Parses the crash-loop guard `EXITS/WINDOW`, e.g. `10/1m`.
+pub fn parse_crash_loop(s: &str) -> Result<CrashLoop, String> {
+    const HELP: &str = "expected EXITS/WINDOW, e.g. 10/1m";
+    let (n, d) = s.split_once('/').ok_or_else(|| HELP.to_string())?;
+    let exits = parse_count(n, 1, 10_000).map_err(|e| format!("{e} ({HELP})"))?;
+    let window = parse_duration(d)?;
+    if window.is_zero() {
+        return Err(format!("the window must be longer than 0 ({HELP})"));
+    }
+    Ok(CrashLoop { exits, window })
+}
+
 /// Parses a humane duration: `500ms`, `30s`, `2m`, `1h`, `1.5s`, or combinations like `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     const HELP: &str = "expected a duration like 500ms, 30s, 2m or 1h";
@@ -677,6 +702,15 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn crash_loop_guard() {
+        let c = parse_crash_loop("3/10s").unwrap();
+        assert_eq!((c.exits, c.window), (3, Duration::from_secs(10)));
+        assert!(parse_crash_loop("10").is_err());
+        assert!(parse_crash_loop("0/1m").is_err());
+        assert!(parse_crash_loop("5/0s").is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{self, Handoff, Report, Returned, ToWorker};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{Shared, SlotView};
-use crate::restart::{CRASH_LOOP_EXITS, CRASH_WINDOW, Next, RestartPolicy};
+use crate::restart::{Next, RestartPolicy};
 use crate::spawn;
 
 /// Handles in flight per worker before waiting for ACKs.
@@ -158,7 +158,7 @@ impl Master {
                 incoming: None,
                 draining: Vec::new(),
                 next_generation: 0,
-                restart: RestartPolicy::default(),
+                restart: RestartPolicy::new(settings.crash_loop),
                 respawn_at: Some(Instant::now()),
             })
             .collect();
@@ -614,9 +614,12 @@ impl Master {
         let s = &mut self.slots[slot];
         match s.restart.on_exit(now, ran) {
             Next::Failed(cooldown) => {
+                let guard = self.settings.crash_loop;
                 tracing::error!(
                     slot,
-                    "worker crash loop: {CRASH_LOOP_EXITS} exits within {CRASH_WINDOW:?}; slot marked failed, retrying in {cooldown:?}"
+                    "worker crash loop: {} exits within {:?}; slot marked failed, retrying in {cooldown:?}",
+                    guard.exits,
+                    guard.window
                 );
                 s.state = SlotState::Failed;
                 s.respawn_at = Some(now + cooldown);

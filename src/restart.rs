@@ -5,8 +5,8 @@
 //!
 //! - Respawn delay: 100 ms, doubling per consecutive unhealthy exit, capped at 30 s.
 //! - A worker that ran at least a minute before exiting resets the delay.
-//! - [`CRASH_LOOP_EXITS`] exits within [`CRASH_WINDOW`] mark the slot failed: it rests for
-//!   [`FAILED_COOLDOWN`] instead of spinning, then starts over.
+//! - [`CRASH_LOOP_EXITS`] exits within [`CRASH_WINDOW`] (configurable with `--crash-loop`) mark the
+//!   slot failed: it rests for the length of the window instead of spinning, then starts over.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -21,8 +21,10 @@ pub const HEALTHY_RUN: Duration = Duration::from_secs(60);
 pub const CRASH_LOOP_EXITS: usize = 10;
 /// Window for counting exits.
 pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
-/// How long a failed slot rests before it is tried again.
-pub const FAILED_COOLDOWN: Duration = Duration::from_secs(60);
+/// How long a failed slot rests before it is tried again (by default: the crash window).
+pub const FAILED_COOLDOWN: Duration = CRASH_WINDOW;
+/// The shortest cool-down, whatever the configured window.
+pub const FAILED_COOLDOWN_MIN: Duration = Duration::from_secs(1);
 
 /// What to do after an exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +35,29 @@ pub enum Next {
     Failed(Duration),
 }
 
+/// The crash-loop guard: `exits` exits within `window` mark a slot failed for `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashLoop {
+    /// Exits that make a crash loop.
+    pub exits: usize,
+    /// The window they must fall in (also the failed slot's cool-down).
+    pub window: Duration,
+}
+
+impl Default for CrashLoop {
+    fn default() -> Self {
+        Self {
+            exits: CRASH_LOOP_EXITS,
+            window: CRASH_WINDOW,
+        }
+    }
+}
+
 /// Per-slot restart state.
 #[derive(Debug, Clone, Default)]
 pub struct RestartPolicy {
+    /// The crash-loop guard in force.
+    crash_loop: CrashLoop,
     /// Consecutive unhealthy exits (the backoff exponent).
     attempt: u32,
     /// Recent exit times, oldest first (within [`CRASH_WINDOW`]).
@@ -43,23 +65,32 @@ pub struct RestartPolicy {
 }
 
 impl RestartPolicy {
+    /// A policy with the given crash-loop guard.
+    pub fn new(crash_loop: CrashLoop) -> Self {
+        Self {
+            crash_loop,
+            ..Self::default()
+        }
+    }
+
     /// Records an exit at `now` of a worker that ran for `ran`, and decides what comes next.
     pub fn on_exit(&mut self, now: Instant, ran: Duration) -> Next {
         if ran >= HEALTHY_RUN {
             self.attempt = 0;
         }
         self.exits.push_back(now);
+        let CrashLoop { exits, window } = self.crash_loop;
         while self
             .exits
             .front()
-            .is_some_and(|&t| now.duration_since(t) > CRASH_WINDOW)
+            .is_some_and(|&t| now.duration_since(t) > window)
         {
             self.exits.pop_front();
         }
-        if self.exits.len() >= CRASH_LOOP_EXITS {
+        if self.exits.len() >= exits {
             self.exits.clear();
             self.attempt = 0;
-            return Next::Failed(FAILED_COOLDOWN);
+            return Next::Failed(window.max(FAILED_COOLDOWN_MIN));
         }
         let delay = BACKOFF_MIN
             .saturating_mul(1u32 << self.attempt.min(16))
@@ -121,6 +152,22 @@ mod tests {
             }
         }
         assert_eq!(last, BACKOFF_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_guard_trips_sooner() {
+        let mut p = RestartPolicy::new(CrashLoop {
+            exits: 3,
+            window: Duration::from_secs(10),
+        });
+        assert!(matches!(p.on_exit(now(), Duration::ZERO), Next::Respawn(_)));
+        advance(Duration::from_millis(100)).await;
+        assert!(matches!(p.on_exit(now(), Duration::ZERO), Next::Respawn(_)));
+        advance(Duration::from_millis(200)).await;
+        assert_eq!(
+            p.on_exit(now(), Duration::ZERO),
+            Next::Failed(Duration::from_secs(10))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -330,3 +330,37 @@ fn a_rolling_restart_whose_new_worker_never_gets_ready_keeps_the_old_one() {
     assert_eq!(lb.workers()["workers"][0]["pid"], before);
     let _ = std::fs::remove_file(&marker);
 }
+
+#[test]
+fn a_crash_loop_marks_the_slot_failed_and_lb_stays_up() {
+    let lb = Lb::start(&[
+        "-w",
+        "2",
+        "--crash-loop",
+        "3/30s",
+        "--",
+        "sh",
+        "-c",
+        "[ \"$LB_WORKER_ID\" = 1 ] && exit 3; exec sleep 600",
+    ]);
+    wait_for(
+        "slot 1 to be marked failed",
+        Duration::from_secs(10),
+        || (lb.workers()["workers"][1]["state"] == "failed").then_some(()),
+    );
+    assert_eq!(lb.metric("lb_worker_up{worker=\"1\"}"), Some(0.0));
+    assert!(
+        lb.log_text().contains("crash loop: 3 exits within 30s"),
+        "{}",
+        lb.log_text()
+    );
+    // It stays failed (no more respawns during the cool-down) and the other slot is unaffected.
+    let restarts = lb.metric("lb_worker_restarts_total{worker=\"1\"}").unwrap();
+    assert_eq!(restarts, 2.0, "3 exits = the first worker and 2 respawns");
+    assert_eq!(lb.workers()["workers"][0]["state"], "ready");
+    assert_eq!(
+        lb.metric("lb_worker_restarts_total{worker=\"0\"}"),
+        Some(0.0)
+    );
+    assert!(alive(lb.pid()));
+}
