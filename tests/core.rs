@@ -162,6 +162,10 @@ fn dual_stack_listener_serves_ipv4_clients_stickily() {
         // The client arrives as ::ffff:127.x.y.z and hashes like plain IPv4.
         assert_eq!(lb_route(ip, 3, &[]), slot);
     }
+    // A real IPv6 client too.
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, lb.addr.port()));
+    let (slot, _) = served_by(v6, None);
+    assert_eq!(lb_route("::1".parse().unwrap(), 3, &[]), slot);
 }
 
 fn run_lb(args: &[&str]) -> (Option<i32>, String) {
