@@ -419,6 +419,16 @@ def markdown(summary, ws, meta):
     return "\n".join(lines) + "\n"
 
 
+def svg_open(w, h, title, legend):
+    """The start of a chart: canvas, title, and legend entries (x, colour, label)."""
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="10" y="20" font-size="14" font-weight="bold">{title}</text>']
+    for x, colour, label in legend:
+        out.append(f'<rect x="{x}" y="30" width="10" height="10" fill="{colour}"/><text x="{x + 14}" y="39">{label}</text>')
+    return out
+
+
 def chart(summary):
     """Horizontal bars: churn and keep-alive throughput as % of the matching direct baseline."""
     rows = []
@@ -431,11 +441,8 @@ def chart(summary):
     w, left, bar, gap = 820, 210, 11, 10
     h = 60 + len(rows) * (2 * bar + gap)
     scale = (w - left - 60) / top
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           '<text x="10" y="20" font-size="14" font-weight="bold">Throughput as % of direct (same worker kind, same run)</text>',
-           f'<rect x="{left}" y="30" width="10" height="10" fill="#3b7dd8"/><text x="{left + 14}" y="39">churn (new connection per request)</text>',
-           f'<rect x="{left + 240}" y="30" width="10" height="10" fill="#e8892e"/><text x="{left + 254}" y="39">keep-alive</text>']
+    out = svg_open(w, h, "Throughput as % of direct (same worker kind, same run)",
+                   [(left, "#3b7dd8", "churn (new connection per request)"), (left + 240, "#e8892e", "keep-alive")])
     x100 = left + 100 * scale
     for i, (name, c, k) in enumerate(rows):
         y = 52 + i * (2 * bar + gap)
@@ -456,11 +463,8 @@ def cpu_chart(summary):
     w, left, bar, gap = 820, 210, 14, 8
     h = 60 + len(rows) * (bar + gap)
     scale = (w - left - 70) / top
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           '<text x="10" y="20" font-size="14" font-weight="bold">CPU per connection under churn, µs (lower is better)</text>',
-           f'<rect x="{left}" y="30" width="10" height="10" fill="#c0392b"/><text x="{left + 14}" y="39">balancer</text>',
-           f'<rect x="{left + 100}" y="30" width="10" height="10" fill="#95a5a6"/><text x="{left + 114}" y="39">workers</text>']
+    out = svg_open(w, h, "CPU per connection under churn, µs (lower is better)",
+                   [(left, "#c0392b", "balancer"), (left + 100, "#95a5a6", "workers")])
     for i, (name, b, total) in enumerate(rows):
         y = 50 + i * (bar + gap)
         out.append(f'<text x="{left - 6}" y="{y + bar - 3}" text-anchor="end">{name}</text>')
