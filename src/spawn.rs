@@ -48,10 +48,10 @@ pub fn spawn_worker(argv: &[String], slot: usize, env: &[(&str, String)]) -> io:
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
-    // SAFETY: the closure runs in the child between fork and exec. It only makes
-    // async-signal-safe syscalls (prctl, getppid, dup2, fcntl) on integers captured by value: no
-    // allocation, no locks, no logging. `child_fd` stays open in the parent until after spawn
-    // returns, because `child_end` is dropped only below.
+    // The closure runs in the child between fork and exec; `child_fd` stays open in the parent
+    // until after spawn returns, because `child_end` is dropped only below.
+    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, dup2, fcntl) on
+    // integers captured by value: no allocation, no locks, no logging.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(

@@ -28,9 +28,9 @@ const SCM_MAX_FD: usize = 253;
 
 /// Registers an fd with the tokio reactor for the given interest.
 pub fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
-    // SAFETY: `inner` owns its fd (all callers pass an owning type: `socket2::Socket`,
-    // `UnixStream`), so the fd stays open and refers to the same description until the AsyncFd
-    // is dropped or `into_inner` is called, and `as_raw_fd` always returns that same fd.
+    // Callers pass owning types (`socket2::Socket`, `UnixStream`).
+    // SAFETY: `inner` owns its fd, so it stays open and the same file, and `as_raw_fd` returns
+    // it, until the AsyncFd is dropped or `into_inner` is called.
     unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
 }
 
@@ -78,8 +78,7 @@ unsafe fn sockaddr_to_std(
     let len = len as usize;
     match storage.ss_family as libc::c_int {
         libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
-            // SAFETY: family is AF_INET and the length covers a sockaddr_in; sockaddr_storage is
-            // aligned for every sockaddr type.
+            // SAFETY: AF_INET and `len` covers a sockaddr_in; sockaddr_storage aligns any sockaddr.
             let sin =
                 unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
