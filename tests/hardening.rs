@@ -330,8 +330,7 @@ fn a_worker_at_its_pending_limit_is_skipped() {
     let mut served_by_1 = 0;
     for i in 0..12 {
         let mut c = start_request(&lb, client_ip(i));
-        c.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut out = Vec::new();
         match c.read_to_end(&mut out) {
             Ok(_) if out.starts_with(b"HTTP/1.1 200") => served_by_1 += 1,
