@@ -87,8 +87,8 @@ pub enum Sub {
         /// The client IP address.
         ip: String,
         /// Number of worker slots.
-        #[arg(short, long, default_value = "0", hide_default_value = true)]
-        workers: String,
+        #[arg(short, long)]
+        workers: Option<String>,
         /// Seed of the sticky hash.
         #[arg(long)]
         hash_seed: Option<String>,
@@ -460,10 +460,11 @@ impl Settings {
         };
         let stall_timeout = dur(get!(stall_timeout), Duration::from_secs(2))?;
         let sticky_stalled = match get!(sticky_stalled) {
-            Some(s) => s.parse(|v| match v {
-                "next" => Ok(StalledSticky::Next),
-                "wait" => Ok(StalledSticky::Wait),
-                _ => Err("expected next or wait".into()),
+            Some(s) => s.parse(|v| {
+                choice(
+                    v,
+                    &[("next", StalledSticky::Next), ("wait", StalledSticky::Wait)],
+                )
             })?,
             None => StalledSticky::Next,
         };
@@ -472,11 +473,9 @@ impl Settings {
             None => CrashLoop::default(),
         };
         let log_format = match get!(log_format) {
-            Some(s) => s.parse(|v| match v {
-                "text" => Ok(LogFormat::Text),
-                "json" => Ok(LogFormat::Json),
-                _ => Err("expected text or json".into()),
-            })?,
+            Some(s) => {
+                s.parse(|v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]))?
+            }
             None => LogFormat::Text,
         };
         let command = if !command.is_empty() {
@@ -535,12 +534,12 @@ impl Settings {
 
 /// Resolves `lb route`'s worker count and seed (flags over file over defaults).
 pub fn route_settings(
-    workers: &str,
+    workers: Option<&String>,
     hash_seed: Option<&String>,
     config: Option<&Path>,
 ) -> Result<(usize, u64), ConfigError> {
     let run = RunArgs {
-        workers: (workers != "0").then(|| workers.to_owned()),
+        workers: workers.cloned(),
         hash_seed: hash_seed.cloned(),
         config: config.map(Path::to_owned),
         ..RunArgs::default()
@@ -586,6 +585,18 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     Err("expected IP:PORT, e.g. 127.0.0.1:8000 or [::]:8000".into())
+}
+
+/// One of a fixed set of names (`expected a or b` otherwise).
+fn choice<T: Copy>(v: &str, options: &[(&str, T)]) -> Result<T, String> {
+    options
+        .iter()
+        .find(|(name, _)| *name == v)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            format!("expected {}", names.join(" or "))
+        })
 }
 
 fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
             workers,
             hash_seed,
             config,
-        }) => route(&ip, &workers, hash_seed.as_ref(), config.as_deref()),
+        }) => route(&ip, workers.as_ref(), hash_seed.as_ref(), config.as_deref()),
         None => match Settings::from_cli(&cli.run, &cli.command) {
             Ok(settings) => serve(settings),
             Err(e) => fail(&e.to_string()),
@@ -46,7 +46,7 @@ fn fail(msg: &str) -> ExitCode {
 
 fn route(
     ip: &str,
-    workers: &str,
+    workers: Option<&String>,
     seed: Option<&String>,
     config: Option<&std::path::Path>,
 ) -> ExitCode {

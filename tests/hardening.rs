@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn fixture(name: &str) -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name
-}
-
 /// Client IPs whose sticky home (with `n` workers) is `slot`.
 fn ips_of(slot: usize, n: usize, count: usize) -> Vec<IpAddr> {
     (0..1000)

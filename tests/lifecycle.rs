@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn fixture(name: &str) -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name
-}
-
 fn slot_pid(lb: &Lb, slot: usize) -> Option<u32> {
     let w = lb.workers();
     let row = &w["workers"][slot];

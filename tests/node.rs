@@ -32,14 +32,6 @@ fn example(name: &str) -> String {
         .into_owned()
 }
 
-fn fixture(name: &str) -> String {
-    root()
-        .join("tests/fixtures")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn start_node(args: &[&str], script: &str, env: &[(&str, &str)]) -> Lb {
     let nm = node_modules();
     let mut all: Vec<&str> = args.to_vec();

@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 pub use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
+/// Path of a test fixture (`tests/fixtures/NAME`).
+pub fn fixture(name: &str) -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/").to_string() + name
+}
+
 /// Path of the lb binary under test.
 pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 
