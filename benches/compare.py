@@ -128,9 +128,12 @@ def wait_port(port, timeout=20):
 class Config:
     """One balancer setup: how to find its balancer and worker processes."""
 
-    def __init__(self, name, kind, port, balancer, workers, group):
+    def __init__(self, name, kind, port, balancer, workers, group, backends=2):
         self.name, self.kind, self.port = name, kind, port
         self.balancer_pids, self.worker_pids, self.group = balancer, workers, group
+        # How many workers the responses should spread over (None: responses do not say which
+        # worker answered, e.g. nginx answering itself).
+        self.backends = backends
 
 
 def lb_config(name, policy, cmd=None):
@@ -160,7 +163,7 @@ def configs(selected):
         port = free_port()
         p = builtin_direct(port)
         wait_port(port)
-        made.append(Config("direct", "builtin", port, lambda: [], lambda p=p: [p.pid], "builtin"))
+        made.append(Config("direct", "builtin", port, lambda: [], lambda p=p: [p.pid], "builtin", 1))
     if want("reuseport-2"):
         port = free_port()
         ps = [builtin_direct(port), builtin_direct(port)]
@@ -180,7 +183,7 @@ def configs(selected):
         port = free_port()
         p = node_direct(port)
         wait_port(port)
-        made.append(Config("node-direct", "node", port, lambda: [], lambda p=p: [p.pid], "node"))
+        made.append(Config("node-direct", "node", port, lambda: [], lambda p=p: [p.pid], "node", 1))
     for policy in ["none", "rr"]:
         if want(f"node-cluster-{policy}"):
             port = free_port()
@@ -244,7 +247,7 @@ http {{
     wait_port(port)
     return Config(name, backend or "nginx", port, lambda p=p: [p.pid] + descendants(p.pid),
                   lambda ps=ps: [x.pid for x in ps] + sum((descendants(x.pid) for x in ps), []),
-                  backend or "builtin")
+                  backend or "builtin", 2 if backend else None)
 
 
 def haproxy_config(name, backend):
@@ -290,11 +293,13 @@ def measure(c, mode, seconds):
     b1, w1 = cpu(bal), cpu(wk)
     n = max(r["requests"], 1)
     counts = [v for k, v in r["bodies"].items()]
-    share = max(counts) / (sum(counts) / len(counts)) if len(counts) > 1 else None
+    # max/mean over the workers there are, not over those that answered: 2.00 with 2 workers
+    # means one of them got everything.
+    share = max(counts) / (sum(counts) / c.backends) if c.backends and counts else None
     return {
         "rps": r["rps"], "p50_us": r["p50_us"], "p99_us": r["p99_us"], "errors": r["errors"],
         "balancer_cpu_us": (b1 - b0) * 1e6 / n, "server_cpu_us": (b1 - b0 + w1 - w0) * 1e6 / n,
-        "balancer_rss": rss(bal), "workers": len(counts), "share": share,
+        "balancer_rss": rss(bal), "workers": len(counts), "share": share, "answered_by": len(counts),
     }
 
 
@@ -346,8 +351,10 @@ def main():
                 for c in cs:
                     m = measure(c, mode, a.seconds)
                     runs[c.name][mode].append(m)
+                    share = "—" if m["share"] is None else f"{m['share']:.2f}"
                     print(f"round {rnd + 1} {mode:9} {c.name:24} {m['rps']:9.0f}/s  balancer {m['balancer_cpu_us']:6.1f} µs  "
-                          f"server {m['server_cpu_us']:6.1f} µs  p99 {m['p99_us']} µs  errors {m['errors']}", file=sys.stderr)
+                          f"server {m['server_cpu_us']:6.1f} µs  p99 {m['p99_us']} µs  share {share}  errors {m['errors']}"
+                          + ("  <-- CLIENT ERRORS" if m["errors"] else ""), file=sys.stderr)
         ws = {}
         for c in cs:
             # (HAProxy is left out: one process needs 2 fds per connection, over this machine's
@@ -364,12 +371,18 @@ def main():
             rs = runs[c.name][mode]
             s[mode] = {k: med([r[k] for r in rs]) for k in rs[0] if k != "workers"}
             s[mode]["rounds"] = [r["rps"] for r in rs]
+            s[mode + "_all"] = rs
         summary[c.name] = s
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "seconds": a.seconds,
             "cpus": os.cpu_count(), "kernel": os.uname().release}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "results": summary, "websockets": ws}, indent=2))
     write_outputs(summary, ws, meta)
+    bad = [n for n, s in summary.items() for m in ("churn_all", "keepalive_all") if any(r["errors"] for r in s[m])]
+    bad += [n for n, w in ws.items() if w["errors"]]
+    if bad:
+        print(f"client errors in: {', '.join(sorted(set(bad)))}", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_outputs(summary, ws, meta):
@@ -391,22 +404,31 @@ def fmt(x, unit=""):
 
 def markdown(summary, ws, meta):
     lines = [f"Measured {meta['date']} on {meta['cpus']} CPUs (Linux {meta['kernel']}), {meta['rounds']} interleaved "
-             f"rounds of {meta['seconds']:g} s per workload, medians. 50 concurrent clients from 64 source addresses; "
-             "every configuration fronts 2 workers. CPU columns are per connection (churn) or per request (keep-alive).",
+             f"rounds of {meta['seconds']:g} s per workload, medians. 50 concurrent clients from 64 source addresses "
+             "(8 /16s, 64 /24s); every configuration fronts 2 workers; worker share is max/mean over those 2 "
+             "(2.00: one worker got everything). CPU columns are per connection (churn) or per request (keep-alive).",
              "",
              "| configuration | churn conn/s | × direct | balancer CPU µs/conn | server CPU µs/conn | churn p50 / p99 µs "
-             "| keep-alive req/s | × direct | balancer CPU µs/req | keep-alive p99 µs | worker share (max/mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| keep-alive req/s | × direct | balancer CPU µs/req | keep-alive p99 µs | worker share churn / keep-alive (max/mean) "
+             "| client errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    with_errors = []
     for name, s in summary.items():
         ch, ka = s["churn"], s["keepalive"]
         base = baseline(summary, s["kind"])
-        share = "—" if ch["share"] is None else f"{ch['share']:.2f}"
+        shares = " / ".join("—" if m["share"] is None else f"{m['share']:.2f}" for m in (ch, ka))
+        errors = sum(sum(r["errors"] for r in s[mode + "_all"]) for mode in ("churn", "keepalive")) \
+            if "churn_all" in s else (ch["errors"] or 0) + (ka["errors"] or 0)
+        if errors:
+            with_errors.append(name)
         rc = ch["rps"] / base["churn"]["rps"] if base else None
         rk = ka["rps"] / base["keepalive"]["rps"] if base else None
         lines.append(f"| {name} | {fmt(ch['rps'])} | {fmt(rc and rc * 100, '%')} | {fmt(ch['balancer_cpu_us'])} | "
                      f"{fmt(ch['server_cpu_us'])} | {fmt(ch['p50_us'])} / {fmt(ch['p99_us'])} | {fmt(ka['rps'])} | "
                      f"{fmt(rk and rk * 100, '%')} | {fmt(ka['balancer_cpu_us'])} | {fmt(ka['p99_us'])} | "
-                     f"{share} |")
+                     f"{shares} | {'**' + str(errors) + '**' if errors else 0} |")
+    if with_errors:
+        lines += ["", f"**Rows with client errors (their figures are not comparable): {', '.join(with_errors)}.**"]
     if ws:
         lines += ["", "Idle WebSocket connections:", "",
                   "| configuration | connections | time to open | balancer RSS before → after | workers RSS before → after |",

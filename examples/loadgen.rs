@@ -7,8 +7,8 @@
 //!          ws         open --conns idle WebSocket connections, report the time, hold until stdin closes
 //! ```
 //!
-//! Client sockets are bound to `--sources` distinct loopback addresses (127.2.x.y) so sticky
-//! balancers see many clients. Prints one JSON object: requests, errors, seconds, rps, p50/p99
+//! Client sockets are bound to `--sources` distinct loopback addresses spread over many /16s and
+//! /24s (127.2-9.x.y) so sticky balancers see many clients. Prints one JSON object: requests, errors, seconds, rps, p50/p99
 //! latency in µs, and how many responses each distinct body got (bodies name the worker).
 
 use std::collections::HashMap;
@@ -59,8 +59,16 @@ fn parse_args() -> Args {
     a
 }
 
+/// The i-th client address: consecutive sources differ in the second and third octets, so
+/// balancers that hash only part of the address (nginx `ip_hash` uses the first three octets)
+/// see as many distinct keys as there are sources (64 sources: 8 /16s, 64 /24s).
 fn source(i: usize) -> IpAddr {
-    IpAddr::from([127, 2, (i / 250) as u8, (i % 250 + 1) as u8])
+    IpAddr::from([
+        127,
+        2 + (i % 8) as u8,
+        ((i / 8) % 250) as u8,
+        (i / 2000 % 250 + 1) as u8,
+    ])
 }
 
 async fn connect(target: SocketAddr, from: IpAddr) -> std::io::Result<TcpStream> {

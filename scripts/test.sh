@@ -2,6 +2,11 @@
 # Runs lb's whole test suite on a fresh machine: installs what the tests need and is missing
 # (Debian's `prometheus` package for promtool and the Prometheus server, npm packages for the
 # Node.js tests), checks formatting and lints, then runs every test.
+#
+# The closing line counts every test binary: a binary that crashed or did not compile counts as a
+# failure, a test that could not run here (e.g. no IPv6) counts as skipped, not passed, and the
+# whole run is bounded by LB_TEST_TIMEOUT seconds (default 1200) so a hang fails instead of
+# stalling CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +16,8 @@ missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt-get)"
   as_root apt-get update -qq
@@ -24,12 +31,31 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+
 echo "==> cargo test"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+skips=$(mktemp)
+trap 'rm -f "$log" "$skips"' EXIT
+export LB_TEST_SKIP_LOG="$skips"
+limit=${LB_TEST_TIMEOUT:-1200}
 status=0
-{ cargo test --all-targets --no-fail-fast && cargo test --doc; } 2>&1 | tee "$log" || status=$?
-# One closing line with the totals over every test binary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
-     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+# `timeout` signals its whole process group, so test binaries and the lb processes they started
+# go too.
+timeout --kill-after=10 "$limit" cargo test --all-targets --no-fail-fast 2>&1 | tee "$log" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+  echo "error: the test run did not finish within ${limit}s" | tee -a "$log"
+fi
+doc_status=0
+timeout --kill-after=10 300 cargo test --doc 2>&1 | tee -a "$log" || doc_status=$?
+[ "$status" -ne 0 ] || status=$doc_status
+
+if [ -s "$skips" ]; then
+  echo "==> skipped"
+  sed 's/^/  /' "$skips"
+fi
+# One closing line with the totals over every test binary. cargo names each target that failed
+# (`to rerun pass ...`, or one line per target under `error: N targets failed:`); one that failed
+# with no `test result: FAILED` line crashed or was killed: one failure each. A compile error is
+# one failure. A non-zero exit with nothing counted as failed is one failure too.
+awk -v skipped="$(wc -l <"$skips")" -v status="$status" -f scripts/count-tests.awk "$log"
 exit "$status"

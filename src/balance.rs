@@ -298,8 +298,22 @@ mod tests {
                 .all(|(s, &c)| s == down || c > 0),
             "{moved_to:?}"
         );
-        let after: Vec<usize> = (0..5000).map(|i| h.home(ip(i), n)).collect();
-        assert_eq!(before, after);
+        // Through the stateful balancer: slot 3 goes down, then comes back; its keys return.
+        let mut b = Balancer::new(Policy::Sticky, DEFAULT_HASH_SEED);
+        let mut slots = all_up(n);
+        slots[down].eligible = false;
+        let via_down: Vec<usize> = (0..5000).map(|i| b.pick(ip(i), &slots).unwrap()).collect();
+        assert_eq!(via_down, during);
+        slots[down].eligible = true;
+        let after: Vec<usize> = (0..5000).map(|i| b.pick(ip(i), &slots).unwrap()).collect();
+        assert_eq!(
+            before, after,
+            "the down slot's keys come back, nothing else moves"
+        );
+        assert_eq!(
+            after.iter().filter(|&&s| s == down).count(),
+            moved_to.iter().sum::<usize>()
+        );
     }
 
     #[test]
@@ -344,6 +358,20 @@ mod tests {
         slots[1].load = 1;
         slots[2].load = 3;
         assert_eq!(b.pick(ip(1), &slots), Some(1));
+        // Equal loads that do not change between picks (e.g. reports not in yet): the tie is
+        // broken round-robin, not by lowest index.
+        let even = all_up(3);
+        let mut fresh = Balancer::new(Policy::LeastConnections, 0);
+        let seq: Vec<_> = (0..6).map(|_| fresh.pick(ip(1), &even).unwrap()).collect();
+        assert_eq!(seq, [0, 1, 2, 0, 1, 2]);
+        // A tie among the lowest only: the higher-loaded slot is never chosen.
+        let mut two = all_up(3);
+        two[1].load = 9;
+        let seq: Vec<_> = (0..4).map(|_| fresh.pick(ip(1), &two).unwrap()).collect();
+        assert!(
+            seq.contains(&0) && seq.contains(&2) && !seq.contains(&1),
+            "{seq:?}"
+        );
         // A burst with equal loads spreads instead of piling on one slot.
         let mut ties = all_up(3);
         let seq: Vec<_> = (0..6)

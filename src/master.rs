@@ -304,8 +304,10 @@ impl Master {
                 load: p.map_or(0, Proc::load),
             };
         }
-        // Sticky clients of a stalled worker may be configured to wait for it.
-        let wait_for_home = self.settings.policy == Policy::Sticky
+        // Sticky clients of a stalled worker may be configured to wait for it (not when lb is
+        // shutting down: then the next choice is their only chance).
+        let wait_for_home = self.shutting_down.is_none()
+            && self.settings.policy == Policy::Sticky
             && self.settings.sticky_stalled == StalledSticky::Wait
             && self
                 .balancer
@@ -397,6 +399,8 @@ impl Master {
         let mut flush = false;
         match report {
             Report::Acked { accepted } => {
+                // A worker at its pending limit has room again for what waits in the queue.
+                flush = p.outstanding >= self.settings.max_pending;
                 p.outstanding = p.outstanding.saturating_sub(1);
                 p.acked_since_report += 1;
                 sm.connections.inc();
@@ -784,21 +788,28 @@ impl Master {
         for s in &mut self.slots {
             s.respawn_at = None;
             s.state = SlotState::Stopped;
+        }
+        self.shutdown_step(Instant::now(), Instant::now());
+    }
+
+    fn shutdown_step(&mut self, started: Instant, now: Instant) {
+        // SIGTERM, except to a worker that still has handoffs unanswered (e.g. the queued
+        // connections just handed on): it gets it once they are answered, so it does not refuse
+        // them while draining, or after the stall timeout.
+        let settle = now - started >= self.settings.stall_timeout;
+        for s in &mut self.slots {
             for p in s
                 .current
                 .iter_mut()
                 .chain(s.incoming.iter_mut())
                 .chain(s.draining.iter_mut())
             {
-                if !p.exited && p.term_sent.is_none() {
+                if !p.exited && p.term_sent.is_none() && (p.outstanding == 0 || settle) {
                     spawn::signal_group(p.pid, Signal::SIGTERM);
-                    p.term_sent = Some(Instant::now());
+                    p.term_sent = Some(now);
                 }
             }
         }
-    }
-
-    fn shutdown_step(&mut self, started: Instant, now: Instant) {
         if now - started < self.settings.shutdown_timeout || self.shutdown_killed {
             return;
         }
@@ -962,6 +973,10 @@ impl Master {
             && !self.shutdown_killed
         {
             d = d.min(t + self.settings.shutdown_timeout);
+            let settle = t + self.settings.stall_timeout;
+            if settle > Instant::now() {
+                d = d.min(settle);
+            }
         }
         d
     }

@@ -9,17 +9,32 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-fn http_keep_alive_requests_stay_on_one_worker() {
+fn one_client_s_new_connections_all_reach_one_worker_and_keep_alive_works() {
+    // lb decides where each new connection goes: with sticky, every connection from one client
+    // address lands on the same worker (with round-robin, the control, they alternate).
     let lb = Lb::start(&["-w", "2"]);
-    let mut conn = connect(lb.addr, None);
-    let mut seen = Vec::new();
-    for _ in 0..5 {
+    lb.wait_all_ready(2);
+    let ip = client_ip(7);
+    let seen: Vec<_> = (0..6).map(|_| served_by(lb.addr, Some(ip))).collect();
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    let home = seen[0];
+    assert_eq!(home.0, lb_route(ip, 2, &[]));
+    let rr = Lb::start(&["-w", "2", "-p", "round-robin"]);
+    rr.wait_all_ready(2);
+    let slots: std::collections::HashSet<_> =
+        (0..6).map(|_| served_by(rr.addr, Some(ip)).0).collect();
+    assert_eq!(
+        slots.len(),
+        2,
+        "round-robin spreads one client's connections"
+    );
+    // Keep-alive and POST echo on one connection through lb.
+    let mut conn = connect(lb.addr, Some(ip));
+    for _ in 0..3 {
         let (status, body) = request(&mut conn, "GET", "/", b"", false);
         assert_eq!(status, 200);
-        seen.push(slot_and_pid(std::str::from_utf8(&body).unwrap()));
+        assert_eq!(slot_and_pid(std::str::from_utf8(&body).unwrap()), home);
     }
-    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
-    // POST echo on the same connection.
     let (status, body) = request(&mut conn, "POST", "/echo", b"hello lb", false);
     assert_eq!((status, body.as_slice()), (200, &b"hello lb"[..]));
     let (status, _) = request(&mut conn, "GET", "/nope", b"", true);
@@ -151,8 +166,12 @@ fn least_connections_sends_new_connections_to_the_least_loaded_worker() {
 #[test]
 fn dual_stack_listener_serves_ipv4_clients_stickily() {
     let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        skip(
+            "dual_stack_listener_serves_ipv4_clients_stickily",
+            "no IPv6 on this host",
+        );
         return;
-    }; // host without IPv6
+    };
     drop(probe);
     let lb = Lb::start(&["-w", "3", "-l", "[::]:0"]);
     lb.wait_all_ready(3);

@@ -123,6 +123,16 @@ fn sigterm_lets_a_slow_request_finish_then_exits_0_with_no_worker_left() {
         },
     );
     lb.signal(Signal::SIGTERM);
+    // The listener closes at once, while the slow request is still being served.
+    wait_for(
+        "the listener to close during the drain",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect(lb.addr).is_err().then_some(()),
+    );
+    assert!(
+        lb.child.try_wait().unwrap().is_none(),
+        "lb must still be draining"
+    );
     let (status, body) = read_response(&mut conn);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
@@ -157,7 +167,11 @@ fn sigterm_kills_workers_that_ignore_it_after_the_shutdown_timeout() {
     let started = Instant::now();
     lb.signal(Signal::SIGTERM);
     assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
-    assert!(started.elapsed() >= Duration::from_millis(500));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "shutdown took {took:?} with a 500ms timeout"
+    );
     wait_for(
         "the stubborn worker to be gone",
         Duration::from_secs(5),
@@ -272,9 +286,15 @@ fn a_worker_over_the_memory_limit_is_replaced_gracefully() {
         &[("GROW_MB", "160")],
     );
     let first = lb.wait_all_ready(1)[0];
-    wait_for("the worker to be replaced", Duration::from_secs(15), || {
-        (lb.metric("lb_worker_restarts_total{worker=\"0\"}")? >= 1.0).then_some(())
+    // Every new worker grows past the limit too, so it is replaced again and again: clients
+    // keep being served throughout.
+    let churn = Churn::start(lb.addr, 2, 300, 20);
+    wait_for("two replacements", Duration::from_secs(30), || {
+        (lb.metric("lb_worker_restarts_total{worker=\"0\"}")? >= 2.0).then_some(())
     });
+    churn.wait_more("requests after the replacements", 50);
+    let result = churn.stop();
+    result.assert_no_failures();
     wait_for("the big worker to be gone", Duration::from_secs(10), || {
         (!alive(first)).then_some(())
     });
@@ -287,21 +307,24 @@ fn a_worker_over_the_memory_limit_is_replaced_gracefully() {
 }
 
 #[test]
-fn a_rolling_restart_whose_new_worker_never_gets_ready_keeps_the_old_one() {
-    // The first worker of each slot says ready; its replacements never do.
-    let marker = std::env::temp_dir().join(format!("lb-roll-marker-{}", std::process::id()));
-    let _ = std::fs::remove_file(&marker);
+fn a_rolling_restart_whose_new_worker_never_gets_ready_keeps_the_old_one_and_stops_there() {
+    // The first worker of each slot says ready; its replacements never do. Every start is
+    // recorded in `starts`.
+    let dir = std::env::temp_dir().join(format!("lb-roll-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let script = format!(
-        "const fs = require('fs'); const m = {:?};
-         if (!fs.existsSync(m)) {{ fs.writeFileSync(m, ''); process.send({{type: 'ready'}}); }}
+        "const fs = require('fs'); const d = {:?}; const id = process.env.LB_WORKER_ID;
+         fs.appendFileSync(d + '/starts', id + '\\n');
+         if (!fs.existsSync(d + '/ready-' + id)) {{ fs.writeFileSync(d + '/ready-' + id, ''); process.send({{type: 'ready'}}); }}
          const http = require('http');
-         const s = http.createServer((q, r) => r.end(`worker ${{process.env.LB_WORKER_ID}} pid ${{process.pid}}\\n`));
+         const s = http.createServer((q, r) => r.end(`worker ${{id}} pid ${{process.pid}}\\n`));
          process.on('message', (msg, c) => {{ if (msg === 'sticky-session:connection') {{ s.emit('connection', c); c.resume(); }} }});",
-        marker.to_str().unwrap()
+        dir.to_str().unwrap()
     );
     let lb = Lb::start(&[
         "-w",
-        "1",
+        "2",
         "--wait-ready",
         "--ready-timeout",
         "1s",
@@ -310,21 +333,28 @@ fn a_rolling_restart_whose_new_worker_never_gets_ready_keeps_the_old_one() {
         "-e",
         &script,
     ]);
-    let before = lb.wait_all_ready(1)[0];
+    let before = lb.wait_all_ready(2);
     lb.signal(Signal::SIGUSR2);
     wait_for("the roll to give up", Duration::from_secs(15), || {
         lb.log_text()
             .contains("rolling restart stopped")
             .then_some(())
     });
-    // The old worker still serves and the slot never went down.
-    assert_eq!(served_by(lb.addr, None), (0, before));
-    assert_eq!(
-        lb.metric("lb_worker_restarts_total{worker=\"0\"}"),
-        Some(0.0)
+    let starts = || std::fs::read_to_string(dir.join("starts")).unwrap_or_default();
+    // The roll stops at slot 0: slot 1 is never replaced, and no slot went down.
+    holds_for(
+        "3 starts (2 workers and slot 0's failed replacement), old pids serving",
+        Duration::from_millis(1500),
+        || {
+            let w = lb.workers();
+            starts().lines().count() == 3
+                && (0..2).all(|i| w["workers"][i]["pid"] == before[i])
+                && (0..2).all(|i| w["workers"][i]["restarts"] == 0)
+        },
     );
-    assert_eq!(lb.workers()["workers"][0]["pid"], before);
-    let _ = std::fs::remove_file(&marker);
+    assert_eq!(served_by(lb.addr, Some(ips_of(0, 2, 1)[0])), (0, before[0]));
+    assert_eq!(served_by(lb.addr, Some(ips_of(1, 2, 1)[0])), (1, before[1]));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -351,12 +381,132 @@ fn a_crash_loop_marks_the_slot_failed_and_lb_stays_up() {
         lb.log_text()
     );
     // It stays failed (no more respawns during the cool-down) and the other slot is unaffected.
-    let restarts = lb.metric("lb_worker_restarts_total{worker=\"1\"}").unwrap();
-    assert_eq!(restarts, 2.0, "3 exits = the first worker and 2 respawns");
+    holds_for(
+        "slot 1 failed, 2 restarts",
+        Duration::from_millis(1500),
+        || {
+            lb.workers()["workers"][1]["state"] == "failed"
+                && lb.metric("lb_worker_restarts_total{worker=\"1\"}") == Some(2.0)
+        },
+    );
     assert_eq!(lb.workers()["workers"][0]["state"], "ready");
     assert_eq!(
         lb.metric("lb_worker_restarts_total{worker=\"0\"}"),
         Some(0.0)
     );
     assert!(alive(lb.pid()));
+}
+
+#[test]
+fn sigterm_closes_the_listener_at_once_and_hands_queued_connections_to_a_ready_worker() {
+    // Slot 0 is stopped and its sticky clients wait for it: they are queued when SIGTERM comes.
+    let mut lb = Lb::start(&[
+        "-w",
+        "2",
+        "--stall-timeout",
+        "300ms",
+        "--sticky-stalled",
+        "wait",
+        "--queue-timeout",
+        "30s",
+        "--shutdown-timeout",
+        "5s",
+    ]);
+    let pids = lb.wait_all_ready(2);
+    let ips = ips_of(0, 2, 3);
+    kill(pids[0], Signal::SIGSTOP);
+    let held = start_request(&lb, ips[0]);
+    wait_for("slot 0 to be stalled", Duration::from_secs(10), || {
+        (lb.workers()["workers"][0]["state"] == "stalled").then_some(())
+    });
+    let queued: Vec<_> = ips[1..].iter().map(|ip| start_request(&lb, *ip)).collect();
+    wait_for("two queued connections", Duration::from_secs(10), || {
+        (lb.metric("lb_queued_connections")? == 2.0).then_some(())
+    });
+    lb.signal(Signal::SIGTERM);
+    // The queued connections are handed to the worker that is still up, and served.
+    for mut c in queued {
+        let (status, body) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert_eq!(
+            slot_and_pid(std::str::from_utf8(&body).unwrap()),
+            (1, pids[1])
+        );
+    }
+    // The listener is closed while lb still waits for the stopped worker.
+    wait_for("the listener to close", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(lb.addr).is_err().then_some(())
+    });
+    assert!(lb.child.try_wait().unwrap().is_none());
+    // The stopped worker resumes and lb exits cleanly.
+    kill(pids[0], Signal::SIGCONT);
+    assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
+    drop(held);
+    assert_eq!(
+        lb.log_text().matches("connection refused by").count(),
+        0,
+        "{}",
+        lb.log_text()
+    );
+}
+
+#[test]
+fn sighup_is_logged_and_changes_nothing() {
+    let lb = Lb::start(&["-w", "2"]);
+    let pids = lb.wait_all_ready(2);
+    lb.signal(Signal::SIGHUP);
+    wait_for("the SIGHUP log line", Duration::from_secs(5), || {
+        lb.log_text().contains("SIGHUP received").then_some(())
+    });
+    holds_for(
+        "same workers, all ready",
+        Duration::from_millis(500),
+        || {
+            let w = lb.workers();
+            (0..2).all(|i| w["workers"][i]["pid"] == pids[i] && w["workers"][i]["state"] == "ready")
+        },
+    );
+    assert_eq!(served_by(lb.addr, Some(ips_of(1, 2, 1)[0])), (1, pids[1]));
+    assert!(alive(lb.pid()));
+}
+
+#[test]
+fn the_shutdown_timeout_kills_the_whole_process_group_of_a_stubborn_worker() {
+    // The worker ignores SIGTERM and leaves a grandchild that ignores it too.
+    let script = format!(
+        "trap '' TERM; sleep 600 & echo \"grandchild $!\" >&2; exec python3 {}",
+        fixture("raw_worker.py")
+    );
+    let mut lb = Lb::start(&[
+        "-w",
+        "1",
+        "--shutdown-timeout",
+        "500ms",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let pid = lb.wait_all_ready(1)[0];
+    let grandchild: u32 = wait_for("the grandchild's pid", Duration::from_secs(10), || {
+        lb.log_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("grandchild ")?.trim().parse().ok())
+    });
+    assert!(alive(grandchild));
+    let started = Instant::now();
+    lb.signal(Signal::SIGTERM);
+    assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    for (what, p) in [("worker", pid), ("grandchild", grandchild)] {
+        wait_for(
+            &format!("the {what} to be gone"),
+            Duration::from_secs(5),
+            || (!alive(p)).then_some(()),
+        );
+    }
 }

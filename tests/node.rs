@@ -49,7 +49,7 @@ fn whoami(stream: &mut std::net::TcpStream, close: bool) -> serde_json::Value {
 }
 
 #[test]
-fn http_keep_alive_and_real_client_address_through_node_workers() {
+fn one_client_s_connections_reach_one_node_worker_which_sees_the_real_address() {
     // NODE_UNIQUE_ID in lb's own environment must not reach the workers (it would turn them
     // into cluster workers waiting for a cluster primary).
     let lb = start_node(
@@ -60,12 +60,16 @@ fn http_keep_alive_and_real_client_address_through_node_workers() {
     lb.wait_all_ready(2);
     for i in 0..6 {
         let ip = client_ip(100 + i);
+        // Three separate connections (lb places each), then two requests on one kept alive.
+        let mut replies: Vec<_> = (0..3)
+            .map(|_| whoami(&mut connect(lb.addr, Some(ip)), true))
+            .collect();
         let mut conn = connect(lb.addr, Some(ip));
-        let replies: Vec<_> = (0..3).map(|_| whoami(&mut conn, false)).collect();
+        replies.extend((0..2).map(|_| whoami(&mut conn, false)));
         for r in &replies {
             assert_eq!(
                 r["pid"], replies[0]["pid"],
-                "keep-alive requests moved between workers"
+                "one client's connections reached different workers"
             );
             assert_eq!(
                 r["remoteAddress"],

@@ -49,7 +49,20 @@ impl Lb {
     }
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Lb {
-        let mut cmd = Command::new(LB);
+        Self::start_via(&[], args, env)
+    }
+
+    /// Like [`Lb::start_with`], with lb run by a wrapper that execs it (e.g. `prlimit ...`), so
+    /// the pid is still lb's.
+    pub fn start_via(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Lb {
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(LB),
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(LB);
+                c
+            }
+        };
         if !args
             .iter()
             .any(|a| *a == "-l" || *a == "--listen" || *a == "-c")
@@ -464,4 +477,66 @@ impl ChurnResult {
             &f[..f.len().min(3)]
         );
     }
+}
+
+/// Records that a test could not run on this host (it then returns early): printed, and counted
+/// as skipped (not passed) in `scripts/test.sh`'s closing line via `LB_TEST_SKIP_LOG`.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    if let Ok(path) = std::env::var("LB_TEST_SKIP_LOG") {
+        use std::io::Write as _;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
+
+/// Asserts that `cond` holds at every check for the whole of `window` (sampled every 50 ms):
+/// for "it stays so" claims, which one look cannot show.
+pub fn holds_for(what: &str, window: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + window;
+    loop {
+        assert!(cond(), "{what} stopped holding");
+        if Instant::now() >= end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// Client addresses whose sticky home among `n` slots is `slot` (the first `count` of 127.1.x.y).
+pub fn ips_of(slot: usize, n: usize, count: usize) -> Vec<IpAddr> {
+    (0..2000)
+        .map(client_ip)
+        .filter(|ip| lb_route(*ip, n, &[]) == slot)
+        .take(count)
+        .collect()
+}
+
+/// Sends a GET on a new connection and returns the stream without reading (the worker may be
+/// stopped).
+pub fn start_request(lb: &Lb, ip: IpAddr) -> TcpStream {
+    let mut c = connect(lb.addr, Some(ip));
+    c.write_all(b"GET / HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    c
 }
