@@ -136,9 +136,9 @@ class Config:
         self.backends = backends
 
 
-def lb_config(name, policy, cmd=None):
+def lb_config(name, policy, cmd=None, lb=None):
     port = free_port()
-    argv = [LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
+    argv = [lb or LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
     if cmd:
         argv += ["--"] + cmd
     p = start(argv)
@@ -155,7 +155,7 @@ def node_direct(port):
     return start(["node", HELLO], env={"LISTEN_PORT": str(port)})
 
 
-def configs(selected):
+def configs(selected, base_lb=None):
     made = []
     want = lambda n: selected is None or n in selected
 
@@ -172,6 +172,9 @@ def configs(selected):
     for policy in ["sticky", "round-robin", "least-connections"]:
         if want(f"lb-{policy}"):
             made.append(lb_config(f"lb-{policy}", policy))
+        if base_lb and want(f"lb-{policy}"):
+            # The same configuration with another lb binary, interleaved: an A/B in one run.
+            made.append(lb_config(f"lb-{policy}@base", policy, lb=base_lb))
     if want("nginx-self") and have("nginx"):
         made.append(nginx_config("nginx-self", None))
     for backend in ["builtin", "node"]:
@@ -330,6 +333,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--ws-conns", type=int, default=10000)
     ap.add_argument("--only", help="comma-separated configuration names")
+    ap.add_argument("--base-lb", help="another lb binary: adds lb-*@base rows for an A/B in one run")
     ap.add_argument("--replot", action="store_true", help="only redraw the table and charts from results.json")
     a = ap.parse_args()
     if a.replot:
@@ -343,7 +347,7 @@ def main():
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     selected = set(a.only.split(",")) if a.only else None
     try:
-        cs = configs(selected)
+        cs = configs(selected, a.base_lb)
         print(f"configurations: {', '.join(c.name for c in cs)}", file=sys.stderr)
         runs = {c.name: {"churn": [], "keepalive": []} for c in cs}
         for rnd in range(a.rounds):

@@ -59,15 +59,15 @@ fn parse_args() -> Args {
     a
 }
 
-/// The i-th client address: consecutive sources differ in the second and third octets, so
-/// balancers that hash only part of the address (nginx `ip_hash` uses the first three octets)
-/// see as many distinct keys as there are sources (64 sources: 8 /16s, 64 /24s).
+/// The i-th client address. Every octet varies, so balancers that hash only part of the address
+/// see as many distinct keys as there are sources: nginx `ip_hash` uses the first three octets
+/// (64 sources: 8 /16s, 64 /24s), HAProxy's map-based `balance source` mostly the low bits.
 fn source(i: usize) -> IpAddr {
     IpAddr::from([
         127,
         2 + (i % 8) as u8,
         ((i / 8) % 250) as u8,
-        (i / 2000 % 250 + 1) as u8,
+        (i % 250 + 1) as u8,
     ])
 }
 

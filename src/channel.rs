@@ -124,7 +124,8 @@ fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
     hay.iter().position(|&b| b == needle)
 }
 
-/// What a worker told the master, classified.
+/// What a worker told the master, classified: the handle protocol (which the dispatch answers
+/// itself) or a message for the rest of lb.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FromWorker {
     /// `{"cmd":"NODE_HANDLE_ACK"}`: the oldest in-flight handle was taken.
@@ -133,6 +134,13 @@ pub enum FromWorker {
     HandleNack,
     /// `{"cmd":"NODE_HANDLE",...}`: the worker sent us a handle; it must be answered.
     Handle,
+    /// Anything else.
+    Msg(WorkerMsg),
+}
+
+/// A worker's message that is not part of the handle protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerMsg {
     /// `{"cmd":"NODE_SOCKET_COUNT","key":"lb","count":N}`: a Node worker's open handed-off sockets.
     SocketCount(u64),
     /// Another internal `NODE_*` message (ignored).
@@ -156,6 +164,32 @@ pub enum FromWorker {
     Malformed,
 }
 
+impl WorkerMsg {
+    /// Encodes the messages a worker sends lb (the `lb::worker` side).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Stats {
+                active,
+                total_requests,
+            } => format!(
+                "{{\"cmd\":\"stats\",\"data\":{{\"activeConnections\":{},\"totalRequests\":{}}}}}\n",
+                active.unwrap_or(0),
+                total_requests.unwrap_or(0)
+            )
+            .into_bytes(),
+            Self::Request => b"{\"type\":\"request\"}\n".to_vec(),
+            Self::Heartbeat => b"{\"type\":\"heartbeat\"}\n".to_vec(),
+            Self::Ready => b"{\"type\":\"ready\"}\n".to_vec(),
+            Self::SocketCount(n) => {
+                format!("{{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":\"lb\",\"count\":{n}}}\n").into_bytes()
+            }
+            Self::OtherInternal | Self::Other | Self::Malformed => {
+                unreachable!("not a message lb's workers send")
+            }
+        }
+    }
+}
+
 impl FromWorker {
     /// Classifies one line (without its newline).
     pub fn parse(line: &[u8]) -> Self {
@@ -164,14 +198,15 @@ impl FromWorker {
             return Self::HandleAck;
         }
         let Ok(value) = serde_json::from_slice::<Value>(line) else {
-            return Self::Malformed;
+            return Self::Msg(WorkerMsg::Malformed);
         };
         Self::classify(&value)
     }
 
     fn classify(value: &Value) -> Self {
+        use WorkerMsg::*;
         let Value::Object(map) = value else {
-            return Self::Other;
+            return Self::Msg(Other);
         };
         let cmd = map.get("cmd").and_then(Value::as_str);
         if let Some(cmd) = cmd
@@ -181,28 +216,31 @@ impl FromWorker {
                 "NODE_HANDLE_ACK" => Self::HandleAck,
                 "NODE_HANDLE_NACK" => Self::HandleNack,
                 "NODE_HANDLE" => Self::Handle,
-                "NODE_SOCKET_COUNT" if map.get("key").and_then(Value::as_str) == Some("lb") => map
-                    .get("count")
-                    .and_then(as_count)
-                    .map_or(Self::OtherInternal, Self::SocketCount),
-                _ => Self::OtherInternal,
+                "NODE_SOCKET_COUNT" if map.get("key").and_then(Value::as_str) == Some("lb") => {
+                    Self::Msg(
+                        map.get("count")
+                            .and_then(as_count)
+                            .map_or(OtherInternal, SocketCount),
+                    )
+                }
+                _ => Self::Msg(OtherInternal),
             };
         }
         let ty = map.get("type").and_then(Value::as_str);
-        match (cmd, ty) {
+        Self::Msg(match (cmd, ty) {
             (Some("stats"), _) => {
                 let data = map.get("data");
                 let field = |k: &str| data.and_then(|d| d.get(k)).and_then(as_count);
-                Self::Stats {
+                Stats {
                     active: field("activeConnections"),
                     total_requests: field("totalRequests"),
                 }
             }
-            (Some("heartbeat"), _) | (_, Some("heartbeat")) => Self::Heartbeat,
-            (_, Some("request")) => Self::Request,
-            (_, Some("ready")) | (Some("ready"), _) => Self::Ready,
-            _ => Self::Other,
-        }
+            (Some("heartbeat"), _) | (_, Some("heartbeat")) => Heartbeat,
+            (_, Some("request")) => Request,
+            (_, Some("ready")) | (Some("ready"), _) => Ready,
+            _ => Other,
+        })
     }
 }
 
@@ -327,7 +365,8 @@ mod tests {
 
     #[test]
     fn classifies_worker_messages() {
-        use FromWorker::*;
+        use FromWorker::{Handle, HandleAck, HandleNack, Msg};
+        use WorkerMsg::*;
         assert_eq!(
             FromWorker::parse(b"{\"cmd\":\"NODE_HANDLE_ACK\"}"),
             HandleAck
@@ -346,38 +385,44 @@ mod tests {
         );
         assert_eq!(
             FromWorker::parse(b"{\"cmd\":\"NODE_SOCKET_COUNT\"}"),
-            OtherInternal
+            Msg(OtherInternal)
         );
         assert_eq!(
             FromWorker::parse(
                 b"{\"cmd\":\"stats\",\"data\":{\"activeConnections\":2,\"totalRequests\":40}}"
             ),
-            Stats {
+            Msg(Stats {
                 active: Some(2),
                 total_requests: Some(40)
-            }
+            })
         );
         assert_eq!(
             FromWorker::parse(b"{\"cmd\":\"stats\",\"data\":{}}"),
-            Stats {
+            Msg(Stats {
                 active: None,
                 total_requests: None
-            }
+            })
         );
-        assert_eq!(FromWorker::parse(b"{\"type\":\"request\"}"), Request);
-        assert_eq!(FromWorker::parse(b"{\"type\":\"heartbeat\"}"), Heartbeat);
-        assert_eq!(FromWorker::parse(b"{\"cmd\":\"heartbeat\"}"), Heartbeat);
-        assert_eq!(FromWorker::parse(b"{\"type\":\"ready\"}"), Ready);
-        assert_eq!(FromWorker::parse(b"\"plain string\""), Other);
+        assert_eq!(FromWorker::parse(b"{\"type\":\"request\"}"), Msg(Request));
+        assert_eq!(
+            FromWorker::parse(b"{\"type\":\"heartbeat\"}"),
+            Msg(Heartbeat)
+        );
+        assert_eq!(
+            FromWorker::parse(b"{\"cmd\":\"heartbeat\"}"),
+            Msg(Heartbeat)
+        );
+        assert_eq!(FromWorker::parse(b"{\"type\":\"ready\"}"), Msg(Ready));
+        assert_eq!(FromWorker::parse(b"\"plain string\""), Msg(Other));
         assert_eq!(
             FromWorker::parse(b"{\"cmd\":\"NODE_\"}"),
-            Other,
+            Msg(Other),
             "NODE_ alone is not internal"
         );
-        assert_eq!(FromWorker::parse(b""), Malformed);
-        assert_eq!(FromWorker::parse(b"{oops}"), Malformed);
+        assert_eq!(FromWorker::parse(b""), Msg(Malformed));
+        assert_eq!(FromWorker::parse(b"{oops}"), Msg(Malformed));
         // A lone surrogate (Node escapes it) is rejected by serde_json: dropped, not fatal.
-        assert_eq!(FromWorker::parse(b"{\"s\":\"\\ud800\"}"), Malformed);
+        assert_eq!(FromWorker::parse(b"{\"s\":\"\\ud800\"}"), Msg(Malformed));
     }
 
     #[test]
@@ -486,18 +531,20 @@ mod tests {
                         "NODE_HANDLE_ACK" => FromWorker::HandleAck,
                         "NODE_HANDLE_NACK" => FromWorker::HandleNack,
                         "NODE_HANDLE" => FromWorker::Handle,
-                        _ => FromWorker::OtherInternal,
+                        _ => FromWorker::Msg(WorkerMsg::OtherInternal),
                     }
-                } else if cmd == "stats" {
-                    FromWorker::Stats { active: count, total_requests: count }
-                } else if cmd == "heartbeat" || ty == "heartbeat" {
-                    FromWorker::Heartbeat
-                } else if ty == "request" {
-                    FromWorker::Request
-                } else if ty == "ready" || cmd == "ready" {
-                    FromWorker::Ready
                 } else {
-                    FromWorker::Other
+                    FromWorker::Msg(if cmd == "stats" {
+                        WorkerMsg::Stats { active: count, total_requests: count }
+                    } else if cmd == "heartbeat" || ty == "heartbeat" {
+                        WorkerMsg::Heartbeat
+                    } else if ty == "request" {
+                        WorkerMsg::Request
+                    } else if ty == "ready" || cmd == "ready" {
+                        WorkerMsg::Ready
+                    } else {
+                        WorkerMsg::Other
+                    })
                 };
                 prop_assert_eq!(got, want);
             }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::balance::{DEFAULT_HASH_SEED, Policy};
-use crate::restart::CrashLoop;
+use crate::supervisor::backoff::CrashLoop;
 
 /// A settings error: always one line, naming the input.
 #[derive(Debug, thiserror::Error)]

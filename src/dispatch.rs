@@ -10,24 +10,34 @@
 //!   connection goes back to the master for another worker.
 //! - send error / channel EOF → every connection not yet ACKed goes back to the master.
 //!
-//! ACKs and NACKs arrive in the order handles were sent, so they are matched FIFO. Up to `window`
-//! handles may be in flight (each envelope is small and written whole by one `sendmsg`, which Node
-//! tolerates, node-ipc.md §4.3); after a partial write, or `ETOOMANYREFS`, no further handle is sent
-//! until every in-flight one is answered. A connection is never dropped silently.
+//! ACKs and NACKs arrive in the order handles were sent, so they are matched FIFO. Each envelope is
+//! small and written whole by one `sendmsg` (Node tolerates several in flight, node-ipc.md §4.3);
+//! after a partial write, or `ETOOMANYREFS`, no further handle is sent until every in-flight one is
+//! answered. A connection is never dropped silently.
+//!
+//! This module alone owns a worker's handoff state — queue, in flight, NACK retries, stall
+//! detection — and reports facts upward ([`Report`]). The one number the router needs, how many
+//! handoffs the worker has not confirmed, is [`DispatchHandle::pending`]: it is kept by this
+//! module (incremented on send, decremented when a connection is ACKed or handed back), and the
+//! router skips a worker whose count reaches `--max-pending`, the one limit on unconfirmed
+//! handoffs.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use crate::channel::{
-    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder, SOCKET_COUNT_QUERY,
+    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder, SOCKET_COUNT_QUERY, WorkerMsg,
 };
+use crate::supervisor::WorkerId;
 use crate::sys;
 
 /// NACKs one worker may return for one connection before it is given to another worker
@@ -64,11 +74,57 @@ impl Handoff {
 
 /// What the master sends a dispatch task.
 #[derive(Debug)]
-pub enum ToWorker {
+enum ToDispatch {
     /// A connection to hand over.
     Handoff(Handoff),
     /// Ask a Node worker for its open handed-off socket count ([`SOCKET_COUNT_QUERY`]).
     QuerySocketCount,
+}
+
+/// The sending side of one worker's dispatch task. Dropping it tells the task the worker gets
+/// nothing more: it hands back what it has not delivered and what the worker NACKs.
+#[derive(Debug)]
+pub struct DispatchHandle {
+    tx: mpsc::UnboundedSender<ToDispatch>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl DispatchHandle {
+    /// Gives the worker a connection; `Err` returns it if the task is gone.
+    pub fn send(&self, h: Handoff) -> Result<(), Handoff> {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(ToDispatch::Handoff(h)).map_err(|e| {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            match e.0 {
+                ToDispatch::Handoff(h) => h,
+                ToDispatch::QuerySocketCount => unreachable!("sent a handoff"),
+            }
+        })
+    }
+
+    /// Handoffs given to this worker and not yet ACKed or handed back.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Asks a Node worker how many handed-off sockets it has open (answered as
+    /// [`WorkerMsg::SocketCount`]).
+    pub fn query_socket_count(&self) {
+        let _ = self.tx.send(ToDispatch::QuerySocketCount);
+    }
+}
+
+/// Starts the dispatch task for worker `id` on its channel.
+pub fn start(
+    id: WorkerId,
+    channel: UnixStream,
+    reports: mpsc::UnboundedSender<Event>,
+    limits: Limits,
+) -> DispatchHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let pending = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(run(id, channel, rx, reports, limits, pending.clone()));
+    DispatchHandle { tx, pending }
 }
 
 /// Why connections came back from a worker.
@@ -85,13 +141,14 @@ pub enum Returned {
 }
 
 impl Returned {
-    /// The `reason` label of `lb_handoff_failures_total`.
-    pub fn label(self) -> &'static str {
+    /// The failure to count for each connection handed back (NACKs are counted one by one as
+    /// [`Report::Nacked`]; a stall is no failure).
+    pub fn failure(self) -> Option<crate::metrics::Failure> {
+        use crate::metrics::Failure;
         match self {
-            Self::Nack => "nack",
-            Self::SendError => "send_error",
-            Self::WorkerExit => "worker_exit",
-            Self::Stalled => "stalled",
+            Self::Nack | Self::Stalled => None,
+            Self::SendError => Some(Failure::SendError),
+            Self::WorkerExit => Some(Failure::WorkerExit),
         }
     }
 }
@@ -108,8 +165,8 @@ pub enum Report {
     Nacked,
     /// Connections the worker did not take; the master must place them elsewhere.
     Returned(Vec<Handoff>, Returned),
-    /// A message from the worker.
-    Message(FromWorker),
+    /// A message from the worker (the handle protocol is answered here, never passed up).
+    Message(WorkerMsg),
     /// A channel line over the length limit was dropped.
     TooLong,
     /// The worker sent an fd (with or without an envelope); it was closed (and NACKed).
@@ -129,10 +186,8 @@ pub enum Report {
 /// A report tagged with the worker it is about.
 #[derive(Debug)]
 pub struct Event {
-    /// Slot id.
-    pub slot: usize,
-    /// Generation of the worker in that slot.
-    pub generation: u64,
+    /// The worker.
+    pub id: WorkerId,
     /// What happened.
     pub report: Report,
 }
@@ -140,7 +195,8 @@ pub struct Event {
 /// Bounds of one dispatch task.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Handles in flight before waiting for answers.
+    /// Handles in flight before waiting for answers (`--max-pending`; the router sends no more
+    /// than that anyway).
     pub window: usize,
     /// Longest channel line accepted from the worker.
     pub max_line: usize,
@@ -149,25 +205,32 @@ pub struct Limits {
 }
 
 /// Runs the dispatch task for one worker until its channel closes and the master stops sending.
-pub async fn run(
-    slot: usize,
-    generation: u64,
+async fn run(
+    id: WorkerId,
     channel: UnixStream,
-    mut handoffs: mpsc::UnboundedReceiver<ToWorker>,
+    mut handoffs: mpsc::UnboundedReceiver<ToDispatch>,
     reports: mpsc::UnboundedSender<Event>,
     limits: Limits,
+    pending: Arc<AtomicUsize>,
 ) {
     let Limits {
         window,
         max_line,
         stall_timeout,
     } = limits;
-    let send = |report| {
-        let _ = reports.send(Event {
-            slot,
-            generation,
-            report,
-        });
+    let (slot, generation) = (id.slot, id.generation);
+    // Every connection that leaves this task's custody (ACKed or handed back) is uncounted here.
+    let send = |report: Report| {
+        match &report {
+            Report::Acked { .. } => {
+                pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            Report::Returned(conns, _) => {
+                pending.fetch_sub(conns.len(), Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let _ = reports.send(Event { id, report });
     };
     let registered = channel
         .set_nonblocking(true)
@@ -274,11 +337,11 @@ async fn stall_timer(since: Option<Instant>, timeout: Duration) {
 
 /// After the channel closed: hand back whatever the master still sends until it stops.
 async fn return_all_until_closed(
-    handoffs: &mut mpsc::UnboundedReceiver<ToWorker>,
+    handoffs: &mut mpsc::UnboundedReceiver<ToDispatch>,
     send: impl Fn(Report),
 ) {
     while let Some(m) = handoffs.recv().await {
-        if let ToWorker::Handoff(h) = m {
+        if let ToDispatch::Handoff(h) = m {
             send(Report::Returned(vec![h], Returned::WorkerExit));
         }
     }
@@ -456,11 +519,11 @@ impl Dispatcher {
     }
 
     /// Accepts one message from the master.
-    fn take(&mut self, m: ToWorker) {
+    fn take(&mut self, m: ToDispatch) {
         match m {
-            ToWorker::Handoff(h) => self.queue.push_back(h),
+            ToDispatch::Handoff(h) => self.queue.push_back(h),
             // One outstanding query is enough.
-            ToWorker::QuerySocketCount => self.owed_queries = 1,
+            ToDispatch::QuerySocketCount => self.owed_queries = 1,
         }
     }
 
@@ -500,6 +563,7 @@ impl Dispatcher {
                         send(Report::Nacked);
                         h.nacks += 1;
                         if h.nacks > MAX_NACKS || self.draining {
+                            h.nacks = 0; // the next worker gets its own retries
                             send(Report::Returned(vec![h], Returned::Nack));
                         } else {
                             self.queue.push_front(h);
@@ -514,7 +578,7 @@ impl Dispatcher {
                     self.owed_nacks += 1;
                     send(Report::StrayFd);
                 }
-                other => send(Report::Message(other)),
+                FromWorker::Msg(m) => send(Report::Message(m)),
             }
             if self.in_flight.is_empty() {
                 self.hold = false;

@@ -14,8 +14,10 @@
 //! - [`listener`] — the public socket: socket2 bind with a real backlog, `accept4` with
 //!   `SOCK_NONBLOCK | SOCK_CLOEXEC`, classified accept errors.
 //! - [`balance`] — the policies, pure functions with no I/O.
-//! - [`dispatch`] — one task per worker: sends handles, matches ACK/NACK FIFO, hands back every
-//!   connection a worker did not take.
+//! - [`router`] — where each connection goes: per-slot targets, load accounting, the bounded wait
+//!   queue; reads a narrow per-slot view, never a worker record.
+//! - [`dispatch`] — one task per worker: sends handles, matches ACK/NACK FIFO, retries NACKs,
+//!   detects stalls, hands back every connection a worker did not take.
 //! - [`sys`] — the raw syscalls (`sendmsg`/`recvmsg` with `SCM_RIGHTS`, `accept4`); one of the two
 //!   modules allowed `unsafe`.
 //! - [`channel`] — framing and classification of Node IPC messages (`json` mode).
@@ -23,9 +25,10 @@
 //!
 //! Beside it:
 //!
-//! - [`master`] — the single-threaded loop that owns all state: routing, supervision (spawn,
-//!   readiness, backoff, heartbeats, memory, rolling restart, graceful shutdown).
-//! - [`restart`] — respawn backoff and crash-loop detection (pure).
+//! - [`supervisor`] — the workers' lifecycle: a pure state machine (`fleet`: spawn, readiness,
+//!   backoff, heartbeats, memory, rolling restart, graceful shutdown) and the single-threaded
+//!   async shell that owns all state and carries out what it decides (`shell`).
+//! - [`procfs`] — worker memory from `/proc`.
 //! - [`spawn`] — starting a worker with its channel on fd 3 (the other `unsafe` module).
 //! - [`metrics`] — Prometheus metrics and the admin endpoint.
 //! - [`config`] — command line and TOML config file.
@@ -38,9 +41,10 @@ pub mod channel;
 pub mod config;
 pub mod dispatch;
 pub mod listener;
-pub mod master;
 pub mod metrics;
-pub mod restart;
+pub mod procfs;
+pub mod router;
 pub mod spawn;
+pub mod supervisor;
 pub mod sys;
 pub mod worker;

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use lb::config::{Cli, LogFormat, Settings, Sub};
 use lb::listener::{self, Listener};
-use lb::master::{self, Master};
 use lb::metrics::{self, Shared};
+use lb::supervisor::shell::{self, Master};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -124,7 +124,7 @@ fn serve(settings: Settings) -> ExitCode {
         };
         tracing::info!(
             "{} ({} workers, policy {}, worker command: {})",
-            master::listening_line(local, metrics_addr),
+            shell::listening_line(local, metrics_addr),
             settings.workers,
             settings.policy,
             settings

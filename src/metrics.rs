@@ -60,16 +60,73 @@ pub struct Metrics {
     channel_dropped: IntCounterVec,
 }
 
-/// Reasons of `lb_handoff_failures_total`.
-pub const FAILURE_REASONS: [&str; 5] = [
-    "nack",
-    "send_error",
-    "worker_exit",
-    "no_worker",
-    "queue_full",
-];
-/// Reasons of `lb_channel_messages_dropped_total`.
-pub const DROP_REASONS: [&str; 5] = ["malformed", "too_long", "ignored", "stray_fd", "desync"];
+/// Declares a label enum: its variants, their label values, and `ALL` (every series is created
+/// at start-up, so each exists at 0).
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $label:literal,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+        }
+
+        impl $name {
+            /// Every value, in label order.
+            pub const ALL: &[$name] = &[$($name::$variant,)*];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)*
+                }
+            }
+        }
+    };
+}
+
+labels! {
+    /// `reason` of `lb_handoff_failures_total`: why a connection did not reach a worker (this time).
+    Failure {
+        /// The worker NACKed the handle (each NACK counts).
+        Nack = "nack",
+        /// `sendmsg` to the worker failed.
+        SendError = "send_error",
+        /// The worker's channel closed with the connection un-ACKed.
+        WorkerExit = "worker_exit",
+        /// No ready worker within `--queue-timeout` (or at shutdown): closed.
+        NoWorker = "no_worker",
+        /// The wait queue was full: closed.
+        QueueFull = "queue_full",
+    }
+}
+
+labels! {
+    /// `reason` of `lb_channel_messages_dropped_total`.
+    Dropped {
+        /// Not valid JSON.
+        Malformed = "malformed",
+        /// A line over the length limit.
+        TooLong = "too_long",
+        /// Valid, but nothing lb acts on.
+        Ignored = "ignored",
+        /// An fd the worker sent (closed), or a handle from the worker (NACKed).
+        StrayFd = "stray_fd",
+        /// An ACK/NACK for a handle never sent.
+        Desync = "desync",
+    }
+}
+
+labels! {
+    /// `kind` of `lb_accept_errors_total`.
+    AcceptErrorKind {
+        /// Out of fds or memory: accepting pauses.
+        Exhausted = "exhausted",
+        /// The connection went away before it was accepted.
+        Transient = "transient",
+        /// Anything else.
+        Other = "other",
+    }
+}
 
 impl Metrics {
     /// Creates every series for `workers` slots, at 0.
@@ -145,8 +202,8 @@ impl Metrics {
         registry
             .register(Box::new(failures.clone()))
             .expect("unique");
-        for r in FAILURE_REASONS {
-            failures.with_label_values(&[r]);
+        for r in Failure::ALL {
+            failures.with_label_values(&[r.as_str()]);
         }
         let handoff_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -179,8 +236,8 @@ impl Metrics {
         registry
             .register(Box::new(accept_errors.clone()))
             .expect("unique");
-        for k in ["exhausted", "transient", "other"] {
-            accept_errors.with_label_values(&[k]);
+        for k in AcceptErrorKind::ALL {
+            accept_errors.with_label_values(&[k.as_str()]);
         }
         let channel_dropped = IntCounterVec::new(
             Opts::new(
@@ -193,8 +250,8 @@ impl Metrics {
         registry
             .register(Box::new(channel_dropped.clone()))
             .expect("unique");
-        for r in DROP_REASONS {
-            channel_dropped.with_label_values(&[r]);
+        for r in Dropped::ALL {
+            channel_dropped.with_label_values(&[r.as_str()]);
         }
         let info = IntGaugeVec::new(
             Opts::new(
@@ -219,19 +276,23 @@ impl Metrics {
         }
     }
 
-    /// Counts `n` handoff failures for `reason` (one of [`FAILURE_REASONS`]).
-    pub fn failure(&self, reason: &str, n: u64) {
-        self.failures.with_label_values(&[reason]).inc_by(n);
+    /// Counts `n` handoff failures for `reason`.
+    pub fn failure(&self, reason: Failure, n: u64) {
+        self.failures
+            .with_label_values(&[reason.as_str()])
+            .inc_by(n);
     }
 
-    /// Counts an accept error of `kind` (`exhausted`, `transient`, `other`).
-    pub fn accept_error(&self, kind: &str) {
-        self.accept_errors.with_label_values(&[kind]).inc();
+    /// Counts an accept error.
+    pub fn accept_error(&self, kind: AcceptErrorKind) {
+        self.accept_errors.with_label_values(&[kind.as_str()]).inc();
     }
 
-    /// Counts a dropped channel message (one of [`DROP_REASONS`]).
-    pub fn dropped(&self, reason: &str) {
-        self.channel_dropped.with_label_values(&[reason]).inc();
+    /// Counts a dropped channel message.
+    pub fn dropped(&self, reason: Dropped) {
+        self.channel_dropped
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     /// The Prometheus text exposition.
@@ -421,20 +482,6 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, crate::listener::
     Ok(s.into())
 }
 
-/// Reads a process's resident set size from `/proc/PID/statm`.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * page_size())
-}
-
-fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |p| p as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,14 +503,12 @@ mod tests {
                 );
             }
         }
-        for r in FAILURE_REASONS {
-            assert!(text.contains(&format!("lb_handoff_failures_total{{reason=\"{r}\"}} 0")));
+        for r in Failure::ALL {
+            assert!(text.contains(&format!(
+                "lb_handoff_failures_total{{reason=\"{}\"}} 0",
+                r.as_str()
+            )));
         }
         assert!(text.contains("lb_build_info{policy=\"sticky\""));
-    }
-
-    #[test]
-    fn rss_of_self() {
-        assert!(rss_bytes(std::process::id()).unwrap() > 1 << 20);
     }
 }

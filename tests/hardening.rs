@@ -411,12 +411,14 @@ fn a_worker_that_nacks_gets_each_connection_four_times_then_another_worker_serve
 }
 
 #[test]
-fn a_worker_holds_at_most_16_handles_and_when_it_dies_they_all_go_to_another_worker() {
+fn a_worker_holds_at_most_max_pending_handles_and_when_it_dies_they_all_go_to_another_worker() {
     let mark = marker("hold");
     let lb = Lb::start_with(
         &[
             "-w",
             "2",
+            "--max-pending",
+            "16",
             "--stall-timeout",
             "1s",
             "--",
@@ -433,7 +435,7 @@ fn a_worker_holds_at_most_16_handles_and_when_it_dies_they_all_go_to_another_wor
         Duration::from_secs(10),
         || lb.log_text().contains("hold: 16 handles").then_some(()),
     );
-    // The 4 that were never sent go elsewhere once the worker counts as stalled.
+    // The 4 over the limit go elsewhere.
     let mut served_by_1 = Vec::new();
     for c in &mut conns {
         c.set_nonblocking(true).unwrap();

@@ -41,7 +41,7 @@ use serde_json::Value;
 use tokio::io::Interest;
 use tokio::sync::{Notify, mpsc};
 
-use crate::channel::{self, FromMaster, HANDLE_ACK, HANDLE_NACK, Line, LineDecoder};
+use crate::channel::{self, FromMaster, HANDLE_ACK, HANDLE_NACK, Line, LineDecoder, WorkerMsg};
 use crate::sys;
 
 /// Errors opening the worker channel.
@@ -217,7 +217,7 @@ impl Worker {
 
     /// Tells lb this worker is ready (needed when lb runs with `--wait-ready`).
     pub fn ready(&self) {
-        self.send(&serde_json::json!({"type": "ready"}));
+        let _ = self.out.send(WorkerMsg::Ready.encode());
     }
 
     /// The worker's counters (shared with every [`Connection`]).
@@ -340,13 +340,10 @@ async fn serve_channel(
                 let now = (counters.active(), counters.requests());
                 if now != last_sent {
                     last_sent = now;
-                    out.extend(format!(
-                        "{{\"cmd\":\"stats\",\"data\":{{\"activeConnections\":{},\"totalRequests\":{}}}}}\n",
-                        now.0, now.1
-                    ).as_bytes());
+                    out.extend(WorkerMsg::Stats { active: Some(now.0), total_requests: Some(now.1) }.encode());
                 }
             }
-            _ = beat.tick() => out.extend(b"{\"type\":\"heartbeat\"}\n"),
+            _ = beat.tick() => out.extend(WorkerMsg::Heartbeat.encode()),
         }
     }
 }

@@ -1,0 +1,419 @@
+//! Where each accepted connection goes: the routing half of the master.
+//!
+//! The router owns the per-slot routing targets (which worker is the slot's current one and
+//! whether it takes connections — published by the supervisor), each worker's
+//! [`DispatchHandle`] and load accounting, and the bounded queue of connections waiting for a
+//! ready worker. A policy decision reads only a narrow per-slot [`SlotLoad`] built from those;
+//! handoff state itself (queue, in flight, NACK retries, stalls) belongs to [`crate::dispatch`].
+//!
+//! Load accounting (DESIGN §2, §6): a worker's active connections are what it last reported
+//! (`stats`, or a Node worker's socket count) plus the connections ACKed since; least-connections
+//! adds the handoffs it has not confirmed. Cumulative request counts become per-slot deltas, so
+//! `lb_worker_requests_total` never goes backwards across restarts.
+//!
+//! A connection is never dropped silently: it goes to a worker, waits in the queue, or is closed
+//! and counted (`no_worker`, `queue_full`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::balance::{Balancer, Policy, SlotLoad};
+use crate::channel::WorkerMsg;
+use crate::config::{Settings, StalledSticky};
+use crate::dispatch::{DispatchHandle, Handoff, Returned};
+use crate::metrics::{Dropped, Failure, Shared};
+use crate::supervisor::{SlotState, SlotView, WorkerId};
+
+/// Workers a connection may be offered to before it is closed.
+const MAX_DISPATCHES: u8 = 8;
+
+/// Whether a slot's current worker may get connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Target {
+    /// No worker, or one that is starting or going away.
+    #[default]
+    Down,
+    /// Takes connections.
+    Up,
+    /// Ready, but not answering handoffs for now.
+    Stalled,
+}
+
+/// A worker lb still tracks (current, incoming or retiring), as routing sees it.
+#[derive(Debug)]
+struct Link {
+    id: WorkerId,
+    /// `None` once the supervisor detached it (no new connections).
+    dispatch: Option<DispatchHandle>,
+    /// The process exited: its connections no longer count as active.
+    exited: bool,
+    /// Its channel closed: nothing more comes from it (forgotten once it exited too).
+    closed: bool,
+    /// Last `activeConnections` it reported.
+    reported_active: u64,
+    /// ACKs since that report (the report does not include them yet).
+    acked_since_report: u64,
+    /// The worker reports `activeConnections` itself; otherwise lb asks Node's socket count.
+    reports_active: bool,
+    /// Last cumulative `totalRequests` it reported.
+    reported_requests: u64,
+}
+
+impl Link {
+    fn active(&self) -> u64 {
+        if self.exited {
+            0
+        } else {
+            self.reported_active + self.acked_since_report
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.dispatch.as_ref().map_or(0, DispatchHandle::pending)
+    }
+}
+
+/// Routing state of the master.
+pub struct Router {
+    balancer: Balancer,
+    policy: Policy,
+    sticky_stalled: StalledSticky,
+    max_pending: usize,
+    max_queue: usize,
+    queue_timeout: Duration,
+    /// Per slot: its current worker and whether it takes connections.
+    targets: Vec<(Option<WorkerId>, Target)>,
+    /// Per slot: the workers still tracked.
+    links: Vec<Vec<Link>>,
+    /// Connections waiting for a ready worker, oldest first.
+    waiting: VecDeque<Handoff>,
+    /// Scratch for the policy (one entry per slot).
+    loads: Vec<SlotLoad>,
+    /// Shutting down: nothing waits any more.
+    closing: bool,
+    /// Something waits while a ready worker is at `--max-pending`: an ACK makes room.
+    waiting_for_room: bool,
+    shared: Arc<Shared>,
+}
+
+impl Router {
+    /// A router for `settings`, reporting into `shared`.
+    pub fn new(settings: &Settings, shared: Arc<Shared>) -> Self {
+        let n = settings.workers;
+        Self {
+            balancer: Balancer::new(settings.policy, settings.hash_seed),
+            policy: settings.policy,
+            sticky_stalled: settings.sticky_stalled,
+            max_pending: settings.max_pending,
+            max_queue: settings.max_queue,
+            queue_timeout: settings.queue_timeout,
+            targets: vec![(None, Target::Down); n],
+            links: (0..n).map(|_| Vec::new()).collect(),
+            waiting: VecDeque::new(),
+            loads: vec![SlotLoad::default(); n],
+            closing: false,
+            waiting_for_room: false,
+            shared,
+        }
+    }
+
+    /// A new worker's dispatch.
+    pub fn attach(&mut self, id: WorkerId, dispatch: DispatchHandle) {
+        self.links[id.slot].push(Link {
+            id,
+            dispatch: Some(dispatch),
+            exited: false,
+            closed: false,
+            reported_active: 0,
+            acked_since_report: 0,
+            reports_active: false,
+            reported_requests: 0,
+        });
+    }
+
+    /// The worker gets no new connections (its dispatch hands back what it holds).
+    pub fn detach(&mut self, id: WorkerId) {
+        if let Some(l) = self.link(id) {
+            l.dispatch = None;
+        }
+    }
+
+    /// The worker's process exited.
+    pub fn exited(&mut self, id: WorkerId) {
+        if let Some(l) = self.link(id) {
+            l.exited = true;
+        }
+        self.forget_gone(id.slot);
+    }
+
+    /// The worker's channel closed: nothing more will come from it.
+    pub fn closed(&mut self, id: WorkerId) {
+        if let Some(l) = self.link(id) {
+            l.closed = true;
+            l.dispatch = None;
+        }
+        self.forget_gone(id.slot);
+    }
+
+    fn forget_gone(&mut self, slot: usize) {
+        self.links[slot].retain(|l| !(l.exited && l.closed));
+        self.update_active(slot);
+    }
+
+    /// The supervisor published a slot's new view.
+    pub fn publish(&mut self, slot: usize, view: &SlotView) {
+        let target = match view.state {
+            SlotState::Ready => Target::Up,
+            SlotState::Stalled => Target::Stalled,
+            _ => Target::Down,
+        };
+        self.targets[slot] = (view.current, target);
+        if target == Target::Up {
+            self.flush_waiting();
+        }
+    }
+
+    /// Whether the worker has handoffs it has not answered.
+    pub fn busy(&self, id: WorkerId) -> bool {
+        self.links[id.slot]
+            .iter()
+            .any(|l| l.id == id && l.pending() > 0)
+    }
+
+    /// Shutdown: hand what waits to a ready worker if there is one, else close it; from now on
+    /// nothing waits.
+    pub fn close(&mut self) {
+        self.closing = true;
+        self.flush_waiting();
+    }
+
+    /// The worker ACKed a connection.
+    pub fn acked(&mut self, id: WorkerId, accepted: Instant) {
+        let sm = &self.shared.metrics;
+        sm.slots[id.slot].connections.inc();
+        sm.handoff_duration
+            .observe(accepted.elapsed().as_secs_f64());
+        if let Some(l) = self.link(id) {
+            l.acked_since_report += 1;
+            self.update_active(id.slot);
+            // Room again under --max-pending for what waits because of it.
+            if self.waiting_for_room {
+                self.waiting_for_room = false;
+                self.flush_waiting();
+            }
+        }
+    }
+
+    /// The worker's dispatch handed connections back.
+    pub fn returned(&mut self, id: WorkerId, conns: Vec<Handoff>, why: Returned) {
+        if let Some(f) = why.failure() {
+            self.shared.metrics.failure(f, conns.len() as u64);
+        }
+        if why == Returned::SendError {
+            self.detach(id); // its channel failed: send it nothing more
+        }
+        // A connection the slot's current worker did not take goes to another slot; one a
+        // retiring worker hands back belongs to its slot's new worker.
+        let exclude = (self.targets[id.slot].0 == Some(id)).then_some(id.slot);
+        for h in conns {
+            self.route(h, exclude);
+        }
+    }
+
+    /// A message from the worker that concerns load or counts. Returns false for messages the
+    /// router does not handle (heartbeat, ready: the supervisor's).
+    pub fn message(&mut self, id: WorkerId, msg: &WorkerMsg) -> bool {
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
+        let sm = &metrics.slots[id.slot];
+        match msg {
+            WorkerMsg::Stats {
+                active,
+                total_requests,
+            } => {
+                let Some(l) = self.link(id) else { return true };
+                if let Some(a) = active {
+                    l.reported_active = *a;
+                    l.acked_since_report = 0;
+                    l.reports_active = true;
+                }
+                if let Some(t) = *total_requests {
+                    // Cumulative per process: add the delta; a smaller value means the worker's
+                    // own counter restarted, so all of it is new.
+                    let delta = t.checked_sub(l.reported_requests).unwrap_or(t);
+                    l.reported_requests = t;
+                    sm.requests.inc_by(delta);
+                }
+                self.update_active(id.slot);
+            }
+            WorkerMsg::SocketCount(n) => {
+                if let Some(l) = self.link(id)
+                    && !l.reports_active
+                {
+                    l.reported_active = *n;
+                    l.acked_since_report = 0;
+                }
+                self.update_active(id.slot);
+            }
+            WorkerMsg::Request => sm.requests.inc(),
+            WorkerMsg::Malformed => metrics.dropped(Dropped::Malformed),
+            WorkerMsg::Other | WorkerMsg::OtherInternal => metrics.dropped(Dropped::Ignored),
+            WorkerMsg::Heartbeat | WorkerMsg::Ready => return false,
+        }
+        true
+    }
+
+    /// Asks every worker that does not report its active connections for its socket count.
+    pub fn query_socket_counts(&self) {
+        for l in self.links.iter().flatten() {
+            if !l.reports_active
+                && !l.exited
+                && let Some(d) = &l.dispatch
+            {
+                d.query_socket_count();
+            }
+        }
+    }
+
+    /// Sends a connection to a worker, or queues it while no worker is ready.
+    pub fn route(&mut self, mut h: Handoff, exclude: Option<usize>) {
+        if h.dispatches >= MAX_DISPATCHES {
+            tracing::warn!(peer = %h.peer, "connection refused by {} workers; closing it", h.dispatches);
+            return; // dropping `h` closes it; the failure reasons were counted as they happened
+        }
+        for slot in 0..self.targets.len() {
+            self.loads[slot] = self.slot_load(slot, exclude);
+        }
+        let pick = if self.waits_for_home(&h) {
+            None
+        } else {
+            self.balancer.pick(h.peer.ip(), &self.loads)
+        };
+        let Some(slot) = pick else {
+            if (0..self.loads.len()).any(|s| self.at_limit(s)) {
+                self.waiting_for_room = true;
+            }
+            return self.wait(h);
+        };
+        let id = self.targets[slot].0.expect("an eligible slot has a worker");
+        h.dispatches += 1;
+        let sent = self
+            .link(id)
+            .and_then(|l| l.dispatch.as_ref())
+            .map(|d| d.send(h));
+        match sent {
+            Some(Ok(())) => {}
+            Some(Err(h)) => {
+                // The dispatch task is gone (its channel closed): never again.
+                self.detach(id);
+                self.route(h, Some(slot));
+            }
+            None => unreachable!("an eligible slot's worker has a dispatch"),
+        }
+    }
+
+    /// What the policy sees of a slot.
+    fn slot_load(&self, slot: usize, exclude: Option<usize>) -> SlotLoad {
+        let (current, target) = self.targets[slot];
+        let link = current.and_then(|id| self.links[slot].iter().find(|l| l.id == id));
+        match link {
+            Some(l) if target == Target::Up && l.dispatch.is_some() => {
+                let pending = l.pending();
+                SlotLoad {
+                    eligible: Some(slot) != exclude && pending < self.max_pending,
+                    load: l.active() + pending as u64,
+                }
+            }
+            _ => SlotLoad::default(),
+        }
+    }
+
+    /// The slot's worker is up but has `--max-pending` handoffs unconfirmed.
+    fn at_limit(&self, slot: usize) -> bool {
+        let (current, target) = self.targets[slot];
+        target == Target::Up
+            && current.is_some_and(|id| {
+                self.links[slot]
+                    .iter()
+                    .any(|l| l.id == id && l.pending() >= self.max_pending)
+            })
+    }
+
+    /// With `--sticky-stalled wait`, a sticky client whose own worker is stalled waits for it
+    /// (not when lb is shutting down: then its next choice is its only chance).
+    fn waits_for_home(&self, h: &Handoff) -> bool {
+        !self.closing
+            && self.policy == Policy::Sticky
+            && self.sticky_stalled == StalledSticky::Wait
+            && self
+                .balancer
+                .hash()
+                .pick(h.peer.ip(), self.targets.len(), |i| {
+                    self.targets[i].1 != Target::Down
+                })
+                .is_some_and(|home| self.targets[home].1 == Target::Stalled)
+    }
+
+    fn wait(&mut self, h: Handoff) {
+        let metrics = &self.shared.metrics;
+        if self.closing {
+            metrics.failure(Failure::NoWorker, 1);
+            return;
+        }
+        if self.waiting.len() >= self.max_queue {
+            metrics.failure(Failure::QueueFull, 1);
+            return;
+        }
+        self.waiting.push_back(h);
+        metrics.queued.set(self.waiting.len() as i64);
+    }
+
+    /// Routes queued connections now that a worker may be ready.
+    fn flush_waiting(&mut self) {
+        for _ in 0..self.waiting.len() {
+            let Some(h) = self.waiting.pop_front() else {
+                break;
+            };
+            self.route(h, None);
+        }
+        self.shared.metrics.queued.set(self.waiting.len() as i64);
+    }
+
+    /// Closes connections that waited longer than `--queue-timeout`.
+    pub fn expire(&mut self, now: Instant) {
+        let limit = self.queue_timeout;
+        let mut expired = 0;
+        while self
+            .waiting
+            .front()
+            .is_some_and(|h| now.saturating_duration_since(h.accepted) >= limit)
+        {
+            self.waiting.pop_front();
+            expired += 1;
+        }
+        if expired > 0 {
+            self.shared.metrics.failure(Failure::NoWorker, expired);
+            self.shared.metrics.queued.set(self.waiting.len() as i64);
+            tracing::warn!(
+                "closed {expired} connection(s) after waiting {limit:?} for a ready worker"
+            );
+        }
+    }
+
+    /// When the oldest waiting connection times out.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting
+            .front()
+            .map(|h| h.accepted + self.queue_timeout)
+    }
+
+    fn link(&mut self, id: WorkerId) -> Option<&mut Link> {
+        self.links[id.slot].iter_mut().find(|l| l.id == id)
+    }
+
+    fn update_active(&self, slot: usize) {
+        let active: u64 = self.links[slot].iter().map(Link::active).sum();
+        self.shared.metrics.slots[slot].active.set(active as i64);
+    }
+}

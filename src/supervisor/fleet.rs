@@ -1,0 +1,938 @@
+//! The supervisor's core: the lifecycle of every slot's workers as one state machine, without I/O.
+//!
+//! [`Fleet`] is sans-I/O in the style of `quinn-proto`: it never spawns, signals, reads a clock or
+//! touches a socket. The shell ([`super::shell`]) feeds it what happened — a worker was spawned,
+//! said ready, beat, stalled, closed its channel, exited; a timer fired ([`Fleet::tick`]); an
+//! operator asked for a roll or a shutdown — always with the current time, and carries out the
+//! [`Action`]s it hands back ([`Fleet::poll_action`]): spawn a worker, signal a process group,
+//! detach a worker from routing, publish a slot's new view, count a restart.
+//!
+//! Each worker process is in exactly one [`Phase`]; every transition is a method below, and
+//! signals are requested in exactly one place ([`Fleet::signal`]), which also moves the phase, so
+//! "SIGTERM sent" and "draining" cannot disagree.
+//!
+//! Per slot (DESIGN §4): slots are stable; a slot has at most one `current` worker (the one
+//! routed to), at most one `incoming` replacement (rolling restart, memory limit), and any
+//! number of `retiring` workers finishing their connections. An unexpected exit schedules a
+//! respawn with [`RestartPolicy`]'s backoff; a crash loop marks the slot failed for a cool-down.
+//! A rolling restart replaces one slot at a time ([`Roll`]): the next slot starts only once the
+//! new worker of the previous one is ready and has shown a sign of life.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::backoff::{CrashLoop, Next, RestartPolicy};
+
+/// How long, without `--wait-ready`, a rolling restart waits for a new worker's first message
+/// before it moves on to the next slot anyway.
+pub const ROLL_SETTLE: Duration = Duration::from_secs(1);
+
+/// One worker process: its slot and its generation within the slot (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkerId {
+    /// The slot it serves.
+    pub slot: usize,
+    /// Spawn count of the slot when it was started (0 for the first).
+    pub generation: u64,
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.slot, self.generation)
+    }
+}
+
+/// A signal to a worker's process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// Finish what you hold and exit.
+    Term,
+    /// Now.
+    Kill,
+}
+
+/// Where a worker process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Spawned; not ready yet (`--wait-ready`): gets no connections.
+    Starting {
+        /// When it was spawned.
+        since: Instant,
+    },
+    /// Takes connections.
+    Ready,
+    /// Ready, but has left a handoff unanswered for the stall timeout: no new connections until
+    /// it answers again.
+    Stalled,
+    /// Sent SIGTERM: finishing its connections, gets no new ones.
+    Draining {
+        /// When SIGTERM was sent.
+        since: Instant,
+    },
+    /// Sent SIGKILL.
+    Killing,
+    /// The process is gone (its channel may still be handing back connections).
+    Exited,
+}
+
+impl Phase {
+    fn is_live(self) -> bool {
+        !matches!(self, Phase::Exited)
+    }
+
+    fn signalled(self) -> bool {
+        matches!(self, Phase::Draining { .. } | Phase::Killing)
+    }
+}
+
+/// What `/workers` and `lb_worker_up` show for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// A worker is starting.
+    Starting,
+    /// The worker takes connections.
+    Ready,
+    /// The worker stopped answering handoffs.
+    Stalled,
+    /// Waiting to respawn after an exit.
+    Backoff,
+    /// Crash loop: resting before the next try.
+    Failed,
+    /// Shutting down; the worker is finishing.
+    Draining,
+    /// Shut down; no worker.
+    Exited,
+}
+
+impl SlotState {
+    /// The name in `/workers`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Stalled => "stalled",
+            Self::Backoff => "backoff",
+            Self::Failed => "failed",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+        }
+    }
+}
+
+/// A slot as the rest of lb sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    /// The slot's current worker, if any.
+    pub current: Option<WorkerId>,
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// When it was spawned.
+    pub started: Option<Instant>,
+    /// What to show.
+    pub state: SlotState,
+}
+
+impl SlotView {
+    /// The slot's current worker takes new connections.
+    pub fn up(&self) -> bool {
+        self.state == SlotState::Ready
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker process for this id, then report [`Fleet::spawned`] or
+    /// [`Fleet::spawn_failed`].
+    Spawn(WorkerId),
+    /// Signal a worker's process group.
+    Signal {
+        /// Which worker (for logs).
+        id: WorkerId,
+        /// Its pid (the process group id).
+        pid: u32,
+        /// Which signal.
+        sig: Sig,
+    },
+    /// Send this worker no more connections; its dispatch hands back what it has not delivered.
+    Detach(WorkerId),
+    /// The slot's view changed (see [`Fleet::view`]).
+    Publish(usize),
+    /// The slot's worker was replaced (`lb_worker_restarts_total`).
+    Restarted(usize),
+}
+
+/// Settings the lifecycle depends on.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Number of slots.
+    pub workers: usize,
+    /// A worker is ready only once it says so (`--wait-ready`).
+    pub wait_ready: bool,
+    /// A worker not ready by then is killed (`--ready-timeout`).
+    pub ready_timeout: Duration,
+    /// How long a draining worker may take before SIGKILL (`--shutdown-timeout`).
+    pub drain_timeout: Duration,
+    /// A worker that beat once and then is silent this long is killed (`--heartbeat-timeout`).
+    pub heartbeat_timeout: Duration,
+    /// RSS above which a worker is replaced (`--max-memory`).
+    pub max_memory: Option<u64>,
+    /// The crash-loop guard (`--crash-loop`).
+    pub crash_loop: CrashLoop,
+    /// At shutdown, how long a worker that still has handoffs to answer is spared SIGTERM.
+    pub settle_timeout: Duration,
+}
+
+/// One worker process.
+#[derive(Debug, Clone)]
+struct Worker {
+    id: WorkerId,
+    pid: u32,
+    started: Instant,
+    phase: Phase,
+    /// Last heartbeat (`None` until the first: workers that never beat are not watched).
+    last_heartbeat: Option<Instant>,
+    /// Its channel reached EOF: nothing more will come from it.
+    channel_closed: bool,
+}
+
+impl Worker {
+    fn gone(&self) -> bool {
+        self.phase == Phase::Exited && self.channel_closed
+    }
+}
+
+/// A spawn requested and not yet reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The slot's worker (first start or respawn).
+    Current,
+    /// A replacement for the slot's current worker.
+    Incoming,
+}
+
+/// When a slot without a worker gets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Respawn {
+    /// Not scheduled.
+    Idle,
+    /// After a backoff delay.
+    At(Instant),
+    /// After a crash loop's cool-down.
+    Failed(Instant),
+}
+
+#[derive(Debug)]
+struct Slot {
+    current: Option<Worker>,
+    incoming: Option<Worker>,
+    retiring: Vec<Worker>,
+    spawning: Option<(u64, Role)>,
+    next_generation: u64,
+    restart: RestartPolicy,
+    respawn: Respawn,
+}
+
+impl Slot {
+    fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.current
+            .iter()
+            .chain(self.incoming.iter())
+            .chain(self.retiring.iter())
+    }
+
+    fn find(&mut self, generation: u64) -> Option<&mut Worker> {
+        self.current
+            .iter_mut()
+            .chain(self.incoming.iter_mut())
+            .chain(self.retiring.iter_mut())
+            .find(|w| w.id.generation == generation)
+    }
+}
+
+/// Where a rolling restart is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Roll {
+    /// The new worker of this slot is starting.
+    Starting(usize),
+    /// The new worker of this slot took over; waiting for a sign of life (or `until`).
+    Settling {
+        /// The new worker.
+        id: WorkerId,
+        /// Move on at the latest then.
+        until: Instant,
+    },
+}
+
+impl Roll {
+    fn slot(self) -> usize {
+        match self {
+            Roll::Starting(s) => s,
+            Roll::Settling { id, .. } => id.slot,
+        }
+    }
+}
+
+/// A graceful shutdown in progress.
+#[derive(Debug)]
+struct Shutdown {
+    since: Instant,
+    /// Workers spared SIGTERM until their handoffs are answered.
+    held: Vec<WorkerId>,
+    /// The shutdown timeout passed and everything left was killed.
+    killed: bool,
+}
+
+/// Every slot's lifecycle.
+#[derive(Debug)]
+pub struct Fleet {
+    cfg: FleetConfig,
+    slots: Vec<Slot>,
+    roll: Option<Roll>,
+    shutdown: Option<Shutdown>,
+    actions: std::collections::VecDeque<Action>,
+}
+
+impl Fleet {
+    /// A fleet whose slots all want a worker now.
+    pub fn new(cfg: FleetConfig, now: Instant) -> Self {
+        let slots = (0..cfg.workers)
+            .map(|_| Slot {
+                current: None,
+                incoming: None,
+                retiring: Vec::new(),
+                spawning: None,
+                next_generation: 0,
+                restart: RestartPolicy::new(cfg.crash_loop),
+                respawn: Respawn::At(now),
+            })
+            .collect();
+        let mut fleet = Self {
+            cfg,
+            slots,
+            roll: None,
+            shutdown: None,
+            actions: Default::default(),
+        };
+        fleet.tick(now);
+        fleet
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are no slots (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// True once a shutdown has begun.
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_some()
+    }
+
+    /// True once a shutdown has begun and every worker is gone (exited, channel closed).
+    pub fn is_done(&self) -> bool {
+        self.shutdown.is_some()
+            && self
+                .slots
+                .iter()
+                .all(|s| s.workers().all(Worker::gone) && s.spawning.is_none())
+    }
+
+    /// The slot's view (what routing, `/workers` and `lb_worker_up` use).
+    pub fn view(&self, slot: usize) -> SlotView {
+        let s = &self.slots[slot];
+        let cur = s.current.as_ref();
+        let state = match (cur.map(|w| w.phase), &self.shutdown, s.respawn) {
+            (Some(Phase::Ready), None, _) => SlotState::Ready,
+            (Some(Phase::Stalled), None, _) => SlotState::Stalled,
+            (Some(p), Some(_), _) if p.is_live() => SlotState::Draining,
+            (_, Some(_), _) => SlotState::Exited,
+            (Some(Phase::Starting { .. }), None, _) => SlotState::Starting,
+            (Some(p), None, _) if p.is_live() => SlotState::Draining,
+            (_, None, Respawn::Failed(_)) => SlotState::Failed,
+            (_, None, _) if s.spawning.is_some() => SlotState::Starting,
+            (_, None, _) => SlotState::Backoff,
+        };
+        SlotView {
+            current: cur.map(|w| w.id),
+            pid: cur.map(|w| w.pid),
+            started: cur.map(|w| w.started),
+            state,
+        }
+    }
+
+    /// Live workers (for sampling their memory and asking their socket counts).
+    pub fn live_workers(&self) -> impl Iterator<Item = (WorkerId, u32)> + '_ {
+        self.slots
+            .iter()
+            .flat_map(Slot::workers)
+            .filter(|w| w.phase.is_live())
+            .map(|w| (w.id, w.pid))
+    }
+
+    /// The earliest time [`Fleet::tick`] has something to do, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut d: Option<Instant> = None;
+        let mut at = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
+        if let Some(sd) = &self.shutdown {
+            if !sd.held.is_empty() {
+                at(sd.since + self.cfg.settle_timeout);
+            }
+            if !sd.killed {
+                at(sd.since + self.cfg.drain_timeout);
+            }
+        } else {
+            for s in &self.slots {
+                if let (None, None, Respawn::At(t) | Respawn::Failed(t)) =
+                    (&s.current, s.spawning, s.respawn)
+                {
+                    at(t);
+                }
+            }
+        }
+        if let Some(Roll::Settling { until, .. }) = self.roll {
+            at(until);
+        }
+        for s in &self.slots {
+            for w in s.workers() {
+                match w.phase {
+                    Phase::Starting { since } => at(since + self.cfg.ready_timeout),
+                    Phase::Draining { since } if self.shutdown.is_none() => {
+                        at(since + self.cfg.drain_timeout)
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(w) = &s.current
+                && matches!(w.phase, Phase::Ready | Phase::Stalled)
+                && let Some(t) = w.last_heartbeat
+            {
+                at(t + self.cfg.heartbeat_timeout);
+            }
+        }
+        d
+    }
+
+    // ---- events -------------------------------------------------------------------------------
+
+    /// A requested worker is running as `pid`.
+    pub fn spawned(&mut self, id: WorkerId, pid: u32, now: Instant) {
+        let s = &mut self.slots[id.slot];
+        let Some((generation, role)) = s.spawning.take() else {
+            return;
+        };
+        debug_assert_eq!(generation, id.generation);
+        tracing::debug!(slot = id.slot, pid, generation, "spawned worker");
+        let w = Worker {
+            id,
+            pid,
+            started: now,
+            phase: Phase::Starting { since: now },
+            last_heartbeat: None,
+            channel_closed: false,
+        };
+        match role {
+            Role::Current => {
+                if id.generation > 0 {
+                    self.actions.push_back(Action::Restarted(id.slot));
+                }
+                s.current = Some(w);
+            }
+            Role::Incoming => s.incoming = Some(w),
+        }
+        if self.shutdown.is_some() {
+            // Asked for before the shutdown began: stop it at once.
+            self.signal_worker(id, Sig::Term, now);
+        } else if !self.cfg.wait_ready {
+            self.on_ready(id, now);
+        }
+        self.publish(id.slot);
+    }
+
+    /// A requested worker could not be started.
+    pub fn spawn_failed(&mut self, id: WorkerId, now: Instant) {
+        let s = &mut self.slots[id.slot];
+        let Some((_, role)) = s.spawning.take() else {
+            return;
+        };
+        match role {
+            // Counts as an exit: backoff and crash-loop guard apply.
+            Role::Current => self.schedule_respawn(id.slot, now, Duration::ZERO),
+            Role::Incoming => {
+                if self.roll.is_some_and(|r| r.slot() == id.slot) {
+                    tracing::warn!(
+                        "rolling restart stopped at slot {}: cannot start a new worker",
+                        id.slot
+                    );
+                    self.roll = None;
+                }
+            }
+        }
+        self.publish(id.slot);
+    }
+
+    /// The worker said `{"type":"ready"}` (or, without `--wait-ready`, was spawned).
+    pub fn on_ready(&mut self, id: WorkerId, now: Instant) {
+        let s = &mut self.slots[id.slot];
+        let is_incoming = s.incoming.as_ref().is_some_and(|w| w.id == id);
+        let Some(w) = s.find(id.generation) else {
+            return;
+        };
+        if !matches!(w.phase, Phase::Starting { .. }) || w.channel_closed {
+            return;
+        }
+        w.phase = Phase::Ready;
+        if is_incoming {
+            // Replacement: switch the slot to the new worker, drain the old one.
+            let new = s.incoming.take().expect("checked");
+            let pid = new.pid;
+            if let Some(old) = s.current.replace(new) {
+                let old_id = old.id;
+                tracing::info!(slot = id.slot, pid = old.pid, "draining old worker");
+                s.retiring.push(old);
+                self.signal_worker(old_id, Sig::Term, now);
+            }
+            self.actions.push_back(Action::Restarted(id.slot));
+            tracing::info!(slot = id.slot, pid, "replacement worker ready");
+            if self.roll == Some(Roll::Starting(id.slot)) {
+                self.roll = Some(Roll::Settling {
+                    id,
+                    until: now + ROLL_SETTLE,
+                });
+                if self.cfg.wait_ready {
+                    // Saying ready is the sign of life.
+                    self.advance_roll(id.slot + 1, now);
+                }
+            }
+        } else {
+            tracing::info!(slot = id.slot, pid = w.pid, "worker ready");
+        }
+        self.publish(id.slot);
+    }
+
+    /// The worker sent a message (any kind): it is alive and reading its channel.
+    pub fn on_alive(&mut self, id: WorkerId, now: Instant) {
+        if let Some(Roll::Settling { id: r, .. }) = self.roll
+            && r == id
+        {
+            self.advance_roll(id.slot + 1, now);
+        }
+    }
+
+    /// The worker sent a heartbeat.
+    pub fn on_heartbeat(&mut self, id: WorkerId, now: Instant) {
+        if let Some(w) = self.slots[id.slot].find(id.generation) {
+            w.last_heartbeat = Some(now);
+        }
+        self.on_alive(id, now);
+    }
+
+    /// The worker's dispatch saw a handoff unanswered for the stall timeout.
+    pub fn on_stalled(&mut self, id: WorkerId, stall_timeout: Duration) {
+        if let Some(w) = self.slots[id.slot].find(id.generation)
+            && w.phase == Phase::Ready
+        {
+            w.phase = Phase::Stalled;
+            tracing::warn!(
+                slot = id.slot,
+                pid = w.pid,
+                "worker has not answered a handoff for {stall_timeout:?}; no new connections until it does"
+            );
+            self.publish(id.slot);
+        }
+    }
+
+    /// A stalled worker answered again.
+    pub fn on_recovered(&mut self, id: WorkerId) {
+        if let Some(w) = self.slots[id.slot].find(id.generation)
+            && w.phase == Phase::Stalled
+        {
+            w.phase = Phase::Ready;
+            tracing::info!(slot = id.slot, pid = w.pid, "stalled worker answers again");
+            self.publish(id.slot);
+        }
+    }
+
+    /// The worker answered a handoff it was never sent: its channel cannot be trusted.
+    pub fn on_desync(&mut self, id: WorkerId, now: Instant) {
+        if let Some(w) = self.slots[id.slot].find(id.generation)
+            && !w.phase.signalled()
+            && w.phase.is_live()
+        {
+            tracing::error!(
+                slot = id.slot,
+                pid = w.pid,
+                "worker answered a handoff that was never sent; its channel cannot be trusted, replacing it"
+            );
+            self.signal_worker(id, Sig::Term, now);
+            self.publish(id.slot);
+        }
+    }
+
+    /// The worker's channel reached EOF (its dispatch has handed back everything it held).
+    pub fn on_channel_closed(&mut self, id: WorkerId, now: Instant) {
+        let Some(w) = self.slots[id.slot].find(id.generation) else {
+            return;
+        };
+        w.channel_closed = true;
+        let (live, signalled, pid) = (w.phase.is_live(), w.phase.signalled(), w.pid);
+        if live && !signalled && self.shutdown.is_none() {
+            // A worker without its channel can never get a connection again.
+            tracing::warn!(
+                slot = id.slot,
+                pid,
+                "worker closed its channel; stopping it"
+            );
+        }
+        if live && !signalled {
+            self.signal_worker(id, Sig::Term, now);
+        }
+        self.forget_gone(id.slot);
+        self.publish(id.slot);
+    }
+
+    /// The worker process exited (`how` describes its status, for the log).
+    pub fn on_exit(&mut self, id: WorkerId, how: &str, now: Instant) {
+        let shutting_down = self.shutdown.is_some();
+        let s = &mut self.slots[id.slot];
+        if s.current.as_ref().is_some_and(|w| w.id == id) {
+            let mut w = s.current.take().expect("checked");
+            let ran = now.saturating_duration_since(w.started);
+            if !w.phase.signalled() && !shutting_down {
+                tracing::warn!(
+                    slot = id.slot,
+                    pid = w.pid,
+                    "worker exited unexpectedly ({how}) after {:.1}s",
+                    ran.as_secs_f64()
+                );
+            }
+            w.phase = Phase::Exited;
+            s.retiring.push(w); // kept until its channel reports closed
+            self.actions.push_back(Action::Detach(id));
+            if !shutting_down {
+                self.schedule_respawn(id.slot, now, ran);
+            }
+        } else if s.incoming.as_ref().is_some_and(|w| w.id == id) {
+            let mut w = s.incoming.take().expect("checked");
+            tracing::warn!(
+                slot = id.slot,
+                pid = w.pid,
+                "replacement worker exited before it was ready ({how}); keeping the old one"
+            );
+            w.phase = Phase::Exited;
+            s.retiring.push(w);
+            self.actions.push_back(Action::Detach(id));
+            if self.roll.is_some_and(|r| r.slot() == id.slot) {
+                tracing::warn!("rolling restart stopped at slot {}", id.slot);
+                self.roll = None;
+            }
+        } else if let Some(w) = s.retiring.iter_mut().find(|w| w.id == id) {
+            w.phase = Phase::Exited;
+            tracing::info!(slot = id.slot, pid = w.pid, "old worker exited ({how})");
+        }
+        self.forget_gone(id.slot);
+        self.publish(id.slot);
+    }
+
+    /// The worker's resident memory was sampled.
+    pub fn on_rss(&mut self, id: WorkerId, bytes: u64, now: Instant) {
+        let s = &self.slots[id.slot];
+        if let Some(limit) = self.cfg.max_memory
+            && bytes > limit
+            && self.shutdown.is_none()
+            && s.current
+                .as_ref()
+                .is_some_and(|w| w.id == id && w.phase.is_live())
+        {
+            self.replace(
+                id.slot,
+                &format!("RSS {bytes} bytes exceeds --max-memory {limit}"),
+            );
+        }
+        let _ = now;
+    }
+
+    /// SIGUSR2: replace every slot's worker, one slot at a time.
+    pub fn roll(&mut self, now: Instant) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        if self.roll.is_some() {
+            tracing::info!("SIGUSR2: a rolling restart is already in progress");
+            return;
+        }
+        tracing::info!("SIGUSR2: rolling restart of {} workers", self.slots.len());
+        self.advance_roll(0, now);
+    }
+
+    /// Graceful shutdown: no more respawns or rolls; SIGTERM to every worker except those for
+    /// which `busy` says handoffs are still unanswered (they get it once [`Fleet::on_settled`]
+    /// or the settle timeout); SIGKILL to what is left after the shutdown timeout.
+    pub fn shutdown(&mut self, why: &str, now: Instant, busy: impl Fn(WorkerId) -> bool) {
+        if self.shutdown.is_some() {
+            tracing::info!("{why} again: shutdown already in progress");
+            return;
+        }
+        tracing::info!(
+            "{why}: graceful shutdown (timeout {:?})",
+            self.cfg.drain_timeout
+        );
+        self.roll = None;
+        let mut held = Vec::new();
+        let mut term = Vec::new();
+        for s in &mut self.slots {
+            s.respawn = Respawn::Idle;
+            for w in s
+                .workers()
+                .filter(|w| w.phase.is_live() && !w.phase.signalled())
+            {
+                if busy(w.id) {
+                    held.push(w.id);
+                } else {
+                    term.push(w.id);
+                }
+            }
+        }
+        self.shutdown = Some(Shutdown {
+            since: now,
+            held,
+            killed: false,
+        });
+        for id in term {
+            self.signal_worker(id, Sig::Term, now);
+        }
+        for slot in 0..self.slots.len() {
+            self.publish(slot);
+        }
+    }
+
+    /// During a shutdown: the worker has no handoff left to answer.
+    pub fn on_settled(&mut self, id: WorkerId, now: Instant) {
+        if let Some(sd) = &mut self.shutdown
+            && let Some(i) = sd.held.iter().position(|h| *h == id)
+        {
+            sd.held.swap_remove(i);
+            self.signal_worker(id, Sig::Term, now);
+        }
+    }
+
+    /// Timers: respawns, ready timeouts, drain timeouts, heartbeats, roll pacing, shutdown.
+    pub fn tick(&mut self, now: Instant) {
+        if let Some(sd) = &mut self.shutdown {
+            if !sd.held.is_empty() && now >= sd.since + self.cfg.settle_timeout {
+                for id in std::mem::take(&mut sd.held) {
+                    self.signal_worker(id, Sig::Term, now);
+                }
+            }
+            let sd = self.shutdown.as_mut().expect("checked");
+            if !sd.killed && now >= sd.since + self.cfg.drain_timeout {
+                sd.killed = true;
+                let left: Vec<WorkerId> = self
+                    .slots
+                    .iter()
+                    .flat_map(Slot::workers)
+                    .filter(|w| w.phase.is_live() && w.phase != Phase::Killing)
+                    .map(|w| w.id)
+                    .collect();
+                for id in left {
+                    let pid = self.pid(id);
+                    tracing::warn!(
+                        pid,
+                        "worker still running after the shutdown timeout; killing it"
+                    );
+                    self.signal_worker(id, Sig::Kill, now);
+                }
+            }
+        }
+        for slot in 0..self.slots.len() {
+            self.tick_slot(slot, now);
+        }
+        if let Some(Roll::Settling { id, until }) = self.roll
+            && now >= until
+        {
+            self.advance_roll(id.slot + 1, now);
+        }
+    }
+
+    fn tick_slot(&mut self, slot: usize, now: Instant) {
+        let cfg = &self.cfg;
+        let s = &mut self.slots[slot];
+        if self.shutdown.is_none()
+            && s.current.is_none()
+            && s.spawning.is_none()
+            && matches!(s.respawn, Respawn::At(t) | Respawn::Failed(t) if t <= now)
+        {
+            self.request_spawn(slot, Role::Current);
+            return self.publish(slot);
+        }
+        let mut kill = Vec::new();
+        for w in s.workers() {
+            match w.phase {
+                Phase::Starting { since } if now >= since + cfg.ready_timeout => {
+                    tracing::warn!(
+                        slot,
+                        pid = w.pid,
+                        "worker not ready after {:?}; stopping it",
+                        cfg.ready_timeout
+                    );
+                    kill.push(w.id);
+                }
+                Phase::Draining { since }
+                    if self.shutdown.is_none() && now >= since + cfg.drain_timeout =>
+                {
+                    tracing::warn!(
+                        slot,
+                        pid = w.pid,
+                        "old worker did not exit within {:?}; killing it",
+                        cfg.drain_timeout
+                    );
+                    kill.push(w.id);
+                }
+                _ => {}
+            }
+        }
+        if let Some(w) = &s.current
+            && matches!(w.phase, Phase::Ready | Phase::Stalled)
+            && let Some(last) = w.last_heartbeat
+            && now >= last + cfg.heartbeat_timeout
+        {
+            tracing::warn!(
+                slot,
+                pid = w.pid,
+                "no heartbeat for {:?}; killing the worker",
+                now - last
+            );
+            kill.push(w.id);
+        }
+        if kill.is_empty() {
+            return;
+        }
+        let incoming = s.incoming.as_ref().map(|w| w.id);
+        for id in kill {
+            if Some(id) == incoming && self.roll == Some(Roll::Starting(slot)) {
+                tracing::warn!(
+                    "rolling restart stopped at slot {slot}: the new worker never got ready"
+                );
+                self.roll = None;
+            }
+            self.signal_worker(id, Sig::Kill, now);
+        }
+        self.publish(slot);
+    }
+
+    // ---- transitions --------------------------------------------------------------------------
+
+    /// The one place signals are sent: moves the worker's phase along with it (a worker is never
+    /// signalled twice the same way, and never again once SIGKILLed or gone).
+    fn signal_worker(&mut self, id: WorkerId, sig: Sig, now: Instant) {
+        let Some(w) = self.slots[id.slot].find(id.generation) else {
+            return;
+        };
+        let next = match (sig, w.phase) {
+            (_, Phase::Exited | Phase::Killing) => return,
+            (Sig::Term, Phase::Draining { .. }) => return,
+            (Sig::Term, _) => Phase::Draining { since: now },
+            (Sig::Kill, _) => Phase::Killing,
+        };
+        w.phase = next;
+        let pid = w.pid;
+        self.actions.push_back(Action::Signal { id, pid, sig });
+        self.actions.push_back(Action::Detach(id));
+    }
+
+    fn pid(&self, id: WorkerId) -> u32 {
+        self.slots[id.slot]
+            .workers()
+            .find(|w| w.id == id)
+            .map_or(0, |w| w.pid)
+    }
+
+    fn request_spawn(&mut self, slot: usize, role: Role) {
+        let s = &mut self.slots[slot];
+        let generation = s.next_generation;
+        s.next_generation += 1;
+        s.spawning = Some((generation, role));
+        if role == Role::Current {
+            s.respawn = Respawn::Idle;
+        }
+        self.actions
+            .push_back(Action::Spawn(WorkerId { slot, generation }));
+    }
+
+    /// Decides when `slot` gets a new worker after an unexpected exit.
+    fn schedule_respawn(&mut self, slot: usize, now: Instant, ran: Duration) {
+        let s = &mut self.slots[slot];
+        match s.restart.on_exit(now, ran) {
+            Next::Failed(cooldown) => {
+                let guard = self.cfg.crash_loop;
+                tracing::error!(
+                    slot,
+                    "worker crash loop: {} exits within {:?}; slot marked failed, retrying in {cooldown:?}",
+                    guard.exits,
+                    guard.window
+                );
+                s.respawn = Respawn::Failed(now + cooldown);
+            }
+            Next::Respawn(delay) => {
+                tracing::info!(slot, "respawning in {delay:?}");
+                s.respawn = Respawn::At(now + delay);
+            }
+        }
+    }
+
+    /// Starts a replacement for the slot's worker (it takes over once ready).
+    fn replace(&mut self, slot: usize, why: &str) {
+        let s = &self.slots[slot];
+        if s.incoming.is_some() || s.spawning.is_some() || s.current.is_none() {
+            return;
+        }
+        tracing::warn!(
+            slot,
+            pid = s.current.as_ref().map(|w| w.pid),
+            "replacing worker: {why}"
+        );
+        self.request_spawn(slot, Role::Incoming);
+    }
+
+    /// Starts the replacement of the first slot at or after `from` that has a live worker.
+    fn advance_roll(&mut self, from: usize, now: Instant) {
+        let _ = now;
+        self.roll = None;
+        for slot in from..self.slots.len() {
+            let s = &self.slots[slot];
+            if s.current.as_ref().is_none_or(|w| !w.phase.is_live())
+                || s.incoming.is_some()
+                || s.spawning.is_some()
+            {
+                continue; // down or already being replaced: it gets a fresh worker anyway
+            }
+            self.roll = Some(Roll::Starting(slot));
+            self.request_spawn(slot, Role::Incoming);
+            return;
+        }
+        tracing::info!("rolling restart complete");
+    }
+
+    /// Forgets workers that exited and whose channel is closed.
+    fn forget_gone(&mut self, slot: usize) {
+        self.slots[slot].retiring.retain(|w| !w.gone());
+    }
+
+    fn publish(&mut self, slot: usize) {
+        if self.actions.back() != Some(&Action::Publish(slot)) {
+            self.actions.push_back(Action::Publish(slot));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,15 @@
+//! Supervision of the worker processes: a pure lifecycle core and the async shell around it.
+//!
+//! - [`fleet`] — the core: every slot's workers as one state machine ([`Phase`] per process),
+//!   driven by events and the time, handing back [`Action`]s. No tokio, no syscalls; unit-tested
+//!   with a fake clock. The rolling-restart sequencer and the shutdown choreography live here.
+//! - [`backoff`] — when a slot gets a new worker after an exit (pure).
+//! - [`shell`] — the master's one task: selects on accepts, dispatch reports, process exits,
+//!   signals and one timer; feeds the core and the [`crate::router`]; carries out actions
+//!   (spawn, signal a process group, detach, publish, count).
+
+pub mod backoff;
+pub mod fleet;
+pub mod shell;
+
+pub use fleet::{Action, Fleet, FleetConfig, Phase, Sig, SlotState, SlotView, WorkerId};

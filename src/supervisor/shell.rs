@@ -1,0 +1,393 @@
+//! The master's async shell: one task on one thread that owns all state and does the I/O.
+//!
+//! It selects on four sources — the listener, dispatch reports, worker exits, signals — plus
+//! one timer, and does nothing but translate: accepted connections and handed-back ones go to the
+//! [`Router`]; lifecycle facts go to the [`Fleet`]; the fleet's [`Action`]s are carried out here
+//! (spawn, signal a process group, detach, publish a slot's view, count a restart). There are no
+//! locks on the data path; the admin endpoint reads [`Shared`].
+//!
+//! The master spawns workers only from this thread, which lives as long as the process, so
+//! `PR_SET_PDEATHSIG` fires only when the master dies (PITFALLS §6).
+
+use std::net::SocketAddr;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
+use crate::channel::{DEFAULT_MAX_LINE, WorkerMsg};
+use crate::config::Settings;
+use crate::dispatch::{self, Handoff, Report};
+use crate::listener::{AcceptError, Listener};
+use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
+use crate::router::Router;
+use crate::{procfs, spawn};
+
+/// How often memory is sampled and socket counts asked for.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// Pause of the accept loop after running out of fds or memory.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Accepts per wakeup before other work gets a turn.
+const ACCEPT_BATCH: usize = 64;
+/// At most one "accept failed" log line this often.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// A worker process exited.
+type Exit = (WorkerId, Option<ExitStatus>);
+
+/// The master process.
+pub struct Master {
+    settings: Settings,
+    /// The worker command.
+    argv: Vec<String>,
+    fleet: Fleet,
+    router: Router,
+    shared: Arc<Shared>,
+    reports_tx: mpsc::UnboundedSender<dispatch::Event>,
+    reports_rx: mpsc::UnboundedReceiver<dispatch::Event>,
+    exits_tx: mpsc::UnboundedSender<Exit>,
+    exits_rx: mpsc::UnboundedReceiver<Exit>,
+    accept_paused_until: Option<Instant>,
+    last_exhausted_log: Option<Instant>,
+}
+
+impl Master {
+    /// Creates the master for `settings`; `argv` is the worker command.
+    pub fn new(settings: Settings, argv: Vec<String>, shared: Arc<Shared>) -> Self {
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let fleet = Fleet::new(
+            FleetConfig {
+                workers: settings.workers,
+                wait_ready: settings.wait_ready,
+                ready_timeout: settings.ready_timeout,
+                drain_timeout: settings.shutdown_timeout,
+                heartbeat_timeout: settings.heartbeat_timeout,
+                max_memory: settings.max_memory,
+                crash_loop: settings.crash_loop,
+                settle_timeout: settings.stall_timeout,
+            },
+            Instant::now(),
+        );
+        Self {
+            router: Router::new(&settings, shared.clone()),
+            fleet,
+            settings,
+            argv,
+            shared,
+            reports_tx,
+            reports_rx,
+            exits_tx,
+            exits_rx,
+            accept_paused_until: None,
+            last_exhausted_log: None,
+        }
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub async fn run(mut self, listener: Listener) -> std::io::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut listener = Some(listener);
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        self.apply(Instant::now());
+        // One timer for every deadline, reset only when the earliest deadline changes (the hot
+        // path — accept, hand off, ACK — then touches no timer at all).
+        let mut armed = next_housekeeping;
+        let timer = tokio::time::sleep_until(armed.into());
+        tokio::pin!(timer);
+        loop {
+            let now = Instant::now();
+            if self.accept_paused_until.is_some_and(|t| t <= now) {
+                self.accept_paused_until = None;
+            }
+            if now >= next_housekeeping {
+                self.housekeeping(now);
+                next_housekeeping = now + HOUSEKEEPING;
+            }
+            self.fleet.tick(now);
+            self.router.expire(now);
+            self.apply(now);
+            if self.fleet.shutting_down() {
+                listener = None; // stop accepting: close the listening socket
+                if self.fleet.is_done() {
+                    break;
+                }
+            }
+            let deadline = [
+                self.fleet.next_deadline(),
+                self.router.next_deadline(),
+                self.accept_paused_until,
+            ]
+            .into_iter()
+            .flatten()
+            .fold(next_housekeeping, Instant::min)
+            .max(now);
+            if deadline != armed {
+                armed = deadline;
+                timer.as_mut().reset(armed.into());
+            }
+            let accepting = listener.is_some() && self.accept_paused_until.is_none();
+            tokio::select! {
+                biased;
+                Some(ev) = self.reports_rx.recv() => {
+                    self.on_dispatch(ev);
+                    // Drain what else is queued before going back to accepting.
+                    while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev); }
+                }
+                Some((id, status)) = self.exits_rx.recv() => self.on_exit(id, status),
+                ready = async { listener.as_ref().expect("guarded").ready().await }, if accepting => {
+                    match ready {
+                        Ok(mut guard) => self.accept_batch(&mut guard),
+                        Err(e) => {
+                            tracing::error!("listener failed: {e}");
+                            self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                        }
+                    }
+                }
+                _ = term.recv() => self.begin_shutdown("SIGTERM"),
+                _ = int.recv() => self.begin_shutdown("SIGINT"),
+                _ = usr2.recv() => self.fleet.roll(Instant::now()),
+                _ = hup.recv() => tracing::info!("SIGHUP received: config reload is not supported yet; ignoring"),
+                () = &mut timer => {
+                    // Fired: arm far ahead until the next pass computes the real deadline.
+                    armed = Instant::now() + HOUSEKEEPING;
+                    timer.as_mut().reset(armed.into());
+                }
+            }
+        }
+        tracing::info!("all workers exited; bye");
+        Ok(())
+    }
+
+    fn accept_batch(
+        &mut self,
+        guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, socket2::Socket>,
+    ) {
+        let metrics = &self.shared.metrics;
+        for _ in 0..ACCEPT_BATCH {
+            match Listener::accept(guard) {
+                Ok((stream, peer)) => {
+                    metrics.accepted.inc();
+                    self.router.route(Handoff::new(stream, peer), None);
+                }
+                Err((AcceptError::WouldBlock, _)) => return,
+                Err((AcceptError::Transient, _)) => {
+                    metrics.accept_error(AcceptErrorKind::Transient)
+                }
+                Err((kind, e)) => {
+                    metrics.accept_error(if kind == AcceptError::Exhausted {
+                        AcceptErrorKind::Exhausted
+                    } else {
+                        AcceptErrorKind::Other
+                    });
+                    let now = Instant::now();
+                    if self
+                        .last_exhausted_log
+                        .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
+                    {
+                        self.last_exhausted_log = Some(now);
+                        let e = e.map(|e| e.to_string()).unwrap_or_default();
+                        tracing::warn!(
+                            "accept failed ({e}); pausing accepts for {ACCEPT_PAUSE:?} (logged at most every 5s)"
+                        );
+                    }
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_dispatch(&mut self, ev: dispatch::Event) {
+        let dispatch::Event { id, report } = ev;
+        let metrics = &self.shared.metrics;
+        match report {
+            Report::Acked { accepted } => {
+                self.router.acked(id, accepted);
+                self.settle(id);
+            }
+            Report::Nacked => metrics.failure(Failure::Nack, 1),
+            Report::Returned(conns, why) => {
+                self.router.returned(id, conns, why);
+                self.settle(id);
+            }
+            Report::Message(m) => {
+                let now = Instant::now();
+                if !self.router.message(id, &m) {
+                    match m {
+                        WorkerMsg::Heartbeat => self.fleet.on_heartbeat(id, now),
+                        WorkerMsg::Ready => self.fleet.on_ready(id, now),
+                        _ => {}
+                    }
+                }
+                self.fleet.on_alive(id, now);
+            }
+            Report::Stalled => self.fleet.on_stalled(id, self.settings.stall_timeout),
+            Report::Recovered => self.fleet.on_recovered(id),
+            Report::Desync => {
+                metrics.dropped(Dropped::Desync);
+                self.fleet.on_desync(id, Instant::now());
+            }
+            Report::TooLong => metrics.dropped(Dropped::TooLong),
+            Report::StrayFd => metrics.dropped(Dropped::StrayFd),
+            Report::Closed => {
+                self.fleet.on_channel_closed(id, Instant::now());
+                self.router.closed(id);
+            }
+        }
+        self.apply(Instant::now());
+    }
+
+    /// During a shutdown, a worker spared SIGTERM gets it once its handoffs are answered.
+    fn settle(&mut self, id: WorkerId) {
+        if self.fleet.shutting_down() && !self.router.busy(id) {
+            self.fleet.on_settled(id, Instant::now());
+        }
+    }
+
+    fn on_exit(&mut self, id: WorkerId, status: Option<ExitStatus>) {
+        let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
+        self.fleet.on_exit(id, &how, Instant::now());
+        self.router.exited(id);
+        self.apply(Instant::now());
+    }
+
+    fn begin_shutdown(&mut self, why: &str) {
+        if !self.fleet.shutting_down() {
+            // Hand what waits to a ready worker first (or close it): those workers get SIGTERM
+            // only once they have answered.
+            self.router.close();
+        }
+        let router = &self.router;
+        self.fleet
+            .shutdown(why, Instant::now(), |id| router.busy(id));
+        self.apply(Instant::now());
+    }
+
+    /// Memory sampling (and the memory limit) and socket-count queries.
+    fn housekeeping(&mut self, now: Instant) {
+        for slot in 0..self.fleet.len() {
+            let view = self.fleet.view(slot);
+            let (Some(id), Some(pid)) = (view.current, view.pid) else {
+                self.shared.metrics.slots[slot].memory.set(0);
+                continue;
+            };
+            let rss = procfs::rss_bytes(pid).unwrap_or(0);
+            self.shared.metrics.slots[slot].memory.set(rss as i64);
+            self.fleet.on_rss(id, rss, now);
+        }
+        // An unmodified Node worker counts the sockets we sent it: ask.
+        self.router.query_socket_counts();
+        self.apply(now);
+    }
+
+    /// Carries out what the fleet asks for.
+    fn apply(&mut self, now: Instant) {
+        while let Some(action) = self.fleet.poll_action() {
+            match action {
+                Action::Spawn(id) => self.spawn(id, now),
+                Action::Signal { pid, sig, .. } => spawn::signal_group(
+                    pid,
+                    match sig {
+                        Sig::Term => Signal::SIGTERM,
+                        Sig::Kill => Signal::SIGKILL,
+                    },
+                ),
+                Action::Detach(id) => self.router.detach(id),
+                Action::Publish(slot) => {
+                    let view = self.fleet.view(slot);
+                    self.shared.metrics.slots[slot].up.set(view.up() as i64);
+                    self.shared.set_slot(
+                        slot,
+                        crate::metrics::SlotView {
+                            pid: view.pid,
+                            state: view.state.as_str(),
+                            started: view.started,
+                            generation: view.current.map_or(0, |w| w.generation),
+                        },
+                    );
+                    self.router.publish(slot, &view);
+                }
+                Action::Restarted(slot) => self.shared.metrics.slots[slot].restarts.inc(),
+            }
+        }
+    }
+
+    fn spawn(&mut self, id: WorkerId, now: Instant) {
+        // Workers built on lb::worker beat three times per heartbeat timeout.
+        let beat_ms = (self.settings.heartbeat_timeout.as_millis() / 3)
+            .max(10)
+            .to_string();
+        let spawned =
+            match spawn::spawn_worker(&self.argv, id.slot, &[("LB_HEARTBEAT_MS", beat_ms)]) {
+                Ok(sp) => sp,
+                Err(e) => {
+                    tracing::error!(
+                        slot = id.slot,
+                        "cannot start worker `{}`: {e}",
+                        self.argv[0]
+                    );
+                    return self.fleet.spawn_failed(id, now);
+                }
+            };
+        let limits = dispatch::Limits {
+            window: self.settings.max_pending,
+            max_line: DEFAULT_MAX_LINE,
+            stall_timeout: self.settings.stall_timeout,
+        };
+        let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), limits);
+        self.router.attach(id, handle);
+        let mut child = spawned.child;
+        let exits = self.exits_tx.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = exits.send((id, status));
+        });
+        self.fleet.spawned(id, spawned.pid, now);
+    }
+}
+
+fn describe_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (_, Some(sig)) => format!(
+            "killed by signal {}",
+            Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string())
+        ),
+        _ => s.to_string(),
+    }
+}
+
+/// The addresses lb actually listens on (for the start-up log line).
+pub fn listening_line(listen: SocketAddr, metrics: Option<SocketAddr>) -> String {
+    match metrics {
+        Some(m) => format!("listening on {listen}, metrics on {m}"),
+        None => format!("listening on {listen}, metrics off"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_names_both_addresses() {
+        let l = listening_line(
+            "127.0.0.1:1".parse().unwrap(),
+            Some("127.0.0.1:2".parse().unwrap()),
+        );
+        assert_eq!(l, "listening on 127.0.0.1:1, metrics on 127.0.0.1:2");
+        assert_eq!(
+            listening_line("127.0.0.1:1".parse().unwrap(), None),
+            "listening on 127.0.0.1:1, metrics off"
+        );
+    }
+}
