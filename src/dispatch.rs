@@ -25,7 +25,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +35,8 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use crate::channel::{
-    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Line, LineDecoder, SOCKET_COUNT_QUERY, WorkerMsg,
+    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Inbox, Incoming, Received, SOCKET_COUNT_QUERY,
+    WorkerMsg,
 };
 use crate::supervisor::WorkerId;
 use crate::sys;
@@ -253,31 +254,9 @@ async fn run(
         tokio::select! {
             ready = io.readable() => {
                 let Ok(mut guard) = ready else { break };
-                // Bounded batch per wakeup; readiness stays set if there is more.
-                for _ in 0..16 {
-                    let fds_before = d.stray.len();
-                    let r = guard.try_io(|io| {
-                        sys::recv_with_fds(io.get_ref().as_fd(), &mut d.buf, &mut d.stray, &mut d.truncated)
-                    });
-                    match r {
-                        Err(_would_block) => break,
-                        Ok(Ok(0)) => { open = false; break; }
-                        Ok(Ok(n)) => {
-                            d.decoder.extend(&d.buf[..n]);
-                            // A short read drained the socket (as tokio does for its own streams),
-                            // unless it stopped early at a message carrying fds: skip the EAGAIN.
-                            if n < d.buf.len() && d.stray.len() == fds_before && !d.truncated {
-                                guard.clear_ready();
-                                break;
-                            }
-                        }
-                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Ok(Err(e)) => {
-                            tracing::debug!(slot, generation, "worker channel read error: {e}");
-                            open = false;
-                            break;
-                        }
-                    }
+                if d.inbox.read(&mut guard) == Received::Closed {
+                    tracing::debug!(slot, generation, "worker channel closed");
+                    open = false;
                 }
                 drop(guard);
                 d.process_lines(&send);
@@ -376,11 +355,8 @@ struct Dispatcher {
     /// The master sends no more (the worker is being replaced): NACKed connections go back to
     /// the master at once instead of being retried here.
     draining: bool,
-    decoder: LineDecoder,
-    buf: Vec<u8>,
-    /// Fds the worker sent us, in arrival order.
-    stray: VecDeque<OwnedFd>,
-    truncated: bool,
+    /// The channel's receiving half (framing, fds the worker sent us).
+    inbox: Inbox,
 }
 
 impl Dispatcher {
@@ -399,10 +375,7 @@ impl Dispatcher {
             oldest_sent: None,
             sent_at: VecDeque::new(),
             stalled: false,
-            decoder: LineDecoder::new(max_line),
-            buf: vec![0; 64 * 1024],
-            stray: VecDeque::new(),
-            truncated: false,
+            inbox: Inbox::new(max_line, 64 * 1024),
         }
     }
 
@@ -540,13 +513,10 @@ impl Dispatcher {
     }
 
     fn process_lines(&mut self, send: &impl Fn(Report)) {
-        while let Some(line) = self.decoder.next_line() {
-            let msg = match line {
-                Line::TooLong => {
-                    send(Report::TooLong);
-                    continue;
-                }
-                Line::Complete(bytes) => FromWorker::parse(bytes),
+        while let Some(item) = self.inbox.next(FromWorker::parse) {
+            let Incoming::Message(msg) = item else {
+                send(Report::TooLong);
+                continue;
             };
             match msg {
                 FromWorker::HandleAck => match self.pop_answered(send) {
@@ -574,7 +544,7 @@ impl Dispatcher {
                 FromWorker::Handle => {
                     // lb does not take handles from workers: answer so the worker's later
                     // messages are not stuck behind it, and close the fd if one came.
-                    self.stray.pop_front();
+                    self.inbox.pop_fd();
                     self.owed_nacks += 1;
                     send(Report::StrayFd);
                 }
@@ -584,15 +554,7 @@ impl Dispatcher {
                 self.hold = false;
             }
         }
-        // An fd arrives with the first byte of its message, so only a line still incomplete can
-        // own one; any other fd came with a message that is not a handle: close it.
-        let keep = if self.decoder.buffered() > 0 { 1 } else { 0 };
-        while self.stray.len() > keep {
-            self.stray.pop_front();
-            send(Report::StrayFd);
-        }
-        if self.truncated {
-            self.truncated = false;
+        for _ in 0..self.inbox.close_stray_fds() {
             send(Report::StrayFd);
         }
     }

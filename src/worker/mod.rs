@@ -41,7 +41,9 @@ use serde_json::Value;
 use tokio::io::Interest;
 use tokio::sync::{Notify, mpsc};
 
-use crate::channel::{self, FromMaster, HANDLE_ACK, HANDLE_NACK, Line, LineDecoder, WorkerMsg};
+use crate::channel::{
+    self, FromMaster, HANDLE_ACK, HANDLE_NACK, Inbox, Incoming, Received, WorkerMsg,
+};
 use crate::sys;
 
 /// Errors opening the worker channel.
@@ -255,10 +257,7 @@ async fn serve_channel(
     counters: Arc<Counters>,
     heartbeat: Duration,
 ) {
-    let mut decoder = LineDecoder::new(channel::DEFAULT_MAX_LINE);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
-    let mut truncated = false;
+    let mut inbox = Inbox::new(channel::DEFAULT_MAX_LINE, 16 * 1024);
     let mut out: VecDeque<u8> = VecDeque::new();
     let mut out_open = true;
     let mut beat = tokio::time::interval(heartbeat);
@@ -285,21 +284,12 @@ async fn serve_channel(
             biased;
             ready = io.readable() => {
                 let Ok(mut guard) = ready else { return };
-                let mut eof = false;
-                for _ in 0..16 {
-                    match guard.try_io(|io| sys::recv_with_fds(io.get_ref().as_fd(), &mut buf, &mut fds, &mut truncated)) {
-                        Err(_) => break,
-                        Ok(Ok(0)) => { eof = true; break; }
-                        Ok(Ok(n)) => decoder.extend(&buf[..n]),
-                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Ok(Err(_)) => { eof = true; break; }
-                    }
-                }
+                let eof = inbox.read(&mut guard) == Received::Closed;
                 drop(guard);
-                while let Some(line) = decoder.next_line() {
-                    let Line::Complete(line) = line else { continue };
-                    match FromMaster::parse(line) {
-                        FromMaster::Handle { .. } => match fds.pop_front() {
+                while let Some(item) = inbox.next(FromMaster::parse) {
+                    let Incoming::Message(msg) = item else { continue };
+                    match msg {
+                        FromMaster::Handle { .. } => match inbox.pop_fd() {
                             // Nobody will accept it (the worker is shutting down): let lb give
                             // the connection to another worker.
                             Some(_) if conns.is_closed() => out.extend(HANDLE_NACK),
@@ -315,6 +305,7 @@ async fn serve_channel(
                         FromMaster::OtherInternal | FromMaster::Malformed => {}
                     }
                 }
+                inbox.close_stray_fds();
                 if eof {
                     return;
                 }

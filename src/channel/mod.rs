@@ -10,8 +10,15 @@
 //! - The decoder is bounded: a line longer than its limit is discarded (up to the next newline)
 //!   and reported, so a worker that writes megabytes without a newline cannot grow master memory.
 //! - A line that is not valid JSON is one dropped message, never a fatal channel error.
+//!
+//! Both ends use this module: [`Inbox`] is the receiving half of every channel endpoint (batch
+//! reads, fd FIFO, framing); [`FromWorker`]/[`WorkerMsg`] and [`FromMaster`] are the typed
+//! messages each way, with the constants and [`WorkerMsg::encode`] for what lb writes.
 
 use serde_json::Value;
+
+mod inbox;
+pub use inbox::{Inbox, Incoming, Received};
 
 /// The handoff envelope lb sends with each connection fd (one `sendmsg`, one fd).
 ///
