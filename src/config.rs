@@ -106,72 +106,6 @@ pub enum Sub {
     },
 }
 
-/// Server options, as given on the command line (all optional: the file and defaults fill in).
-#[derive(Debug, Default, Args)]
-pub struct RunArgs {
-    /// TCP address to accept on (`[::]:8000` is dual-stack; port 0 = any free port)
-    /// [default: 127.0.0.1:8000]
-    #[arg(short, long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Worker processes [default: number of CPUs]
-    #[arg(short, long, value_name = "N")]
-    pub workers: Option<String>,
-    /// sticky, round-robin or least-connections [default: sticky]
-    #[arg(short, long, value_name = "P")]
-    pub policy: Option<String>,
-    /// Prometheus/admin HTTP address, or `off` [default: 127.0.0.1:9464]
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
-    /// TOML config file; flags override it
-    #[arg(short, long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Seed of the sticky hash (decimal u64)
-    #[arg(long, value_name = "S")]
-    pub hash_seed: Option<String>,
-    /// Graceful drain time before workers are killed [default: 30s]
-    #[arg(long, value_name = "D")]
-    pub shutdown_timeout: Option<String>,
-    /// Restart a worker that sent heartbeats and then stays silent this long [default: 30s]
-    #[arg(long, value_name = "D")]
-    pub heartbeat_timeout: Option<String>,
-    /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
-    #[arg(long, value_name = "BYTES")]
-    pub max_memory: Option<String>,
-    /// How long a connection may wait for a ready worker [default: 5s]
-    #[arg(long, value_name = "D")]
-    pub queue_timeout: Option<String>,
-    /// A worker is ready only once it sends {"type":"ready"}
-    #[arg(long)]
-    pub wait_ready: bool,
-    /// How long a new worker may take to become ready [default: 30s]
-    #[arg(long, value_name = "D")]
-    pub ready_timeout: Option<String>,
-    /// Listen backlog [default: 4096]
-    #[arg(long, value_name = "N")]
-    pub backlog: Option<String>,
-    /// Most connections waiting for a worker before new ones are closed [default: 4096]
-    #[arg(long, value_name = "N")]
-    pub max_queue: Option<String>,
-    /// Most unconfirmed handoffs per worker before it is skipped [default: 256]
-    #[arg(long, value_name = "N")]
-    pub max_pending: Option<String>,
-    /// A worker that leaves a handoff unanswered this long gets no new connections until it
-    /// answers [default: 2s]
-    #[arg(long, value_name = "D")]
-    pub stall_timeout: Option<String>,
-    /// Where sticky clients of a stalled worker go: `next` (their next rendezvous choice) or
-    /// `wait` (queue for up to --queue-timeout) [default: next]
-    #[arg(long, value_name = "MODE")]
-    pub sticky_stalled: Option<String>,
-    /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
-    /// failed for the length of the window [default: 10/1m]
-    #[arg(long, value_name = "N/D")]
-    pub crash_loop: Option<String>,
-    /// text or json [default: text]
-    #[arg(long, value_name = "F")]
-    pub log_format: Option<String>,
-}
-
 /// Where sticky clients go while their worker is stalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StalledSticky {
@@ -190,72 +124,132 @@ pub enum LogFormat {
     Json,
 }
 
-/// The fully resolved, validated settings lb runs with.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Public listening address.
-    pub listen: SocketAddr,
-    /// Number of worker slots.
-    pub workers: usize,
-    /// Balancing policy.
-    pub policy: Policy,
-    /// Admin/metrics address; `None` = off.
-    pub metrics: Option<SocketAddr>,
-    /// Seed of the sticky hash.
-    pub hash_seed: u64,
-    /// Graceful drain time.
-    pub shutdown_timeout: Duration,
-    /// Heartbeat silence that gets a worker replaced.
-    pub heartbeat_timeout: Duration,
-    /// RSS limit per worker.
-    pub max_memory: Option<u64>,
-    /// Longest wait for a ready worker.
-    pub queue_timeout: Duration,
-    /// Readiness gating on `{"type":"ready"}`.
-    pub wait_ready: bool,
-    /// Longest time a new worker may take to become ready.
-    pub ready_timeout: Duration,
-    /// Listen backlog.
-    pub backlog: u32,
-    /// Bound of the no-worker wait queue.
-    pub max_queue: usize,
-    /// Bound of unconfirmed handoffs per worker.
-    pub max_pending: usize,
-    /// Unanswered-handoff time that marks a worker stalled.
-    pub stall_timeout: Duration,
-    /// Sticky behaviour for a stalled worker's clients.
-    pub sticky_stalled: StalledSticky,
-    /// Crash-loop guard.
-    pub crash_loop: CrashLoop,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// Worker command; `None` = the built-in worker.
-    pub command: Option<Vec<String>>,
+/// Defines every server option once: its command-line flag (`RunArgs`), its config-file key
+/// (`FileConfig`), its resolved field (`Settings`) and how it is parsed and defaulted
+/// (`Settings::from_cli`). The doc comment is the `--help` text and the field's doc.
+macro_rules! options {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr, $parse:expr, $value_name:literal $(, $short:literal)?;
+    )*) => {
+        /// Server options, as given on the command line (all optional: the file and defaults
+        /// fill in).
+        #[derive(Debug, Default, Args)]
+        pub struct RunArgs {
+            /// TOML config file; flags override it
+            #[arg(short, long, value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            /// A worker is ready only once it sends {"type":"ready"}
+            #[arg(long)]
+            pub wait_ready: bool,
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, value_name = $value_name $(, short = $short)?)]
+                pub $name: Option<String>,
+            )*
+        }
+
+        /// The config file's keys (the long option names with `_`), each optional.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            wait_ready: Option<Spanned<toml::Value>>,
+            command: Option<Spanned<toml::Value>>,
+            $($name: Option<Spanned<toml::Value>>,)*
+        }
+
+        /// The fully resolved, validated settings lb runs with.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $($(#[doc = $doc])* pub $name: $ty,)*
+            /// Readiness gating on `{"type":"ready"}` (`--wait-ready`).
+            pub wait_ready: bool,
+            /// Worker command; `None` = the built-in worker.
+            pub command: Option<Vec<String>>,
+        }
+
+        impl Settings {
+            /// Resolves settings from parsed command-line arguments (reading `--config` if
+            /// given): flags over the file over the defaults.
+            pub fn from_cli(run: &RunArgs, command: &[String]) -> Result<Self, ConfigError> {
+                let file = run.config.as_deref().map(File::load).transpose()?;
+                let fk = file.as_ref().map(|f| &f.keys);
+                $(
+                    let $name: $ty = match pick(
+                        file.as_ref(),
+                        stringify!($name),
+                        run.$name.as_ref(),
+                        fk.and_then(|k| k.$name.as_ref()),
+                    ) {
+                        Some(s) => s.parse($parse)?,
+                        None => $default,
+                    };
+                )*
+                let wait_ready = run.wait_ready
+                    || match pick(
+                        file.as_ref(),
+                        "wait_ready",
+                        None,
+                        fk.and_then(|k| k.wait_ready.as_ref()),
+                    ) {
+                        Some(s) => s.parse(parse_bool)?,
+                        None => false,
+                    };
+                let command = worker_command(file.as_ref(), command)?;
+                Ok(Self {
+                    $($name,)*
+                    wait_ready,
+                    command,
+                })
+            }
+        }
+    };
 }
 
-/// The config file's keys (the long option names with `_`), each optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<Spanned<toml::Value>>,
-    workers: Option<Spanned<toml::Value>>,
-    policy: Option<Spanned<toml::Value>>,
-    metrics: Option<Spanned<toml::Value>>,
-    hash_seed: Option<Spanned<toml::Value>>,
-    shutdown_timeout: Option<Spanned<toml::Value>>,
-    heartbeat_timeout: Option<Spanned<toml::Value>>,
-    max_memory: Option<Spanned<toml::Value>>,
-    queue_timeout: Option<Spanned<toml::Value>>,
-    wait_ready: Option<Spanned<toml::Value>>,
-    ready_timeout: Option<Spanned<toml::Value>>,
-    backlog: Option<Spanned<toml::Value>>,
-    max_queue: Option<Spanned<toml::Value>>,
-    max_pending: Option<Spanned<toml::Value>>,
-    stall_timeout: Option<Spanned<toml::Value>>,
-    crash_loop: Option<Spanned<toml::Value>>,
-    sticky_stalled: Option<Spanned<toml::Value>>,
-    log_format: Option<Spanned<toml::Value>>,
-    command: Option<Spanned<toml::Value>>,
+options! {
+    /// TCP address to accept on (`[::]:8000` is dual-stack; port 0 = any free port)
+    /// [default: 127.0.0.1:8000]
+    listen: SocketAddr = "127.0.0.1:8000".parse().expect("valid default"), parse_addr, "ADDR", 'l';
+    /// Worker processes [default: number of CPUs]
+    workers: usize = std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |v| parse_count(v, 1, 1024), "N", 'w';
+    /// sticky, round-robin or least-connections [default: sticky]
+    policy: Policy = Policy::Sticky, |v| v.parse::<Policy>().map_err(|e| e.to_string()), "P", 'p';
+    /// Prometheus/admin HTTP address, or `off` [default: 127.0.0.1:9464]
+    metrics: Option<SocketAddr> = Some("127.0.0.1:9464".parse().expect("valid default")),
+        |v| off_or(v, parse_addr), "ADDR";
+    /// Seed of the sticky hash (decimal u64)
+    hash_seed: u64 = DEFAULT_HASH_SEED, parse_seed, "S";
+    /// Graceful drain time before workers are killed [default: 30s]
+    shutdown_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
+    /// Restart a worker that sent heartbeats and then stays silent this long [default: 30s]
+    heartbeat_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
+    /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
+    max_memory: Option<u64> = None, |v| off_or(v, parse_bytes), "BYTES";
+    /// How long a connection may wait for a ready worker [default: 5s]
+    queue_timeout: Duration = Duration::from_secs(5), parse_duration, "D";
+    /// How long a new worker may take to become ready [default: 30s]
+    ready_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
+    /// Listen backlog [default: 4096]
+    backlog: u32 = 4096, |v| parse_count(v, 1, 1 << 20).map(|n| n as u32), "N";
+    /// Most connections waiting for a worker before new ones are closed [default: 4096]
+    max_queue: usize = 4096, |v| parse_count(v, 0, 1 << 24), "N";
+    /// Most unconfirmed handoffs per worker (sent, not yet ACKed) before it is skipped
+    /// [default: 256]
+    max_pending: usize = 256, |v| parse_count(v, 1, 1 << 16), "N";
+    /// A worker that leaves a handoff unanswered this long gets no new connections until it
+    /// answers [default: 2s]
+    stall_timeout: Duration = Duration::from_secs(2), parse_duration, "D";
+    /// Where sticky clients of a stalled worker go: `next` (their next rendezvous choice) or
+    /// `wait` (queue for up to --queue-timeout) [default: next]
+    sticky_stalled: StalledSticky = StalledSticky::Next,
+        |v| choice(v, &[("next", StalledSticky::Next), ("wait", StalledSticky::Wait)]), "MODE";
+    /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
+    /// failed for the length of the window [default: 10/1m]
+    crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";
+    /// text or json [default: text]
+    log_format: LogFormat = LogFormat::Text,
+        |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
 }
 
 /// A loaded config file: its keys plus what is needed to name lines in errors.
@@ -351,184 +345,66 @@ impl Source<'_> {
     }
 }
 
-impl Settings {
-    /// Resolves settings from parsed command-line arguments (reading `--config` if given).
-    pub fn from_cli(run: &RunArgs, command: &[String]) -> Result<Self, ConfigError> {
-        let file = run.config.as_deref().map(File::load).transpose()?;
-        fn pick<'a>(
-            file: Option<&File>,
-            key: &'static str,
-            cli: Option<&'a String>,
-            file_v: Option<&'a Spanned<toml::Value>>,
-        ) -> Option<Source<'a>> {
-            if let Some(s) = cli {
-                Some(Source {
-                    key,
-                    origin: "command line".into(),
-                    raw: Raw::Str(s.as_str()),
-                })
-            } else {
-                let f = file?;
-                let v = file_v?;
-                Some(Source {
-                    key,
-                    origin: f.origin(v),
-                    raw: Raw::Toml(v.get_ref()),
-                })
-            }
-        }
-        let fk = file.as_ref().map(|f| &f.keys);
-        macro_rules! get {
-            ($name:ident) => {
-                pick(
-                    file.as_ref(),
-                    stringify!($name),
-                    run.$name.as_ref(),
-                    fk.and_then(|k| k.$name.as_ref()),
-                )
-            };
-        }
+/// The value for `key` from the command line, else from the file, if either has it.
+fn pick<'a>(
+    file: Option<&File>,
+    key: &'static str,
+    cli: Option<&'a String>,
+    file_v: Option<&'a Spanned<toml::Value>>,
+) -> Option<Source<'a>> {
+    if let Some(s) = cli {
+        return Some(Source {
+            key,
+            origin: "command line".into(),
+            raw: Raw::Str(s.as_str()),
+        });
+    }
+    let (f, v) = (file?, file_v?);
+    Some(Source {
+        key,
+        origin: f.origin(v),
+        raw: Raw::Toml(v.get_ref()),
+    })
+}
 
-        let listen = match get!(listen) {
-            Some(s) => s.parse(parse_addr)?,
-            None => "127.0.0.1:8000".parse().expect("valid default"),
+/// The worker command: after `--`, else the file's `command`; checked to be executable.
+fn worker_command(file: Option<&File>, cli: &[String]) -> Result<Option<Vec<String>>, ConfigError> {
+    let command = if !cli.is_empty() {
+        Some(cli.to_vec())
+    } else if let Some((f, v)) = file.and_then(|f| Some((f, f.keys.command.as_ref()?))) {
+        let src = Source {
+            key: "command",
+            origin: f.origin(v),
+            raw: Raw::Toml(v.get_ref()),
         };
-        let workers = match get!(workers) {
-            Some(s) => s.parse(|v| parse_count(v, 1, 1024))?,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        let policy = match get!(policy) {
-            Some(s) => s.parse(|v| v.parse::<Policy>().map_err(|e| e.to_string()))?,
-            None => Policy::Sticky,
-        };
-        let metrics = match get!(metrics) {
-            Some(s) => s.parse(|v| {
-                if v == "off" {
-                    Ok(None)
-                } else {
-                    parse_addr(v).map(Some)
-                }
-            })?,
-            None => Some("127.0.0.1:9464".parse().expect("valid default")),
-        };
-        let hash_seed = match get!(hash_seed) {
-            Some(s) => s.parse(parse_seed)?,
-            None => DEFAULT_HASH_SEED,
-        };
-        let dur = |src: Option<Source<'_>>, default: Duration| match src {
-            Some(s) => s.parse(parse_duration),
-            None => Ok(default),
-        };
-        let shutdown_timeout = dur(get!(shutdown_timeout), Duration::from_secs(30))?;
-        let heartbeat_timeout = dur(get!(heartbeat_timeout), Duration::from_secs(30))?;
-        let queue_timeout = dur(get!(queue_timeout), Duration::from_secs(5))?;
-        let ready_timeout = dur(get!(ready_timeout), Duration::from_secs(30))?;
-        let max_memory = match get!(max_memory) {
-            Some(s) => s.parse(|v| {
-                if v == "off" {
-                    Ok(None)
-                } else {
-                    parse_bytes(v).map(Some)
-                }
-            })?,
-            None => None,
-        };
-        let wait_ready = if run.wait_ready {
-            true
-        } else {
-            match pick(
-                file.as_ref(),
-                "wait_ready",
-                None,
-                fk.and_then(|k| k.wait_ready.as_ref()),
-            ) {
-                Some(s) => s.parse(parse_bool)?,
-                None => false,
+        let list = v.get_ref().as_array().map(|a| {
+            a.iter()
+                .map(|x| x.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        });
+        match list {
+            Some(Some(list)) if !list.is_empty() && !list[0].is_empty() => Some(list),
+            _ => {
+                return Err(src.invalid(
+                    "expected a non-empty array of strings, e.g. [\"node\", \"server.js\"]",
+                ));
             }
-        };
-        let backlog = match get!(backlog) {
-            Some(s) => s.parse(|v| parse_count(v, 1, 1 << 20))? as u32,
-            None => 4096,
-        };
-        let max_queue = match get!(max_queue) {
-            Some(s) => s.parse(|v| parse_count(v, 0, 1 << 24))?,
-            None => 4096,
-        };
-        let max_pending = match get!(max_pending) {
-            Some(s) => s.parse(|v| parse_count(v, 1, 1 << 16))?,
-            None => 256,
-        };
-        let stall_timeout = dur(get!(stall_timeout), Duration::from_secs(2))?;
-        let sticky_stalled = match get!(sticky_stalled) {
-            Some(s) => s.parse(|v| {
-                choice(
-                    v,
-                    &[("next", StalledSticky::Next), ("wait", StalledSticky::Wait)],
-                )
-            })?,
-            None => StalledSticky::Next,
-        };
-        let crash_loop = match get!(crash_loop) {
-            Some(s) => s.parse(parse_crash_loop)?,
-            None => CrashLoop::default(),
-        };
-        let log_format = match get!(log_format) {
-            Some(s) => {
-                s.parse(|v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]))?
-            }
-            None => LogFormat::Text,
-        };
-        let command = if !command.is_empty() {
-            Some(command.to_vec())
-        } else if let Some((f, v)) = file
-            .as_ref()
-            .and_then(|f| Some((f, f.keys.command.as_ref()?)))
-        {
-            let src = Source {
-                key: "command",
-                origin: f.origin(v),
-                raw: Raw::Toml(v.get_ref()),
-            };
-            let list = v.get_ref().as_array().map(|a| {
-                a.iter()
-                    .map(|x| x.as_str().map(str::to_owned))
-                    .collect::<Option<Vec<_>>>()
-            });
-            match list {
-                Some(Some(list)) if !list.is_empty() && !list[0].is_empty() => Some(list),
-                _ => {
-                    return Err(src.invalid(
-                        "expected a non-empty array of strings, e.g. [\"node\", \"server.js\"]",
-                    ));
-                }
-            }
-        } else {
-            None
-        };
-        if let Some(cmd) = &command {
-            check_command(&cmd[0])?;
         }
-        Ok(Self {
-            listen,
-            workers,
-            policy,
-            metrics,
-            hash_seed,
-            shutdown_timeout,
-            heartbeat_timeout,
-            max_memory,
-            queue_timeout,
-            wait_ready,
-            ready_timeout,
-            backlog,
-            max_queue,
-            max_pending,
-            stall_timeout,
-            sticky_stalled,
-            crash_loop,
-            log_format,
-            command,
-        })
+    } else {
+        None
+    };
+    if let Some(cmd) = &command {
+        check_command(&cmd[0])?;
+    }
+    Ok(command)
+}
+
+/// `off`, or a value `parse` accepts.
+fn off_or<T>(v: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, String> {
+    if v == "off" {
+        Ok(None)
+    } else {
+        parse(v).map(Some)
     }
 }
 

@@ -140,7 +140,7 @@ mod tests {
         b.set_nonblocking(true).unwrap();
         let io = sys::register(b, tokio::io::Interest::READABLE).unwrap();
         let mut inbox = Inbox::new(1024, 4096);
-        let mut read = async |inbox: &mut Inbox| {
+        let read = async |inbox: &mut Inbox| {
             let mut guard = io.readable().await.unwrap();
             inbox.read(&mut guard)
         };
