@@ -8,7 +8,7 @@
 //! detach a worker from routing, publish a slot's new view, count a restart.
 //!
 //! Each worker process is in exactly one [`Phase`]; every transition is a method below, and
-//! signals are requested in exactly one place ([`Fleet::signal`]), which also moves the phase, so
+//! signals are requested in exactly one place (`Fleet::signal_worker`), which also moves the phase, so
 //! "SIGTERM sent" and "draining" cannot disagree.
 //!
 //! Per slot (DESIGN §4): slots are stable; a slot has at most one `current` worker (the one
@@ -18,170 +18,16 @@
 //! A rolling restart replaces one slot at a time ([`Roll`]): the next slot starts only once the
 //! new worker of the previous one is ready and has shown a sign of life.
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use super::backoff::{CrashLoop, Next, RestartPolicy};
+use super::backoff::{Next, RestartPolicy};
+pub use super::types::{
+    Action, FleetConfig, Phase, ROLL_SETTLE, Sig, SlotState, SlotView, WorkerId,
+};
+use roll::Roll;
 
-/// How long, without `--wait-ready`, a rolling restart waits for a new worker's first message
-/// before it moves on to the next slot anyway.
-pub const ROLL_SETTLE: Duration = Duration::from_secs(1);
-
-/// One worker process: its slot and its generation within the slot (never reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct WorkerId {
-    /// The slot it serves.
-    pub slot: usize,
-    /// Spawn count of the slot when it was started (0 for the first).
-    pub generation: u64,
-}
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.slot, self.generation)
-    }
-}
-
-/// A signal to a worker's process group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sig {
-    /// Finish what you hold and exit.
-    Term,
-    /// Now.
-    Kill,
-}
-
-/// Where a worker process is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Spawned; not ready yet (`--wait-ready`): gets no connections.
-    Starting {
-        /// When it was spawned.
-        since: Instant,
-    },
-    /// Takes connections.
-    Ready,
-    /// Ready, but has left a handoff unanswered for the stall timeout: no new connections until
-    /// it answers again.
-    Stalled,
-    /// Sent SIGTERM: finishing its connections, gets no new ones.
-    Draining {
-        /// When SIGTERM was sent.
-        since: Instant,
-    },
-    /// Sent SIGKILL.
-    Killing,
-    /// The process is gone (its channel may still be handing back connections).
-    Exited,
-}
-
-impl Phase {
-    fn is_live(self) -> bool {
-        !matches!(self, Phase::Exited)
-    }
-
-    fn signalled(self) -> bool {
-        matches!(self, Phase::Draining { .. } | Phase::Killing)
-    }
-}
-
-/// What `/workers` and `lb_worker_up` show for a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotState {
-    /// A worker is starting.
-    Starting,
-    /// The worker takes connections.
-    Ready,
-    /// The worker stopped answering handoffs.
-    Stalled,
-    /// Waiting to respawn after an exit.
-    Backoff,
-    /// Crash loop: resting before the next try.
-    Failed,
-    /// Shutting down; the worker is finishing.
-    Draining,
-    /// Shut down; no worker.
-    Exited,
-}
-
-impl SlotState {
-    /// The name in `/workers`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Starting => "starting",
-            Self::Ready => "ready",
-            Self::Stalled => "stalled",
-            Self::Backoff => "backoff",
-            Self::Failed => "failed",
-            Self::Draining => "draining",
-            Self::Exited => "exited",
-        }
-    }
-}
-
-/// A slot as the rest of lb sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotView {
-    /// The slot's current worker, if any.
-    pub current: Option<WorkerId>,
-    /// Its pid.
-    pub pid: Option<u32>,
-    /// When it was spawned.
-    pub started: Option<Instant>,
-    /// What to show.
-    pub state: SlotState,
-}
-
-impl SlotView {
-    /// The slot's current worker takes new connections.
-    pub fn up(&self) -> bool {
-        self.state == SlotState::Ready
-    }
-}
-
-/// What the shell must do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Start a worker process for this id, then report [`Fleet::spawned`] or
-    /// [`Fleet::spawn_failed`].
-    Spawn(WorkerId),
-    /// Signal a worker's process group.
-    Signal {
-        /// Which worker (for logs).
-        id: WorkerId,
-        /// Its pid (the process group id).
-        pid: u32,
-        /// Which signal.
-        sig: Sig,
-    },
-    /// Send this worker no more connections; its dispatch hands back what it has not delivered.
-    Detach(WorkerId),
-    /// The slot's view changed (see [`Fleet::view`]).
-    Publish(usize),
-    /// The slot's worker was replaced (`lb_worker_restarts_total`).
-    Restarted(usize),
-}
-
-/// Settings the lifecycle depends on.
-#[derive(Debug, Clone)]
-pub struct FleetConfig {
-    /// Number of slots.
-    pub workers: usize,
-    /// A worker is ready only once it says so (`--wait-ready`).
-    pub wait_ready: bool,
-    /// A worker not ready by then is killed (`--ready-timeout`).
-    pub ready_timeout: Duration,
-    /// How long a draining worker may take before SIGKILL (`--shutdown-timeout`).
-    pub drain_timeout: Duration,
-    /// A worker that beat once and then is silent this long is killed (`--heartbeat-timeout`).
-    pub heartbeat_timeout: Duration,
-    /// RSS above which a worker is replaced (`--max-memory`).
-    pub max_memory: Option<u64>,
-    /// The crash-loop guard (`--crash-loop`).
-    pub crash_loop: CrashLoop,
-    /// At shutdown, how long a worker that still has handoffs to answer is spared SIGTERM.
-    pub settle_timeout: Duration,
-}
+mod roll;
+mod timers;
 
 /// One worker process.
 #[derive(Debug, Clone)]
@@ -247,29 +93,6 @@ impl Slot {
             .chain(self.incoming.iter_mut())
             .chain(self.retiring.iter_mut())
             .find(|w| w.id.generation == generation)
-    }
-}
-
-/// Where a rolling restart is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Roll {
-    /// The new worker of this slot is starting.
-    Starting(usize),
-    /// The new worker of this slot took over; waiting for a sign of life (or `until`).
-    Settling {
-        /// The new worker.
-        id: WorkerId,
-        /// Move on at the latest then.
-        until: Instant,
-    },
-}
-
-impl Roll {
-    fn slot(self) -> usize {
-        match self {
-            Roll::Starting(s) => s,
-            Roll::Settling { id, .. } => id.slot,
-        }
     }
 }
 
@@ -377,49 +200,6 @@ impl Fleet {
             .flat_map(Slot::workers)
             .filter(|w| w.phase.is_live())
             .map(|w| (w.id, w.pid))
-    }
-
-    /// The earliest time [`Fleet::tick`] has something to do, if any.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let mut d: Option<Instant> = None;
-        let mut at = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
-        if let Some(sd) = &self.shutdown {
-            if !sd.held.is_empty() {
-                at(sd.since + self.cfg.settle_timeout);
-            }
-            if !sd.killed {
-                at(sd.since + self.cfg.drain_timeout);
-            }
-        } else {
-            for s in &self.slots {
-                if let (None, None, Respawn::At(t) | Respawn::Failed(t)) =
-                    (&s.current, s.spawning, s.respawn)
-                {
-                    at(t);
-                }
-            }
-        }
-        if let Some(Roll::Settling { until, .. }) = self.roll {
-            at(until);
-        }
-        for s in &self.slots {
-            for w in s.workers() {
-                match w.phase {
-                    Phase::Starting { since } => at(since + self.cfg.ready_timeout),
-                    Phase::Draining { since } if self.shutdown.is_none() => {
-                        at(since + self.cfg.drain_timeout)
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(w) = &s.current
-                && matches!(w.phase, Phase::Ready | Phase::Stalled)
-                && let Some(t) = w.last_heartbeat
-            {
-                at(t + self.cfg.heartbeat_timeout);
-            }
-        }
-        d
     }
 
     // ---- events -------------------------------------------------------------------------------
@@ -661,174 +441,6 @@ impl Fleet {
         let _ = now;
     }
 
-    /// SIGUSR2: replace every slot's worker, one slot at a time.
-    pub fn roll(&mut self, now: Instant) {
-        if self.shutdown.is_some() {
-            return;
-        }
-        if self.roll.is_some() {
-            tracing::info!("SIGUSR2: a rolling restart is already in progress");
-            return;
-        }
-        tracing::info!("SIGUSR2: rolling restart of {} workers", self.slots.len());
-        self.advance_roll(0, now);
-    }
-
-    /// Graceful shutdown: no more respawns or rolls; SIGTERM to every worker except those for
-    /// which `busy` says handoffs are still unanswered (they get it once [`Fleet::on_settled`]
-    /// or the settle timeout); SIGKILL to what is left after the shutdown timeout.
-    pub fn shutdown(&mut self, why: &str, now: Instant, busy: impl Fn(WorkerId) -> bool) {
-        if self.shutdown.is_some() {
-            tracing::info!("{why} again: shutdown already in progress");
-            return;
-        }
-        tracing::info!(
-            "{why}: graceful shutdown (timeout {:?})",
-            self.cfg.drain_timeout
-        );
-        self.roll = None;
-        let mut held = Vec::new();
-        let mut term = Vec::new();
-        for s in &mut self.slots {
-            s.respawn = Respawn::Idle;
-            for w in s
-                .workers()
-                .filter(|w| w.phase.is_live() && !w.phase.signalled())
-            {
-                if busy(w.id) {
-                    held.push(w.id);
-                } else {
-                    term.push(w.id);
-                }
-            }
-        }
-        self.shutdown = Some(Shutdown {
-            since: now,
-            held,
-            killed: false,
-        });
-        for id in term {
-            self.signal_worker(id, Sig::Term, now);
-        }
-        for slot in 0..self.slots.len() {
-            self.publish(slot);
-        }
-    }
-
-    /// During a shutdown: the worker has no handoff left to answer.
-    pub fn on_settled(&mut self, id: WorkerId, now: Instant) {
-        if let Some(sd) = &mut self.shutdown
-            && let Some(i) = sd.held.iter().position(|h| *h == id)
-        {
-            sd.held.swap_remove(i);
-            self.signal_worker(id, Sig::Term, now);
-        }
-    }
-
-    /// Timers: respawns, ready timeouts, drain timeouts, heartbeats, roll pacing, shutdown.
-    pub fn tick(&mut self, now: Instant) {
-        if let Some(sd) = &mut self.shutdown {
-            if !sd.held.is_empty() && now >= sd.since + self.cfg.settle_timeout {
-                for id in std::mem::take(&mut sd.held) {
-                    self.signal_worker(id, Sig::Term, now);
-                }
-            }
-            let sd = self.shutdown.as_mut().expect("checked");
-            if !sd.killed && now >= sd.since + self.cfg.drain_timeout {
-                sd.killed = true;
-                let left: Vec<WorkerId> = self
-                    .slots
-                    .iter()
-                    .flat_map(Slot::workers)
-                    .filter(|w| w.phase.is_live() && w.phase != Phase::Killing)
-                    .map(|w| w.id)
-                    .collect();
-                for id in left {
-                    let pid = self.pid(id);
-                    tracing::warn!(
-                        pid,
-                        "worker still running after the shutdown timeout; killing it"
-                    );
-                    self.signal_worker(id, Sig::Kill, now);
-                }
-            }
-        }
-        for slot in 0..self.slots.len() {
-            self.tick_slot(slot, now);
-        }
-        if let Some(Roll::Settling { id, until }) = self.roll
-            && now >= until
-        {
-            self.advance_roll(id.slot + 1, now);
-        }
-    }
-
-    fn tick_slot(&mut self, slot: usize, now: Instant) {
-        let cfg = &self.cfg;
-        let s = &mut self.slots[slot];
-        if self.shutdown.is_none()
-            && s.current.is_none()
-            && s.spawning.is_none()
-            && matches!(s.respawn, Respawn::At(t) | Respawn::Failed(t) if t <= now)
-        {
-            self.request_spawn(slot, Role::Current);
-            return self.publish(slot);
-        }
-        let mut kill = Vec::new();
-        for w in s.workers() {
-            match w.phase {
-                Phase::Starting { since } if now >= since + cfg.ready_timeout => {
-                    tracing::warn!(
-                        slot,
-                        pid = w.pid,
-                        "worker not ready after {:?}; stopping it",
-                        cfg.ready_timeout
-                    );
-                    kill.push(w.id);
-                }
-                Phase::Draining { since }
-                    if self.shutdown.is_none() && now >= since + cfg.drain_timeout =>
-                {
-                    tracing::warn!(
-                        slot,
-                        pid = w.pid,
-                        "old worker did not exit within {:?}; killing it",
-                        cfg.drain_timeout
-                    );
-                    kill.push(w.id);
-                }
-                _ => {}
-            }
-        }
-        if let Some(w) = &s.current
-            && matches!(w.phase, Phase::Ready | Phase::Stalled)
-            && let Some(last) = w.last_heartbeat
-            && now >= last + cfg.heartbeat_timeout
-        {
-            tracing::warn!(
-                slot,
-                pid = w.pid,
-                "no heartbeat for {:?}; killing the worker",
-                now - last
-            );
-            kill.push(w.id);
-        }
-        if kill.is_empty() {
-            return;
-        }
-        let incoming = s.incoming.as_ref().map(|w| w.id);
-        for id in kill {
-            if Some(id) == incoming && self.roll == Some(Roll::Starting(slot)) {
-                tracing::warn!(
-                    "rolling restart stopped at slot {slot}: the new worker never got ready"
-                );
-                self.roll = None;
-            }
-            self.signal_worker(id, Sig::Kill, now);
-        }
-        self.publish(slot);
-    }
-
     // ---- transitions --------------------------------------------------------------------------
 
     /// The one place signals are sent: moves the worker's phase along with it (a worker is never
@@ -901,25 +513,6 @@ impl Fleet {
             "replacing worker: {why}"
         );
         self.request_spawn(slot, Role::Incoming);
-    }
-
-    /// Starts the replacement of the first slot at or after `from` that has a live worker.
-    fn advance_roll(&mut self, from: usize, now: Instant) {
-        let _ = now;
-        self.roll = None;
-        for slot in from..self.slots.len() {
-            let s = &self.slots[slot];
-            if s.current.as_ref().is_none_or(|w| !w.phase.is_live())
-                || s.incoming.is_some()
-                || s.spawning.is_some()
-            {
-                continue; // down or already being replaced: it gets a fresh worker anyway
-            }
-            self.roll = Some(Roll::Starting(slot));
-            self.request_spawn(slot, Role::Incoming);
-            return;
-        }
-        tracing::info!("rolling restart complete");
     }
 
     /// Forgets workers that exited and whose channel is closed.

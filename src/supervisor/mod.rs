@@ -11,5 +11,6 @@
 pub mod backoff;
 pub mod fleet;
 pub mod shell;
+mod types;
 
 pub use fleet::{Action, Fleet, FleetConfig, Phase, Sig, SlotState, SlotView, WorkerId};

@@ -1,6 +1,7 @@
 //! The lifecycle core driven by events on a fake clock: every transition, no processes.
 
 use super::*;
+use crate::supervisor::backoff::CrashLoop;
 
 const MS: Duration = Duration::from_millis(1);
 

@@ -1,0 +1,167 @@
+//! The supervisor's vocabulary: worker identity, phases, signals, slot views, and the actions
+//! the core hands to the shell.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::backoff::CrashLoop;
+
+/// How long, without `--wait-ready`, a rolling restart waits for a new worker's first message
+/// before it moves on to the next slot anyway.
+pub const ROLL_SETTLE: Duration = Duration::from_secs(1);
+
+/// One worker process: its slot and its generation within the slot (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkerId {
+    /// The slot it serves.
+    pub slot: usize,
+    /// Spawn count of the slot when it was started (0 for the first).
+    pub generation: u64,
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.slot, self.generation)
+    }
+}
+
+/// A signal to a worker's process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// Finish what you hold and exit.
+    Term,
+    /// Now.
+    Kill,
+}
+
+/// Where a worker process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Spawned; not ready yet (`--wait-ready`): gets no connections.
+    Starting {
+        /// When it was spawned.
+        since: Instant,
+    },
+    /// Takes connections.
+    Ready,
+    /// Ready, but has left a handoff unanswered for the stall timeout: no new connections until
+    /// it answers again.
+    Stalled,
+    /// Sent SIGTERM: finishing its connections, gets no new ones.
+    Draining {
+        /// When SIGTERM was sent.
+        since: Instant,
+    },
+    /// Sent SIGKILL.
+    Killing,
+    /// The process is gone (its channel may still be handing back connections).
+    Exited,
+}
+
+impl Phase {
+    pub(crate) fn is_live(self) -> bool {
+        !matches!(self, Phase::Exited)
+    }
+
+    pub(crate) fn signalled(self) -> bool {
+        matches!(self, Phase::Draining { .. } | Phase::Killing)
+    }
+}
+
+/// What `/workers` and `lb_worker_up` show for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// A worker is starting.
+    Starting,
+    /// The worker takes connections.
+    Ready,
+    /// The worker stopped answering handoffs.
+    Stalled,
+    /// Waiting to respawn after an exit.
+    Backoff,
+    /// Crash loop: resting before the next try.
+    Failed,
+    /// Shutting down; the worker is finishing.
+    Draining,
+    /// Shut down; no worker.
+    Exited,
+}
+
+impl SlotState {
+    /// The name in `/workers`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Stalled => "stalled",
+            Self::Backoff => "backoff",
+            Self::Failed => "failed",
+            Self::Draining => "draining",
+            Self::Exited => "exited",
+        }
+    }
+}
+
+/// A slot as the rest of lb sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    /// The slot's current worker, if any.
+    pub current: Option<WorkerId>,
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// When it was spawned.
+    pub started: Option<Instant>,
+    /// What to show.
+    pub state: SlotState,
+}
+
+impl SlotView {
+    /// The slot's current worker takes new connections.
+    pub fn up(&self) -> bool {
+        self.state == SlotState::Ready
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker process for this id, then report [`Fleet::spawned`] or
+    /// [`Fleet::spawn_failed`].
+    Spawn(WorkerId),
+    /// Signal a worker's process group.
+    Signal {
+        /// Which worker (for logs).
+        id: WorkerId,
+        /// Its pid (the process group id).
+        pid: u32,
+        /// Which signal.
+        sig: Sig,
+    },
+    /// Send this worker no more connections; its dispatch hands back what it has not delivered.
+    Detach(WorkerId),
+    /// The slot's view changed (see [`Fleet::view`]).
+    Publish(usize),
+    /// The slot's worker was replaced (`lb_worker_restarts_total`).
+    Restarted(usize),
+}
+
+/// Settings the lifecycle depends on.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Number of slots.
+    pub workers: usize,
+    /// A worker is ready only once it says so (`--wait-ready`).
+    pub wait_ready: bool,
+    /// A worker not ready by then is killed (`--ready-timeout`).
+    pub ready_timeout: Duration,
+    /// How long a draining worker may take before SIGKILL (`--shutdown-timeout`).
+    pub drain_timeout: Duration,
+    /// A worker that beat once and then is silent this long is killed (`--heartbeat-timeout`).
+    pub heartbeat_timeout: Duration,
+    /// RSS above which a worker is replaced (`--max-memory`).
+    pub max_memory: Option<u64>,
+    /// The crash-loop guard (`--crash-loop`).
+    pub crash_loop: CrashLoop,
+    /// At shutdown, how long a worker that still has handoffs to answer is spared SIGTERM.
+    pub settle_timeout: Duration,
+}
