@@ -9,6 +9,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// lb with `args`, running `tests/fixtures/raw_worker.py` workers with `env`.
+fn start_raw_worker(args: &[&str], env: &[(&str, &str)]) -> Lb {
+    let script = fixture("raw_worker.py");
+    let mut all = args.to_vec();
+    all.extend(["--", "python3", &script]);
+    Lb::start_with(&all, env)
+}
+
 fn state(lb: &Lb, slot: usize) -> String {
     lb.workers()["workers"][slot]["state"]
         .as_str()
@@ -102,17 +110,7 @@ fn sticky_clients_can_wait_for_their_stalled_worker_instead() {
 
 #[test]
 fn garbage_on_the_channel_is_dropped_and_counted_and_other_workers_are_unaffected() {
-    let lb = Lb::start_with(
-        &[
-            "-w",
-            "2",
-            "--wait-ready",
-            "--",
-            "python3",
-            &fixture("raw_worker.py"),
-        ],
-        &[("GARBAGE", "1")],
-    );
+    let lb = start_raw_worker(&["-w", "2", "--wait-ready"], &[("GARBAGE", "1")]);
     let pids = lb.wait_all_ready(2);
     let rss_before = rss_bytes(lb.pid());
     kill(pids[0], Signal::SIGUSR1); // slot 0 writes its garbage now
@@ -160,10 +158,7 @@ fn garbage_on_the_channel_is_dropped_and_counted_and_other_workers_are_unaffecte
 
 #[test]
 fn a_worker_that_breaks_the_handle_protocol_is_replaced() {
-    let lb = Lb::start_with(
-        &["-w", "2", "--", "python3", &fixture("raw_worker.py")],
-        &[("GARBAGE", "desync")],
-    );
+    let lb = start_raw_worker(&["-w", "2"], &[("GARBAGE", "desync")]);
     lb.wait_all_ready(2);
     wait_for(
         "the desynced worker to be replaced",
@@ -379,10 +374,7 @@ fn marker(name: &str) -> String {
 
 #[test]
 fn a_worker_that_nacks_gets_each_connection_four_times_then_another_worker_serves_it() {
-    let lb = Lb::start_with(
-        &["-w", "2", "--", "python3", &fixture("raw_worker.py")],
-        &[("MODE", "nack")],
-    );
+    let lb = start_raw_worker(&["-w", "2"], &[("MODE", "nack")]);
     lb.wait_all_ready(2);
     for ip in ips_of(0, 2, 3) {
         assert_eq!(
@@ -413,18 +405,8 @@ fn a_worker_that_nacks_gets_each_connection_four_times_then_another_worker_serve
 #[test]
 fn a_worker_holds_at_most_max_pending_handles_and_when_it_dies_they_all_go_to_another_worker() {
     let mark = marker("hold");
-    let lb = Lb::start_with(
-        &[
-            "-w",
-            "2",
-            "--max-pending",
-            "16",
-            "--stall-timeout",
-            "1s",
-            "--",
-            "python3",
-            &fixture("raw_worker.py"),
-        ],
+    let lb = start_raw_worker(
+        &["-w", "2", "--max-pending", "16", "--stall-timeout", "1s"],
         &[("MODE", "hold"), ("MARK", &mark)],
     );
     let pids = lb.wait_all_ready(2);
@@ -477,15 +459,8 @@ fn a_worker_holds_at_most_max_pending_handles_and_when_it_dies_they_all_go_to_an
 #[test]
 fn a_handoff_whose_send_fails_goes_to_another_worker_and_is_counted() {
     let mark = marker("sendfail");
-    let lb = Lb::start_with(
-        &[
-            "-w",
-            "2",
-            "--wait-ready",
-            "--",
-            "python3",
-            &fixture("raw_worker.py"),
-        ],
+    let lb = start_raw_worker(
+        &["-w", "2", "--wait-ready"],
         &[("MODE", "sendfail"), ("MARK", &mark)],
     );
     let pids = lb.wait_all_ready(2);

@@ -95,6 +95,17 @@ impl Harness {
     }
 }
 
+/// A fleet whose first workers all said ready.
+fn all_ready(cfg: FleetConfig) -> Harness {
+    let n = cfg.workers;
+    let (mut h, _) = Harness::new(cfg);
+    for s in 0..n {
+        h.fleet.on_ready(id(s, 0), h.now);
+    }
+    h.run();
+    h
+}
+
 fn signals(acts: &[Action]) -> Vec<(WorkerId, Sig)> {
     acts.iter()
         .filter_map(|a| match a {
@@ -256,14 +267,10 @@ fn a_rolling_restart_without_wait_ready_replaces_one_slot_at_a_time() {
 
 #[test]
 fn a_rolling_restart_with_wait_ready_moves_on_when_the_new_worker_is_ready() {
-    let (mut h, _) = Harness::new(FleetConfig {
+    let mut h = all_ready(FleetConfig {
         wait_ready: true,
         ..config(2)
     });
-    for s in 0..2 {
-        h.fleet.on_ready(id(s, 0), h.now);
-    }
-    h.run();
     h.fleet.roll(h.now);
     let acts = h.run();
     assert_eq!(spawns(&acts), [id(0, 1)]);
@@ -281,15 +288,11 @@ fn a_rolling_restart_with_wait_ready_moves_on_when_the_new_worker_is_ready() {
 
 #[test]
 fn a_roll_whose_new_worker_never_gets_ready_keeps_the_old_one_and_stops() {
-    let (mut h, _) = Harness::new(FleetConfig {
+    let mut h = all_ready(FleetConfig {
         wait_ready: true,
         ready_timeout: Duration::from_secs(1),
         ..config(2)
     });
-    for s in 0..2 {
-        h.fleet.on_ready(id(s, 0), h.now);
-    }
-    h.run();
     h.fleet.roll(h.now);
     h.run();
     let acts = h.until_deadline();
@@ -304,14 +307,10 @@ fn a_roll_whose_new_worker_never_gets_ready_keeps_the_old_one_and_stops() {
 
 #[test]
 fn a_roll_stops_if_the_new_worker_exits_or_cannot_start() {
-    let (mut h, _) = Harness::new(FleetConfig {
+    let mut h = all_ready(FleetConfig {
         wait_ready: true,
         ..config(2)
     });
-    for s in 0..2 {
-        h.fleet.on_ready(id(s, 0), h.now);
-    }
-    h.run();
     h.fleet.roll(h.now);
     h.run();
     let acts = h.exit(id(0, 1));
