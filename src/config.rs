@@ -224,6 +224,9 @@ options! {
     shutdown_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
     /// Restart a worker that sent heartbeats and then stays silent this long [default: 30s]
     heartbeat_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
+    /// Send every worker `{"cmd":"heartbeat"}` this often (for workers that answer pings, the
+    /// style where the primary pings) [default: off]
+    heartbeat_ping: Option<Duration> = None, |v| off_or(v, parse_duration), "D";
     /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
     max_memory: Option<u64> = None, |v| off_or(v, parse_bytes), "BYTES";
     /// How long a connection may wait for a ready worker [default: 5s]

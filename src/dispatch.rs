@@ -22,10 +22,11 @@
 //! router skips a worker whose count reaches `--max-pending`, the one limit on unconfirmed
 //! handoffs.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,9 +35,10 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
+use crate::channel::cluster::{self, ServerQuery};
 use crate::channel::{
-    FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Inbox, Incoming, Received, SOCKET_COUNT_QUERY,
-    WorkerMsg,
+    ClusterMsg, FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Inbox, Incoming, Received,
+    SOCKET_COUNT_QUERY, WorkerMsg,
 };
 use crate::supervisor::WorkerId;
 use crate::sys;
@@ -80,11 +82,48 @@ enum ToDispatch {
     Handoff(Handoff),
     /// Ask a Node worker for its open handed-off socket count ([`SOCKET_COUNT_QUERY`]).
     QuerySocketCount,
+    /// The worker gets no new connections: hand back what is queued and what it NACKs.
+    Detach,
+    /// From now on hand connections over as cluster `newconn`s for this server key (the
+    /// worker's `listen()` on lb's port), or, with `None`, as sticky-session handles again.
+    RrKey(Option<String>),
+    /// A cluster-protocol message to the worker.
+    Cluster(ClusterOut),
+    /// A line to pass on unchanged (socket.io adapter relay, heartbeat ping).
+    Line(Arc<[u8]>),
 }
 
-/// The sending side of one worker's dispatch task. Dropping it tells the task the worker gets
-/// nothing more: it hands back what it has not delivered and what the worker NACKs.
+/// Cluster-protocol messages lb sends a worker (the dispatch numbers them).
 #[derive(Debug)]
+pub enum ClusterOut {
+    /// `queryServer` on lb's port: the server is attached to lb's listener.
+    RrReply {
+        /// The query.
+        query: ServerQuery,
+        /// lb's listening address.
+        listener: SocketAddr,
+    },
+    /// `queryServer` refused with a libuv errno (positive here, sent negative).
+    Error {
+        /// The query.
+        query: ServerQuery,
+        /// The errno.
+        errno: i32,
+    },
+    /// `queryServer` on another address: the listening socket itself, shared.
+    Shared {
+        /// The query.
+        query: ServerQuery,
+        /// A duplicate of the listener (closed once sent).
+        fd: OwnedFd,
+    },
+    /// Close your servers and leave.
+    Disconnect,
+}
+
+/// The sending side of one worker's dispatch task (cloneable; the task ends when every clone is
+/// dropped and the channel closed).
+#[derive(Debug, Clone)]
 pub struct DispatchHandle {
     tx: mpsc::UnboundedSender<ToDispatch>,
     pending: Arc<AtomicUsize>,
@@ -98,12 +137,12 @@ impl DispatchHandle {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             match e.0 {
                 ToDispatch::Handoff(h) => h,
-                ToDispatch::QuerySocketCount => unreachable!("sent a handoff"),
+                _ => unreachable!("sent a handoff"),
             }
         })
     }
 
-    /// Handoffs given to this worker and not yet ACKed or handed back.
+    /// Handoffs given to this worker and not yet confirmed or handed back.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
     }
@@ -112,6 +151,26 @@ impl DispatchHandle {
     /// [`WorkerMsg::SocketCount`]).
     pub fn query_socket_count(&self) {
         let _ = self.tx.send(ToDispatch::QuerySocketCount);
+    }
+
+    /// No new connections for this worker; what it has not taken comes back.
+    pub fn detach(&self) {
+        let _ = self.tx.send(ToDispatch::Detach);
+    }
+
+    /// Hand connections over as `newconn`s for `key` (or, with `None`, as handles again).
+    pub fn rr_key(&self, key: Option<String>) {
+        let _ = self.tx.send(ToDispatch::RrKey(key));
+    }
+
+    /// Sends a cluster-protocol message.
+    pub fn cluster(&self, m: ClusterOut) {
+        let _ = self.tx.send(ToDispatch::Cluster(m));
+    }
+
+    /// Sends a line unchanged (it must be one valid JSON message ending in `\n`).
+    pub fn line(&self, line: Arc<[u8]>) {
+        let _ = self.tx.send(ToDispatch::Line(line));
     }
 }
 
@@ -168,6 +227,9 @@ pub enum Report {
     Returned(Vec<Handoff>, Returned),
     /// A message from the worker (the handle protocol is answered here, never passed up).
     Message(WorkerMsg),
+    /// A cluster-protocol message the master must act on (`newconn` replies and the
+    /// `exitedAfterDisconnect` ack are handled here).
+    Cluster(ClusterMsg),
     /// A channel line over the length limit was dropped.
     TooLong,
     /// The worker sent an fd (with or without an envelope); it was closed (and NACKed).
@@ -278,23 +340,31 @@ async fn run(
             }
             h = handoffs.recv(), if accepting => match h {
                 Some(h) => {
-                    d.take(h);
+                    d.take(h, &send);
                     // Take everything already queued before writing: one pass, many sends.
-                    while let Ok(h) = handoffs.try_recv() { d.take(h); }
-                    if d.stalled {
+                    while let Ok(h) = handoffs.try_recv() { d.take(h, &send); }
+                    if d.stalled && !d.queue.is_empty() {
                         // Sent before the master heard of the stall: route elsewhere.
                         send(Report::Returned(d.queue.drain(..).collect(), Returned::Stalled));
                     }
                 }
                 None => {
                     accepting = false;
-                    d.draining = true;
+                    d.detach(&send);
                 }
             },
         }
     }
-    // The channel is gone: nothing it held was ACKed.
-    let mut back: Vec<Handoff> = d.in_flight.drain(..).collect();
+    // The channel is gone: nothing it held was confirmed.
+    let mut back: Vec<Handoff> = d
+        .in_flight
+        .drain(..)
+        .filter_map(|f| match f.sent {
+            Sent::Conn(h, _) => Some(h),
+            Sent::Listener => None,
+        })
+        .collect();
+    back.extend(d.awaiting.drain(..).map(|(_, h)| h));
     back.extend(d.queue.drain(..));
     if !back.is_empty() {
         send(Report::Returned(back, Returned::WorkerExit));
@@ -326,20 +396,39 @@ async fn return_all_until_closed(
     }
 }
 
+/// A handle sent and not yet answered.
+enum Sent {
+    /// A connection (with its `newconn` seq when sent as one).
+    Conn(Handoff, Option<u64>),
+    /// A shared listening socket (our copy is already closed).
+    Listener,
+}
+
+struct InFlight {
+    sent: Sent,
+    at: Instant,
+}
+
 /// The state of one worker's channel.
 struct Dispatcher {
     /// Connections waiting to be sent.
     queue: VecDeque<Handoff>,
-    /// Connections sent and not yet answered, oldest first.
-    in_flight: VecDeque<Handoff>,
+    /// Handles sent and not yet ACKed/NACKed, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// `newconn`s ACKed, waiting for the worker's `{ack, accepted}` (by seq).
+    awaiting: Vec<(u64, Handoff)>,
     /// Most handles in flight at once.
     window: usize,
     /// The unsent tail of a partially written line (sent before anything else).
-    partial: Option<(&'static [u8], usize)>,
+    partial: Option<(Cow<'static, [u8]>, usize)>,
     /// NACK replies owed to the worker for handles it sent us.
     owed_nacks: usize,
     /// Socket-count queries to send.
     owed_queries: usize,
+    /// Lines to send (cluster replies, relayed messages), in order.
+    lines: VecDeque<Cow<'static, [u8]>>,
+    /// Shared listening sockets to send (envelope, fd).
+    listeners: VecDeque<(Vec<u8>, OwnedFd)>,
     /// No new handle until `in_flight` is empty (after a partial write or ETOOMANYREFS).
     hold: bool,
     /// The last write returned EAGAIN: wait for writability.
@@ -348,13 +437,15 @@ struct Dispatcher {
     failed: bool,
     /// When the oldest unanswered handle was sent (None when nothing is in flight).
     oldest_sent: Option<Instant>,
-    /// Send times of in-flight handles, parallel to `in_flight`.
-    sent_at: VecDeque<Instant>,
     /// The worker has not answered for the stall timeout.
     stalled: bool,
     /// The master sends no more (the worker is being replaced): NACKed connections go back to
     /// the master at once instead of being retried here.
     draining: bool,
+    /// Hand connections over as cluster `newconn`s for this key.
+    rr_key: Option<String>,
+    /// Our cluster-message counter (each message to the worker gets the next `seq`).
+    seq: u64,
     /// The channel's receiving half (framing, fds the worker sent us).
     inbox: Inbox,
 }
@@ -364,19 +455,28 @@ impl Dispatcher {
         Self {
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
+            awaiting: Vec::new(),
             window,
             partial: None,
             owed_nacks: 0,
             owed_queries: 0,
+            lines: VecDeque::new(),
+            listeners: VecDeque::new(),
             hold: false,
             blocked_on_write: false,
             failed: false,
             draining: false,
             oldest_sent: None,
-            sent_at: VecDeque::new(),
             stalled: false,
+            rr_key: None,
+            seq: 0,
             inbox: Inbox::new(max_line, 64 * 1024),
         }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
     }
 
     fn want_write(&self) -> bool {
@@ -385,7 +485,10 @@ impl Dispatcher {
             && (self.partial.is_some()
                 || self.owed_nacks > 0
                 || self.owed_queries > 0
-                || (!self.queue.is_empty() && !self.hold && self.in_flight.len() < self.window))
+                || !self.lines.is_empty()
+                || (!self.hold
+                    && self.in_flight.len() < self.window
+                    && (!self.queue.is_empty() || !self.listeners.is_empty())))
     }
 
     /// Writes what can be written; EAGAIN sets `blocked_on_write`.
@@ -403,72 +506,105 @@ impl Dispatcher {
             if self.failed {
                 return Ok(());
             }
-            if let Some((line, off)) = self.partial {
+            if let Some((line, off)) = self.partial.take() {
                 let n = self.write(fd, &line[off..])?;
-                self.partial = if off + n < line.len() {
-                    Some((line, off + n))
-                } else {
-                    None
-                };
+                if off + n < line.len() {
+                    self.partial = Some((line, off + n));
+                }
                 continue;
             }
             if self.owed_nacks > 0 {
-                self.write_line(fd, HANDLE_NACK)?;
+                self.write_line(fd, Cow::Borrowed(HANDLE_NACK))?;
                 self.owed_nacks -= 1;
                 continue;
             }
             if self.owed_queries > 0 {
-                self.write_line(fd, SOCKET_COUNT_QUERY)?;
+                self.write_line(fd, Cow::Borrowed(SOCKET_COUNT_QUERY))?;
                 self.owed_queries -= 1;
+                continue;
+            }
+            if let Some(line) = self.lines.pop_front() {
+                if let Err(e) = self.write_line(fd, line.clone()) {
+                    self.lines.push_front(line);
+                    return Err(e);
+                }
                 continue;
             }
             if self.hold || self.in_flight.len() >= self.window {
                 return Ok(());
             }
-            let Some(h) = self.queue.pop_front() else {
-                return Ok(());
+            // A handle: a shared listener first (a worker waits in listen() for it), then
+            // connections.
+            let (envelope, newconn): (Cow<'static, [u8]>, Option<u64>) =
+                if !self.listeners.is_empty() {
+                    (Cow::Owned(self.listeners[0].0.clone()), None)
+                } else if self.queue.is_empty() {
+                    return Ok(());
+                } else if let Some(key) = &self.rr_key {
+                    let key = key.clone();
+                    let seq = self.next_seq();
+                    (Cow::Owned(cluster::newconn_envelope(&key, seq)), Some(seq))
+                } else {
+                    (Cow::Borrowed(HANDLE_ENVELOPE), None)
+                };
+            let (sent, result) = if let Some((_, lfd)) = self.listeners.front() {
+                let r = sys::send_with_fd(fd, &envelope, Some(lfd.as_fd()));
+                (Sent::Listener, r)
+            } else {
+                let h = self.queue.pop_front().expect("checked");
+                let r = sys::send_with_fd(fd, &envelope, Some(h.stream.as_fd()));
+                (Sent::Conn(h, newconn), r)
             };
-            match sys::send_with_fd(fd, HANDLE_ENVELOPE, Some(h.stream.as_fd())) {
+            match result {
                 Ok(n) => {
-                    self.in_flight.push_back(h);
+                    if matches!(sent, Sent::Listener) {
+                        self.listeners.pop_front(); // our duplicate of the listener is closed
+                    }
                     // One clock read per batch of sends.
                     let now = *now.get_or_insert_with(Instant::now);
-                    self.sent_at.push_back(now);
+                    self.in_flight.push_back(InFlight { sent, at: now });
                     self.oldest_sent.get_or_insert(now);
-                    if n < HANDLE_ENVELOPE.len() {
+                    if n < envelope.len() {
                         // The fd went with the first chunk; the rest follows without one, and no
                         // other handle may be sent until this one is answered (node-ipc.md §4.3).
-                        self.partial = Some((HANDLE_ENVELOPE, n));
+                        self.partial = Some((envelope, n));
                         self.hold = true;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.queue.push_front(h);
-                    return Err(e);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.queue.push_front(h),
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ETOOMANYREFS)
-                        && !self.in_flight.is_empty() =>
-                {
-                    // Too many fds in flight to this worker: wait for its answers.
-                    self.queue.push_front(h);
-                    self.hold = true;
-                    return Ok(());
-                }
                 Err(e) => {
-                    tracing::warn!("handoff sendmsg failed: {e}");
-                    self.failed = true;
-                    send(Report::Returned(vec![h], Returned::SendError));
-                    return Ok(());
+                    let back = |d: &mut Self, sent: Sent| {
+                        if let Sent::Conn(h, _) = sent {
+                            d.queue.push_front(h);
+                        }
+                    };
+                    if e.kind() == io::ErrorKind::WouldBlock {
+                        back(self, sent);
+                        return Err(e);
+                    } else if e.kind() == io::ErrorKind::Interrupted {
+                        back(self, sent);
+                    } else if e.raw_os_error() == Some(libc::ETOOMANYREFS)
+                        && !self.in_flight.is_empty()
+                    {
+                        // Too many fds in flight to this worker: wait for its answers.
+                        back(self, sent);
+                        self.hold = true;
+                        return Ok(());
+                    } else {
+                        tracing::warn!("handoff sendmsg failed: {e}");
+                        self.failed = true;
+                        if let Sent::Conn(h, _) = sent {
+                            send(Report::Returned(vec![h], Returned::SendError));
+                        }
+                        return Ok(());
+                    }
                 }
             }
         }
     }
 
-    /// Writes one control line; a partial write leaves its tail to be sent before anything else.
-    fn write_line(&mut self, fd: BorrowedFd<'_>, line: &'static [u8]) -> io::Result<()> {
-        let n = self.write(fd, line)?;
+    /// Writes one line; a partial write leaves its tail to be sent before anything else.
+    fn write_line(&mut self, fd: BorrowedFd<'_>, line: Cow<'static, [u8]>) -> io::Result<()> {
+        let n = self.write(fd, &line)?;
         if n < line.len() {
             self.partial = Some((line, n));
         }
@@ -492,24 +628,67 @@ impl Dispatcher {
     }
 
     /// Accepts one message from the master.
-    fn take(&mut self, m: ToDispatch) {
+    fn take(&mut self, m: ToDispatch, send: &impl Fn(Report)) {
         match m {
             ToDispatch::Handoff(h) => self.queue.push_back(h),
             // One outstanding query is enough.
             ToDispatch::QuerySocketCount => self.owed_queries = 1,
+            ToDispatch::Detach => self.detach(send),
+            ToDispatch::RrKey(key) => self.rr_key = key,
+            ToDispatch::Line(line) => self.lines.push_back(Cow::Owned(line.to_vec())),
+            ToDispatch::Cluster(out) => {
+                let seq = self.next_seq();
+                match out {
+                    ClusterOut::RrReply { query, listener } => self
+                        .lines
+                        .push_back(Cow::Owned(cluster::rr_reply(&query, listener, seq))),
+                    ClusterOut::Error { query, errno } => self
+                        .lines
+                        .push_back(Cow::Owned(cluster::error_reply(&query, errno, seq))),
+                    ClusterOut::Shared { query, fd } => self
+                        .listeners
+                        .push_back((cluster::shared_handle_envelope(&query, seq), fd)),
+                    ClusterOut::Disconnect => {
+                        self.lines.push_back(Cow::Owned(cluster::disconnect(seq)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// No more connections for this worker: what is queued goes back now, and what it NACKs
+    /// from now on goes back at once.
+    fn detach(&mut self, send: &impl Fn(Report)) {
+        self.draining = true;
+        if !self.queue.is_empty() {
+            send(Report::Returned(
+                self.queue.drain(..).collect(),
+                Returned::Stalled,
+            ));
         }
     }
 
     /// Takes the oldest in-flight handle for an ACK/NACK, updating the stall bookkeeping.
-    fn pop_answered(&mut self, send: &impl Fn(Report)) -> Option<Handoff> {
-        let h = self.in_flight.pop_front()?;
-        self.sent_at.pop_front();
-        self.oldest_sent = self.sent_at.front().copied();
+    fn pop_answered(&mut self, send: &impl Fn(Report)) -> Option<Sent> {
+        let f = self.in_flight.pop_front()?;
+        self.oldest_sent = self.in_flight.front().map(|f| f.at);
         if self.stalled {
             self.stalled = false;
             send(Report::Recovered);
         }
-        Some(h)
+        Some(f.sent)
+    }
+
+    /// A connection the worker refused (NACK, or `accepted:false`): retried here, or handed back.
+    fn refused(&mut self, mut h: Handoff, send: &impl Fn(Report)) {
+        send(Report::Nacked);
+        h.nacks += 1;
+        if h.nacks > MAX_NACKS || self.draining {
+            h.nacks = 0; // the next worker gets its own retries
+            send(Report::Returned(vec![h], Returned::Nack));
+        } else {
+            self.queue.push_front(h);
+        }
     }
 
     fn process_lines(&mut self, send: &impl Fn(Report)) {
@@ -520,24 +699,21 @@ impl Dispatcher {
             };
             match msg {
                 FromWorker::HandleAck => match self.pop_answered(send) {
-                    Some(h) => {
+                    Some(Sent::Conn(h, None)) => {
                         send(Report::Acked {
                             accepted: h.accepted,
                         });
                         drop(h); // closes the master's copy
                     }
+                    // A newconn is settled by the cluster reply that follows.
+                    Some(Sent::Conn(h, Some(seq))) => self.awaiting.push((seq, h)),
+                    Some(Sent::Listener) => {}
                     None => send(Report::Desync),
                 },
                 FromWorker::HandleNack => match self.pop_answered(send) {
-                    Some(mut h) => {
-                        send(Report::Nacked);
-                        h.nacks += 1;
-                        if h.nacks > MAX_NACKS || self.draining {
-                            h.nacks = 0; // the next worker gets its own retries
-                            send(Report::Returned(vec![h], Returned::Nack));
-                        } else {
-                            self.queue.push_front(h);
-                        }
+                    Some(Sent::Conn(h, _)) => self.refused(h, send),
+                    Some(Sent::Listener) => {
+                        tracing::warn!("a worker NACKed a shared listening socket");
                     }
                     None => send(Report::Desync),
                 },
@@ -548,6 +724,30 @@ impl Dispatcher {
                     self.owed_nacks += 1;
                     send(Report::StrayFd);
                 }
+                FromWorker::Cluster(ClusterMsg::NewconnReply { ack, accepted }) => {
+                    match self.awaiting.iter().position(|(s, _)| *s == ack) {
+                        Some(i) => {
+                            let (_, h) = self.awaiting.swap_remove(i);
+                            if accepted {
+                                send(Report::Acked {
+                                    accepted: h.accepted,
+                                });
+                            } else {
+                                self.refused(h, send);
+                            }
+                        }
+                        None => send(Report::Cluster(ClusterMsg::Malformed(
+                            "a newconn reply for no newconn",
+                        ))),
+                    }
+                }
+                FromWorker::Cluster(ClusterMsg::ExitedAfterDisconnect { seq }) => {
+                    // Without the ack the worker never leaves.
+                    let ours = self.next_seq();
+                    self.lines.push_back(Cow::Owned(cluster::ack(seq, ours)));
+                    send(Report::Cluster(ClusterMsg::ExitedAfterDisconnect { seq }));
+                }
+                FromWorker::Cluster(m) => send(Report::Cluster(m)),
                 FromWorker::Msg(m) => send(Report::Message(m)),
             }
             if self.in_flight.is_empty() {

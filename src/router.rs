@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::balance::{Balancer, Policy, SlotLoad};
-use crate::channel::WorkerMsg;
+use crate::channel::{SioMessage, WorkerMsg};
 use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{DispatchHandle, Handoff, Returned};
 use crate::metrics::{Dropped, Failure, Shared};
@@ -44,8 +44,16 @@ enum Target {
 #[derive(Debug)]
 struct Link {
     id: WorkerId,
-    /// `None` once the supervisor detached it (no new connections).
-    dispatch: Option<DispatchHandle>,
+    /// Its dispatch task (kept until the worker is gone: cluster messages still go through it).
+    dispatch: DispatchHandle,
+    /// May get new connections (false once the supervisor detached it or its channel closed).
+    routable: bool,
+    /// The key of the worker's server on lb's port: answered, not yet `listening`.
+    rr_pending: Option<String>,
+    /// The key connections go to as `newconn`s (the worker is `listening` on lb's port).
+    rr_key: Option<String>,
+    /// Its socket.io adapters' uids (for relaying responses to their requester).
+    sio_uids: Vec<String>,
     /// The process exited: its connections no longer count as active.
     exited: bool,
     /// Its channel closed: nothing more comes from it (forgotten once it exited too).
@@ -70,7 +78,7 @@ impl Link {
     }
 
     fn pending(&self) -> usize {
-        self.dispatch.as_ref().map_or(0, DispatchHandle::pending)
+        self.dispatch.pending()
     }
 }
 
@@ -122,7 +130,11 @@ impl Router {
     pub fn attach(&mut self, id: WorkerId, dispatch: DispatchHandle) {
         self.links[id.slot].push(Link {
             id,
-            dispatch: Some(dispatch),
+            dispatch,
+            routable: true,
+            rr_pending: None,
+            rr_key: None,
+            sio_uids: Vec::new(),
             exited: false,
             closed: false,
             reported_active: 0,
@@ -134,8 +146,11 @@ impl Router {
 
     /// The worker gets no new connections (its dispatch hands back what it holds).
     pub fn detach(&mut self, id: WorkerId) {
-        if let Some(l) = self.link(id) {
-            l.dispatch = None;
+        if let Some(l) = self.link(id)
+            && l.routable
+        {
+            l.routable = false;
+            l.dispatch.detach();
         }
     }
 
@@ -151,7 +166,7 @@ impl Router {
     pub fn closed(&mut self, id: WorkerId) {
         if let Some(l) = self.link(id) {
             l.closed = true;
-            l.dispatch = None;
+            l.routable = false;
         }
         self.forget_gone(id.slot);
     }
@@ -259,19 +274,96 @@ impl Router {
             WorkerMsg::Request => sm.requests.inc(),
             WorkerMsg::Malformed => metrics.dropped(Dropped::Malformed),
             WorkerMsg::Other | WorkerMsg::OtherInternal => metrics.dropped(Dropped::Ignored),
+            WorkerMsg::SocketIo(m) => self.relay(id, m),
+            WorkerMsg::SocketIoSticky => {}
             WorkerMsg::Heartbeat | WorkerMsg::Ready => return false,
         }
         true
     }
 
+    /// Relays a socket.io cluster-adapter message as the adapter's `setupPrimary()` does: a
+    /// response (types 8 and 10) to the first worker whose adapter made the request, anything
+    /// else to every other live worker; the line is passed on unchanged.
+    fn relay(&mut self, from: WorkerId, m: &SioMessage) {
+        if let Some(uid) = &m.uid
+            && let Some(l) = self.link(from)
+            && !l.sio_uids.contains(uid)
+        {
+            l.sio_uids.push(uid.clone());
+        }
+        let line: std::sync::Arc<[u8]> = m.line.clone().into();
+        let live = self
+            .links
+            .iter()
+            .flatten()
+            .filter(|l| !l.exited && !l.closed && l.id != from);
+        if matches!(m.kind, 8 | 10) {
+            if let Some(l) = live.into_iter().find(|l| {
+                m.requester_uid
+                    .as_ref()
+                    .is_some_and(|r| l.sio_uids.contains(r))
+            }) {
+                l.dispatch.line(line);
+            }
+        } else {
+            for l in live {
+                l.dispatch.line(line.clone());
+            }
+        }
+    }
+
+    /// Sends a line to every live worker (the heartbeat ping).
+    pub fn broadcast(&self, line: &std::sync::Arc<[u8]>) {
+        for l in self.links.iter().flatten() {
+            if !l.exited && !l.closed {
+                l.dispatch.line(line.clone());
+            }
+        }
+    }
+
+    /// The worker's dispatch (for cluster-protocol messages).
+    pub fn dispatch(&self, id: WorkerId) -> Option<&DispatchHandle> {
+        self.links[id.slot]
+            .iter()
+            .find(|l| l.id == id)
+            .map(|l| &l.dispatch)
+    }
+
+    /// The worker's `listen()` on lb's port was answered with `key`.
+    pub fn rr_answered(&mut self, id: WorkerId, key: String) {
+        if let Some(l) = self.link(id) {
+            l.rr_pending = Some(key);
+        }
+    }
+
+    /// The worker reports a server listening. Returns true when it is its server on lb's port:
+    /// from now on it gets connections as `newconn`s for that key.
+    pub fn rr_listening(&mut self, id: WorkerId, key: &str) -> bool {
+        let Some(l) = self.link(id) else { return false };
+        if l.rr_pending.as_deref() != Some(key) {
+            return false;
+        }
+        l.rr_key = l.rr_pending.take();
+        l.dispatch.rr_key(l.rr_key.clone());
+        true
+    }
+
+    /// The worker closed a server. Its server on lb's port closing means it takes no more
+    /// connections (as Node's primary stops routing that key to it).
+    pub fn rr_closed(&mut self, id: WorkerId, key: &str) {
+        let closes_ours = self.link(id).is_some_and(|l| {
+            l.rr_key.as_deref() == Some(key) || l.rr_pending.as_deref() == Some(key)
+        });
+        if closes_ours {
+            self.detach(id);
+        }
+    }
+
     /// Asks every worker that does not report its active connections for its socket count.
     pub fn query_socket_counts(&self) {
         for l in self.links.iter().flatten() {
-            if !l.reports_active
-                && !l.exited
-                && let Some(d) = &l.dispatch
-            {
-                d.query_socket_count();
+            if !l.reports_active && !l.exited && l.routable {
+                l.dispatch.query_socket_count();
             }
         }
     }
@@ -298,10 +390,7 @@ impl Router {
         };
         let id = self.targets[slot].0.expect("an eligible slot has a worker");
         h.dispatches += 1;
-        let sent = self
-            .link(id)
-            .and_then(|l| l.dispatch.as_ref())
-            .map(|d| d.send(h));
+        let sent = self.link(id).map(|l| l.dispatch.send(h));
         match sent {
             Some(Ok(())) => {}
             Some(Err(h)) => {
@@ -309,7 +398,7 @@ impl Router {
                 self.detach(id);
                 self.route(h, Some(slot));
             }
-            None => unreachable!("an eligible slot's worker has a dispatch"),
+            None => unreachable!("an eligible slot's worker has a link"),
         }
     }
 
@@ -318,7 +407,7 @@ impl Router {
         let (current, target) = self.targets[slot];
         let link = current.and_then(|id| self.links[slot].iter().find(|l| l.id == id));
         match link {
-            Some(l) if target == Target::Up && l.dispatch.is_some() => {
+            Some(l) if target == Target::Up && l.routable => {
                 let pending = l.pending();
                 SlotLoad {
                     eligible: Some(slot) != exclude && pending < self.max_pending,

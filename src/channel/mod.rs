@@ -17,7 +17,9 @@
 
 use serde_json::Value;
 
+pub mod cluster;
 mod inbox;
+pub use cluster::ClusterMsg;
 pub use inbox::{Inbox, Incoming, Received};
 
 /// The handoff envelope lb sends with each connection fd (one `sendmsg`, one fd).
@@ -141,6 +143,8 @@ pub enum FromWorker {
     HandleNack,
     /// `{"cmd":"NODE_HANDLE",...}`: the worker sent us a handle; it must be answered.
     Handle,
+    /// `{"cmd":"NODE_CLUSTER",...}`: Node's cluster protocol.
+    Cluster(ClusterMsg),
     /// Anything else.
     Msg(WorkerMsg),
 }
@@ -165,10 +169,28 @@ pub enum WorkerMsg {
     Heartbeat,
     /// `{"type":"ready"}`.
     Ready,
+    /// A `@socket.io/cluster-adapter` message for the other workers (`"source":"_sio_adapter"`).
+    SocketIo(SioMessage),
+    /// A `@socket.io/sticky` worker notice (`{"type":"sticky:…"}`): lb routes by client IP
+    /// already, so it needs none of them.
+    SocketIoSticky,
     /// Any other valid JSON value.
     Other,
     /// Not valid JSON (dropped).
     Malformed,
+}
+
+/// A `@socket.io/cluster-adapter` message, as `setupPrimary()` relays it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SioMessage {
+    /// The line exactly as the worker sent it (with its `\n`): relayed unchanged.
+    pub line: Vec<u8>,
+    /// The sending adapter's `uid`.
+    pub uid: Option<String>,
+    /// The message `type` (8 and 10 are responses: they go to the requester only).
+    pub kind: u64,
+    /// For responses: the requesting adapter's uid.
+    pub requester_uid: Option<String>,
 }
 
 impl WorkerMsg {
@@ -190,7 +212,11 @@ impl WorkerMsg {
             Self::SocketCount(n) => {
                 format!("{{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":\"lb\",\"count\":{n}}}\n").into_bytes()
             }
-            Self::OtherInternal | Self::Other | Self::Malformed => {
+            Self::OtherInternal
+            | Self::Other
+            | Self::Malformed
+            | Self::SocketIo(_)
+            | Self::SocketIoSticky => {
                 unreachable!("not a message lb's workers send")
             }
         }
@@ -207,15 +233,29 @@ impl FromWorker {
         let Ok(value) = serde_json::from_slice::<Value>(line) else {
             return Self::Msg(WorkerMsg::Malformed);
         };
-        Self::classify(&value)
+        Self::classify(&value, line)
     }
 
-    fn classify(value: &Value) -> Self {
+    fn classify(value: &Value, line: &[u8]) -> Self {
         use WorkerMsg::*;
         let Value::Object(map) = value else {
             return Self::Msg(Other);
         };
         let cmd = map.get("cmd").and_then(Value::as_str);
+        if cmd == Some("NODE_CLUSTER") {
+            return Self::Cluster(ClusterMsg::from_map(map));
+        }
+        if map.get("source").and_then(Value::as_str) == Some("_sio_adapter") {
+            let text = |k: &str| map.get(k).and_then(Value::as_str).map(str::to_owned);
+            let mut raw = line.to_vec();
+            raw.push(b'\n');
+            return Self::Msg(SocketIo(SioMessage {
+                line: raw,
+                uid: text("uid"),
+                kind: map.get("type").and_then(Value::as_u64).unwrap_or(0),
+                requester_uid: text("requesterUid"),
+            }));
+        }
         if let Some(cmd) = cmd
             && is_internal_cmd(cmd)
         {
@@ -246,6 +286,7 @@ impl FromWorker {
             (Some("heartbeat"), _) | (_, Some("heartbeat")) => Heartbeat,
             (_, Some("request")) => Request,
             (_, Some("ready")) | (Some("ready"), _) => Ready,
+            (_, Some(t)) if t.starts_with("sticky:") => SocketIoSticky,
             _ => Other,
         })
     }
@@ -529,6 +570,7 @@ mod tests {
             /// JSON-shaped input with random structure classifies without panicking.
             #[test]
             fn json_like_lines_classify(cmd in "(NODE_)?[A-Za-z_]{0,20}", ty in "[a-z]{0,10}", n in any::<i64>()) {
+                prop_assume!(cmd != "NODE_CLUSTER");
                 let line = format!(r#"{{"cmd":"{cmd}","type":"{ty}","data":{{"activeConnections":{n},"totalRequests":{n}}}}}"#);
                 let got = FromWorker::parse(line.as_bytes());
                 // An independent statement of the rules (node-ipc.md §2, DESIGN §3).

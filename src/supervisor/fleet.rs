@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::backoff::{Next, RestartPolicy};
 pub use super::types::{
-    Action, FleetConfig, Phase, ROLL_SETTLE, Sig, SlotState, SlotView, WorkerId,
+    Action, FleetConfig, NODE_READY_AFTER, Phase, ROLL_SETTLE, Sig, SlotState, SlotView, WorkerId,
 };
 use roll::Roll;
 
@@ -40,6 +40,8 @@ struct Worker {
     last_heartbeat: Option<Instant>,
     /// Its channel reached EOF: nothing more will come from it.
     channel_closed: bool,
+    /// A Node cluster worker (it sent `online`): stopped with cluster's `disconnect`.
+    cluster: bool,
 }
 
 impl Worker {
@@ -219,6 +221,7 @@ impl Fleet {
             phase: Phase::Starting { since: now },
             last_heartbeat: None,
             channel_closed: false,
+            cluster: false,
         };
         match role {
             Role::Current => {
@@ -232,7 +235,7 @@ impl Fleet {
         if self.shutdown.is_some() {
             // Asked for before the shutdown began: stop it at once.
             self.signal_worker(id, Sig::Term, now);
-        } else if !self.cfg.wait_ready {
+        } else if !self.cfg.wait_ready && !self.cfg.node_workers {
             self.on_ready(id, now);
         }
         self.publish(id.slot);
@@ -299,8 +302,40 @@ impl Fleet {
         self.publish(id.slot);
     }
 
-    /// The worker sent a message (any kind): it is alive and reading its channel.
+    /// The worker is a Node cluster worker (it sent cluster's `online`).
+    pub fn on_cluster_online(&mut self, id: WorkerId) {
+        if let Some(w) = self.slots[id.slot].find(id.generation) {
+            w.cluster = true;
+        }
+    }
+
+    /// A cluster worker is leaving on its own (`exitedAfterDisconnect`): its exit is expected.
+    pub fn on_leaving(&mut self, id: WorkerId, now: Instant) {
+        if let Some(w) = self.slots[id.slot].find(id.generation)
+            && w.phase.is_live()
+            && !w.phase.signalled()
+        {
+            tracing::info!(
+                slot = id.slot,
+                pid = w.pid,
+                "worker is leaving (cluster disconnect)"
+            );
+            w.phase = Phase::Disconnecting { since: now };
+            self.actions.push_back(Action::Detach(id));
+            self.publish(id.slot);
+        }
+    }
+
+    /// The worker sent a message of its own (any kind): it is alive and reading its channel.
     pub fn on_alive(&mut self, id: WorkerId, now: Instant) {
+        if self.cfg.node_workers
+            && !self.cfg.wait_ready
+            && self.slots[id.slot]
+                .find(id.generation)
+                .is_some_and(|w| matches!(w.phase, Phase::Starting { .. }))
+        {
+            self.on_ready(id, now);
+        }
         if let Some(Roll::Settling { id: r, .. }) = self.roll
             && r == id
         {
@@ -364,6 +399,13 @@ impl Fleet {
             return;
         };
         w.channel_closed = true;
+        if let Phase::Disconnecting { .. } = w.phase {
+            // Its servers closed and its connections ended: SIGTERM in case something else
+            // keeps it alive (a timer).
+            self.signal_worker(id, Sig::Term, now);
+            self.forget_gone(id.slot);
+            return self.publish(id.slot);
+        }
         let (live, signalled, pid) = (w.phase.is_live(), w.phase.signalled(), w.pid);
         if live && !signalled && self.shutdown.is_none() {
             // A worker without its channel can never get a connection again.
@@ -449,15 +491,39 @@ impl Fleet {
         let Some(w) = self.slots[id.slot].find(id.generation) else {
             return;
         };
-        let next = match (sig, w.phase) {
+        let (next, action) = match (sig, w.phase) {
             (_, Phase::Exited | Phase::Killing) => return,
             (Sig::Term, Phase::Draining { .. }) => return,
-            (Sig::Term, _) => Phase::Draining { since: now },
-            (Sig::Kill, _) => Phase::Killing,
+            // A cluster worker whose channel is still open is stopped the way Node's primary
+            // stops it: cluster's `disconnect` (SIGTERM follows when its channel closes).
+            (Sig::Term, Phase::Disconnecting { .. }) if !w.channel_closed => return,
+            (Sig::Term, p) if w.cluster && !w.channel_closed => (
+                Phase::Disconnecting {
+                    since: p.stopping_since().unwrap_or(now),
+                },
+                Action::Disconnect(id),
+            ),
+            (Sig::Term, p) => (
+                Phase::Draining {
+                    since: p.stopping_since().unwrap_or(now),
+                },
+                Action::Signal {
+                    id,
+                    pid: w.pid,
+                    sig,
+                },
+            ),
+            (Sig::Kill, _) => (
+                Phase::Killing,
+                Action::Signal {
+                    id,
+                    pid: w.pid,
+                    sig,
+                },
+            ),
         };
         w.phase = next;
-        let pid = w.pid;
-        self.actions.push_back(Action::Signal { id, pid, sig });
+        self.actions.push_back(action);
         self.actions.push_back(Action::Detach(id));
     }
 

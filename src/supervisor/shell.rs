@@ -9,6 +9,7 @@
 //! The master spawns workers only from this thread, which lives as long as the process, so
 //! `PR_SET_PDEATHSIG` fires only when the master dies (PITFALLS §6).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -19,9 +20,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
-use crate::channel::{DEFAULT_MAX_LINE, WorkerMsg};
+use crate::channel::cluster::ServerQuery;
+use crate::channel::{ClusterMsg, DEFAULT_MAX_LINE, WorkerMsg};
 use crate::config::Settings;
-use crate::dispatch::{self, Handoff, Report};
+use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
@@ -53,7 +55,28 @@ pub struct Master {
     exits_rx: mpsc::UnboundedReceiver<Exit>,
     accept_paused_until: Option<Instant>,
     last_exhausted_log: Option<Instant>,
+    /// lb's listening address (a cluster worker's `listen()` on its port attaches to it).
+    listen_addr: Option<SocketAddr>,
+    /// Listening sockets lb opened for cluster workers' `listen()` on other addresses, by
+    /// Node's server key (workers with the same key share one, as under Node's primary).
+    shared_listeners: HashMap<String, socket2::Socket>,
+    /// The next `NODE_UNIQUE_ID` (1, 2, 3…, never reused, like `cluster.worker.id`).
+    next_unique_id: u64,
+    /// When the next `--heartbeat-ping` goes out.
+    next_ping: Option<Instant>,
+    /// Last time a malformed cluster message was logged (at most one line per 5 s).
+    last_malformed_log: Option<Instant>,
 }
+
+/// Whether the worker command runs Node (`node`/`nodejs`).
+fn is_node(argv: &[String]) -> bool {
+    argv.first()
+        .and_then(|p| std::path::Path::new(p).file_name())
+        .is_some_and(|n| n == "node" || n == "nodejs")
+}
+
+/// What lb sends for `--heartbeat-ping` (a worker answers `{cmd:'heartbeat'}` the same way).
+const PING: &[u8] = b"{\"cmd\":\"heartbeat\"}\n";
 
 impl Master {
     /// Creates the master for `settings`; `argv` is the worker command.
@@ -70,6 +93,7 @@ impl Master {
                 max_memory: settings.max_memory,
                 crash_loop: settings.crash_loop,
                 settle_timeout: settings.stall_timeout,
+                node_workers: is_node(&argv),
             },
             Instant::now(),
         );
@@ -85,6 +109,11 @@ impl Master {
             exits_rx,
             accept_paused_until: None,
             last_exhausted_log: None,
+            listen_addr: None,
+            shared_listeners: HashMap::new(),
+            next_unique_id: 1,
+            next_ping: None,
+            last_malformed_log: None,
         }
     }
 
@@ -94,6 +123,7 @@ impl Master {
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut hup = signal(SignalKind::hangup())?;
+        self.listen_addr = listener.local_addr().ok();
         let mut listener = Some(listener);
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         self.apply(Instant::now());
@@ -237,6 +267,7 @@ impl Master {
             }
             Report::TooLong => metrics.dropped(Dropped::TooLong),
             Report::StrayFd => metrics.dropped(Dropped::StrayFd),
+            Report::Cluster(m) => self.on_cluster(id, m),
             Report::Closed => {
                 self.fleet.on_channel_closed(id, Instant::now());
                 self.router.closed(id);
@@ -249,6 +280,107 @@ impl Master {
     fn settle(&mut self, id: WorkerId) {
         if self.fleet.shutting_down() && !self.router.busy(id) {
             self.fleet.on_settled(id, Instant::now());
+        }
+    }
+
+    /// A message of Node's cluster protocol, answered as Node's primary does.
+    fn on_cluster(&mut self, id: WorkerId, m: ClusterMsg) {
+        let now = Instant::now();
+        match m {
+            ClusterMsg::Online => self.fleet.on_cluster_online(id),
+            ClusterMsg::QueryServer(q) => self.query_server(id, q),
+            ClusterMsg::Listening { key } => {
+                if self.router.rr_listening(id, &key) {
+                    // Listening on lb's port: ready (with or without --wait-ready).
+                    self.fleet.on_ready(id, now);
+                }
+            }
+            ClusterMsg::Close { key } => self.router.rr_closed(id, &key),
+            ClusterMsg::ExitedAfterDisconnect { .. } => self.fleet.on_leaving(id, now),
+            ClusterMsg::NewconnReply { .. } | ClusterMsg::Other => {
+                self.shared.metrics.dropped(Dropped::Ignored)
+            }
+            ClusterMsg::Malformed(why) => {
+                self.shared.metrics.dropped(Dropped::Malformed);
+                if self
+                    .last_malformed_log
+                    .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
+                {
+                    self.last_malformed_log = Some(now);
+                    tracing::warn!(
+                        slot = id.slot,
+                        "malformed cluster message from a worker ({why}); ignored (logged at most every 5s)"
+                    );
+                }
+            }
+        }
+        self.apply(now);
+    }
+
+    /// A cluster worker called `listen()`. On lb's port its server is attached to lb's
+    /// listener (connections come as `newconn`, chosen by lb's policy); on any other TCP address
+    /// lb opens that socket once per key and shares it, as Node's primary would (the kernel
+    /// balances those connections, not lb); pipes and UDP are refused with ENOTSUP.
+    fn query_server(&mut self, id: WorkerId, q: ServerQuery) {
+        let Some(d) = self.router.dispatch(id).cloned() else {
+            return;
+        };
+        let lb = self.listen_addr;
+        if let Some(lb) = lb
+            && q.is_tcp()
+            && q.port == i64::from(lb.port())
+        {
+            self.router.rr_answered(id, q.key.clone());
+            return d.cluster(ClusterOut::RrReply {
+                query: q,
+                listener: lb,
+            });
+        }
+        if !q.is_tcp() {
+            tracing::warn!(
+                slot = id.slot,
+                "a worker listens on {} (a pipe or UDP): not supported under lb, refused with ENOTSUP",
+                q.key
+            );
+            return d.cluster(ClusterOut::Error {
+                query: q,
+                errno: libc::ENOTSUP,
+            });
+        }
+        let socket = match self.shared_listeners.get(&q.key) {
+            Some(s) => s.try_clone(),
+            None => match bind_shared(&q) {
+                Ok(s) => {
+                    let addr = s.local_addr().ok().and_then(|a| a.as_socket());
+                    tracing::info!(
+                        slot = id.slot,
+                        "a worker listens on {} itself (not lb's port {}): served as a shared socket, balanced by the kernel, not sticky",
+                        addr.map_or_else(|| q.key.clone(), |a| a.to_string()),
+                        lb.map_or(0, |a| a.port())
+                    );
+                    let dup = s.try_clone();
+                    self.shared_listeners.insert(q.key.clone(), s);
+                    dup
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match socket {
+            Ok(s) => d.cluster(ClusterOut::Shared {
+                query: q,
+                fd: s.into(),
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    slot = id.slot,
+                    "cannot listen on {} for a worker: {e}",
+                    q.key
+                );
+                d.cluster(ClusterOut::Error {
+                    query: q,
+                    errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+                });
+            }
         }
     }
 
@@ -285,6 +417,12 @@ impl Master {
         }
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
+        if let Some(every) = self.settings.heartbeat_ping
+            && self.next_ping.is_none_or(|t| now >= t)
+        {
+            self.next_ping = Some(now + every);
+            self.router.broadcast(&PING.into());
+        }
         self.apply(now);
     }
 
@@ -301,6 +439,11 @@ impl Master {
                     },
                 ),
                 Action::Detach(id) => self.router.detach(id),
+                Action::Disconnect(id) => {
+                    if let Some(d) = self.router.dispatch(id) {
+                        d.cluster(ClusterOut::Disconnect);
+                    }
+                }
                 Action::Publish(slot) => {
                     let view = self.fleet.view(slot);
                     self.shared.metrics.slots[slot].up.set(view.up() as i64);
@@ -325,18 +468,23 @@ impl Master {
         let beat_ms = (self.settings.heartbeat_timeout.as_millis() / 3)
             .max(10)
             .to_string();
-        let spawned =
-            match spawn::spawn_worker(&self.argv, id.slot, &[("LB_HEARTBEAT_MS", beat_ms)]) {
-                Ok(sp) => sp,
-                Err(e) => {
-                    tracing::error!(
-                        slot = id.slot,
-                        "cannot start worker `{}`: {e}",
-                        self.argv[0]
-                    );
-                    return self.fleet.spawn_failed(id, now);
-                }
-            };
+        let unique_id = self.next_unique_id;
+        self.next_unique_id += 1;
+        let env = [
+            ("LB_HEARTBEAT_MS", beat_ms),
+            ("NODE_UNIQUE_ID", unique_id.to_string()),
+        ];
+        let spawned = match spawn::spawn_worker(&self.argv, id.slot, &env) {
+            Ok(sp) => sp,
+            Err(e) => {
+                tracing::error!(
+                    slot = id.slot,
+                    "cannot start worker `{}`: {e}",
+                    self.argv[0]
+                );
+                return self.fleet.spawn_failed(id, now);
+            }
+        };
         let limits = dispatch::Limits {
             window: self.settings.max_pending,
             max_line: DEFAULT_MAX_LINE,
@@ -352,6 +500,30 @@ impl Master {
         });
         self.fleet.spawned(id, spawned.pid, now);
     }
+}
+
+/// Opens the listening socket a cluster worker asked for (Node's primary binds `[::]` for a
+/// `listen(port)` without a host).
+fn bind_shared(q: &ServerQuery) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let ip: std::net::IpAddr = match q.address.as_deref() {
+        Some(a) => a
+            .parse()
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))?,
+        None => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let port =
+        u16::try_from(q.port).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let addr = SocketAddr::new(ip, port);
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() && q.address.is_none() {
+        s.set_only_v6(false)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(511)?;
+    Ok(s)
 }
 
 fn describe_status(s: ExitStatus) -> String {

@@ -47,6 +47,12 @@ pub enum Phase {
     /// Ready, but has left a handoff unanswered for the stall timeout: no new connections until
     /// it answers again.
     Stalled,
+    /// A Node cluster worker sent cluster's `disconnect` (or leaving on its own): it closes its
+    /// servers and finishes its connections; SIGTERM follows once its channel closes.
+    Disconnecting {
+        /// When the stop began.
+        since: Instant,
+    },
     /// Sent SIGTERM: finishing its connections, gets no new ones.
     Draining {
         /// When SIGTERM was sent.
@@ -64,7 +70,18 @@ impl Phase {
     }
 
     pub(crate) fn signalled(self) -> bool {
-        matches!(self, Phase::Draining { .. } | Phase::Killing)
+        matches!(
+            self,
+            Phase::Disconnecting { .. } | Phase::Draining { .. } | Phase::Killing
+        )
+    }
+
+    /// When a graceful stop began (its drain timeout runs from then).
+    pub(crate) fn stopping_since(self) -> Option<Instant> {
+        match self {
+            Phase::Disconnecting { since } | Phase::Draining { since } => Some(since),
+            _ => None,
+        }
     }
 }
 
@@ -139,6 +156,8 @@ pub enum Action {
     },
     /// Send this worker no more connections; its dispatch hands back what it has not delivered.
     Detach(WorkerId),
+    /// Send a cluster worker Node's `disconnect` (its graceful stop).
+    Disconnect(WorkerId),
     /// The slot's view changed (see [`Fleet::view`]).
     Publish(usize),
     /// The slot's worker was replaced (`lb_worker_restarts_total`).
@@ -164,4 +183,11 @@ pub struct FleetConfig {
     pub crash_loop: CrashLoop,
     /// At shutdown, how long a worker that still has handoffs to answer is spared SIGTERM.
     pub settle_timeout: Duration,
+    /// The workers are Node processes: without `--wait-ready`, one is ready when it listens on
+    /// lb's port, sends a message of its own, or after [`NODE_READY_AFTER`] (not at spawn: its
+    /// code may not have installed a `message` listener or called `listen()` yet).
+    pub node_workers: bool,
 }
+
+/// Without `--wait-ready`, the longest a Node worker that stays silent counts as starting.
+pub const NODE_READY_AFTER: Duration = Duration::from_secs(1);

@@ -15,6 +15,7 @@ fn config(workers: usize) -> FleetConfig {
         max_memory: None,
         crash_loop: CrashLoop::default(),
         settle_timeout: Duration::from_secs(2),
+        node_workers: false,
     }
 }
 

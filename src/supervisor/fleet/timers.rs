@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::roll::Roll;
-use super::{Fleet, Phase, Respawn, Role, Sig, Slot, WorkerId};
+use super::{Fleet, NODE_READY_AFTER, Phase, Respawn, Role, Sig, Slot, WorkerId};
 
 impl Fleet {
     /// The earliest time [`Fleet::tick`] has something to do, if any.
@@ -33,8 +33,15 @@ impl Fleet {
         for s in &self.slots {
             for w in s.workers() {
                 match w.phase {
-                    Phase::Starting { since } => at(since + self.cfg.ready_timeout),
-                    Phase::Draining { since } if self.shutdown.is_none() => {
+                    Phase::Starting { since } => {
+                        at(since + self.cfg.ready_timeout);
+                        if self.cfg.node_workers && !self.cfg.wait_ready {
+                            at(since + NODE_READY_AFTER);
+                        }
+                    }
+                    Phase::Draining { since } | Phase::Disconnecting { since }
+                        if self.shutdown.is_none() =>
+                    {
                         at(since + self.cfg.drain_timeout)
                     }
                     _ => {}
@@ -100,8 +107,17 @@ impl Fleet {
             return self.publish(slot);
         }
         let mut kill = Vec::new();
+        let mut ready = Vec::new();
         for w in s.workers() {
             match w.phase {
+                Phase::Starting { since }
+                    if cfg.node_workers
+                        && !cfg.wait_ready
+                        && now >= since + NODE_READY_AFTER
+                        && now < since + cfg.ready_timeout =>
+                {
+                    ready.push(w.id);
+                }
                 Phase::Starting { since } if now >= since + cfg.ready_timeout => {
                     tracing::warn!(
                         slot,
@@ -111,7 +127,7 @@ impl Fleet {
                     );
                     kill.push(w.id);
                 }
-                Phase::Draining { since }
+                Phase::Draining { since } | Phase::Disconnecting { since }
                     if self.shutdown.is_none() && now >= since + cfg.drain_timeout =>
                 {
                     tracing::warn!(
@@ -138,9 +154,13 @@ impl Fleet {
             );
             kill.push(w.id);
         }
+        for id in ready {
+            self.on_ready(id, now);
+        }
         if kill.is_empty() {
             return;
         }
+        let s = &self.slots[slot];
         let incoming = s.incoming.as_ref().map(|w| w.id);
         for id in kill {
             if Some(id) == incoming && self.roll == Some(Roll::Starting(slot)) {
