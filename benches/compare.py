@@ -336,6 +336,9 @@ def main():
     ap.add_argument("--base-lb", help="another lb binary: adds lb-*@base rows for an A/B in one run")
     ap.add_argument("--replot", action="store_true", help="only redraw the table and charts from results.json")
     a = ap.parse_args()
+    global OUT
+    if a.base_lb:
+        OUT = OUT / "ab"  # an A/B run never replaces the full results
     if a.replot:
         saved = json.loads((OUT / "results.json").read_text())
         write_outputs(saved["results"], saved["websockets"], saved["meta"])
