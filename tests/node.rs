@@ -5,42 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn node_modules() -> PathBuf {
-    let nm = root().join("examples/node/node_modules");
-    assert!(
-        nm.join("ws").exists() && nm.join("socket.io").exists(),
-        "npm packages missing: run `npm ci --prefix examples/node` (the README test command does)"
-    );
-    nm
-}
-
-fn example(name: &str) -> String {
-    root()
-        .join("examples/node")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn start_node(args: &[&str], script: &str, env: &[(&str, &str)]) -> Lb {
-    let nm = node_modules();
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--", "node", script]);
-    let mut env = env.to_vec();
-    let nm = nm.to_string_lossy().into_owned();
-    env.push(("NODE_PATH", &nm));
-    Lb::start_with(&all, &env)
-}
 
 fn whoami(stream: &mut std::net::TcpStream, close: bool) -> serde_json::Value {
     let (status, body) = request(stream, "GET", "/whoami", b"", close);

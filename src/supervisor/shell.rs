@@ -141,6 +141,12 @@ impl Master {
                 self.housekeeping(now);
                 next_housekeeping = now + HOUSEKEEPING;
             }
+            if let Some(every) = self.settings.heartbeat_ping
+                && self.next_ping.is_none_or(|t| now >= t)
+            {
+                self.next_ping = Some(now + every);
+                self.router.broadcast(&PING.into());
+            }
             self.fleet.tick(now);
             self.router.expire(now);
             self.apply(now);
@@ -154,6 +160,7 @@ impl Master {
                 self.fleet.next_deadline(),
                 self.router.next_deadline(),
                 self.accept_paused_until,
+                self.next_ping,
             ]
             .into_iter()
             .flatten()
@@ -417,12 +424,7 @@ impl Master {
         }
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
-        if let Some(every) = self.settings.heartbeat_ping
-            && self.next_ping.is_none_or(|t| now >= t)
-        {
-            self.next_ping = Some(now + every);
-            self.router.broadcast(&PING.into());
-        }
+
         self.apply(now);
     }
 
@@ -470,10 +472,18 @@ impl Master {
             .to_string();
         let unique_id = self.next_unique_id;
         self.next_unique_id += 1;
-        let env = [
+        let mut env = vec![
             ("LB_HEARTBEAT_MS", beat_ms),
             ("NODE_UNIQUE_ID", unique_id.to_string()),
         ];
+        // The port to listen() on to be served through lb: `LB_PORT`, and `PORT` unless lb's
+        // own environment sets one.
+        if let Some(port) = self.listen_addr.map(|a| a.port().to_string()) {
+            if std::env::var_os("PORT").is_none() {
+                env.push(("PORT", port.clone()));
+            }
+            env.push(("LB_PORT", port));
+        }
         let spawned = match spawn::spawn_worker(&self.argv, id.slot, &env) {
             Ok(sp) => sp,
             Err(e) => {

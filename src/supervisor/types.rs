@@ -190,4 +190,4 @@ pub struct FleetConfig {
 }
 
 /// Without `--wait-ready`, the longest a Node worker that stays silent counts as starting.
-pub const NODE_READY_AFTER: Duration = Duration::from_secs(1);
+pub const NODE_READY_AFTER: Duration = Duration::from_secs(2);

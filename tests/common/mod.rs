@@ -540,3 +540,37 @@ pub fn start_request(lb: &Lb, ip: IpAddr) -> TcpStream {
         .unwrap();
     c
 }
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `examples/node/node_modules` (installed by the README test command).
+pub fn node_modules() -> std::path::PathBuf {
+    let nm = root().join("examples/node/node_modules");
+    assert!(
+        nm.join("ws").exists() && nm.join("socket.io").exists(),
+        "npm packages missing: run `npm ci --prefix examples/node` (the README test command does)"
+    );
+    nm
+}
+
+/// Path of `examples/node/NAME`.
+pub fn example(name: &str) -> String {
+    root()
+        .join("examples/node")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// lb with `args` running `node SCRIPT` workers (with the examples' npm packages).
+pub fn start_node(args: &[&str], script: &str, env: &[(&str, &str)]) -> Lb {
+    let nm = node_modules();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--", "node", script]);
+    let mut env = env.to_vec();
+    let nm = nm.to_string_lossy().into_owned();
+    env.push(("NODE_PATH", &nm));
+    Lb::start_with(&all, &env)
+}
