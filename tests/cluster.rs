@@ -106,9 +106,37 @@ fn a_cluster_app_that_listens_on_lbs_port_gets_sticky_connections_and_exact_coun
 fn a_rolling_restart_of_a_cluster_app_with_no_sigterm_handler_loses_nothing() {
     let lb = start_node(&["-w", "2"], &fixture("cluster-listen.js"), &[]);
     let before = lb.wait_all_ready(2);
+    // A slow request in flight on each old worker when the roll starts: it must finish.
+    let slow: Vec<_> = (0..2)
+        .map(|slot| {
+            let mut c = connect(lb.addr, Some(ips_of(slot, 2, 1)[0]));
+            use std::io::Write;
+            c.write_all(b"GET /sleep/1000 HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    wait_for(
+        "both slow requests in their workers",
+        Duration::from_secs(10),
+        || {
+            (lb.metric("lb_worker_requests_total{worker=\"0\"}")? >= 1.0
+                && lb.metric("lb_worker_requests_total{worker=\"1\"}")? >= 1.0)
+                .then_some(())
+        },
+    );
     let churn = Churn::start(lb.addr, 3, 700, 20);
     churn.wait_more("requests before the roll", 60);
     lb.signal(Signal::SIGUSR2);
+    for (slot, mut c) in slow.into_iter().enumerate() {
+        let (status, body) = read_response(&mut c);
+        assert_eq!(status, 200);
+        assert_eq!(
+            slot_and_pid(std::str::from_utf8(&body).unwrap()),
+            (slot, before[slot]),
+            "served by the old worker while it drained"
+        );
+    }
     wait_for("every worker replaced", Duration::from_secs(30), || {
         let w = lb.workers();
         let rows = w["workers"].as_array()?.clone();
@@ -273,5 +301,37 @@ fn with_heartbeat_ping_a_worker_that_stops_answering_is_replaced() {
             lb.workers()["workers"][0]["pid"] == first[0]
                 && lb.metric("lb_worker_restarts_total{worker=\"0\"}") == Some(0.0)
         },
+    );
+}
+
+#[test]
+fn a_connection_a_cluster_worker_refuses_goes_to_another_worker() {
+    // At its maxConnections a Node worker answers a newconn with `accepted: false`.
+    let lb = start_node(
+        &["-w", "2"],
+        &fixture("cluster-listen.js"),
+        &[("MAX_CONNECTIONS", "1")],
+    );
+    let pids = lb.wait_all_ready(2);
+    let ips = ips_of(0, 2, 2);
+    let mut busy = connect(lb.addr, Some(ips[0]));
+    use std::io::Write;
+    busy.write_all(b"GET /sleep/3000 HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the slow request in slot 0",
+        Duration::from_secs(10),
+        || (lb.metric("lb_worker_requests_total{worker=\"0\"}")? >= 1.0).then_some(()),
+    );
+    // Slot 0 refuses the next one of its clients (first try and 3 retries): slot 1 serves it.
+    assert_eq!(served_by(lb.addr, Some(ips[1])), (1, pids[1]));
+    assert_eq!(
+        lb.metric("lb_handoff_failures_total{reason=\"nack\"}"),
+        Some(4.0)
+    );
+    let (status, body) = read_response(&mut busy);
+    assert_eq!(
+        (status, slot_and_pid(std::str::from_utf8(&body).unwrap())),
+        (200, (0, pids[0]))
     );
 }
