@@ -136,12 +136,12 @@ class Config:
         self.backends = backends
 
 
-def lb_config(name, policy, cmd=None, lb=None):
+def lb_config(name, policy, cmd=None, lb=None, env=None):
     port = free_port()
     argv = [lb or LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
     if cmd:
         argv += ["--"] + cmd
-    p = start(argv)
+    p = start(argv, env={k: v.format(port=port) for k, v in (env or {}).items()})
     wait_port(port)
     return Config(name, "node" if cmd else "builtin", port, lambda: [p.pid], lambda: descendants(p.pid),
                   "node" if cmd else "builtin")
@@ -203,6 +203,9 @@ def configs(selected, base_lb=None):
         made.append(Config("node-sticky-primary", "node", port, lambda p=p: [p.pid], lambda p=p: descendants(p.pid), "node"))
     if want("lb-node"):
         made.append(lb_config("lb-node", "sticky", ["node", str(HELLO)]))
+    if want("lb-node-cluster"):
+        # The same worker as a cluster app that calls listen() on lb's port (cluster newconn).
+        made.append(lb_config("lb-node-cluster", "sticky", ["node", str(HELLO)], env={"LISTEN_PORT": "{port}"}))
     return made
 
 
@@ -334,10 +337,13 @@ def main():
     ap.add_argument("--ws-conns", type=int, default=10000)
     ap.add_argument("--only", help="comma-separated configuration names")
     ap.add_argument("--base-lb", help="another lb binary: adds lb-*@base rows for an A/B in one run")
+    ap.add_argument("--out", help="where to write results (default benches/results; benches/results/ab with --base-lb)")
     ap.add_argument("--replot", action="store_true", help="only redraw the table and charts from results.json")
     a = ap.parse_args()
     global OUT
-    if a.base_lb:
+    if a.out:
+        OUT = Path(a.out)
+    elif a.base_lb:
         OUT = OUT / "ab"  # an A/B run never replaces the full results
     if a.replot:
         saved = json.loads((OUT / "results.json").read_text())

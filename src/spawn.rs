@@ -3,7 +3,8 @@
 //! Exactly what Node's `child_process.fork` does (node-ipc.md §1, §8): a CLOEXEC
 //! `socketpair(AF_UNIX, SOCK_STREAM)`; the child end becomes fd 3 without CLOEXEC;
 //! `NODE_CHANNEL_FD=3`, `NODE_CHANNEL_SERIALIZATION_MODE=json` and `LB_WORKER_ID=<slot>` are set and
-//! `NODE_UNIQUE_ID` is removed; the parent's copy of the child end is closed right after spawn so
+//! lb's own `NODE_UNIQUE_ID` is removed (the caller sets a fresh one per worker, as Node's primary
+//! does); the parent's copy of the child end is closed right after spawn so
 //! that the worker's death is seen as EOF.
 //!
 //! Each worker leads its own process group (so grandchildren can be signalled too) and gets

@@ -6,7 +6,9 @@
 //!
 //! Invariants:
 //! - lb never writes a blank line, invalid JSON, or an unsolicited `NODE_HANDLE_ACK`/`NACK`: each
-//!   of these crashes a Node worker. The only lines lb writes are the constants below.
+//!   of these crashes a Node worker. lb writes only the constants below, the cluster-protocol
+//!   lines of [`cluster`] (built with `serde_json`, one line each), and lines a worker sent that
+//!   lb relays unchanged (socket.io adapter messages, which parsed as valid JSON).
 //! - The decoder is bounded: a line longer than its limit is discarded (up to the next newline)
 //!   and reported, so a worker that writes megabytes without a newline cannot grow master memory.
 //! - A line that is not valid JSON is one dropped message, never a fatal channel error.
