@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::balance::{DEFAULT_HASH_SEED, Policy};
+use crate::channel::Serialization;
 use crate::supervisor::backoff::CrashLoop;
 
 /// A settings error: always one line, naming the input.
@@ -250,6 +251,10 @@ options! {
     /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
     /// failed for the length of the window [default: 10/1m]
     crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";
+    /// Node's channel format for all workers: `json`, or `advanced` (V8 values: binary
+    /// crosses workers as binary) [default: json]
+    serialization: Serialization = Serialization::Json,
+        |v| choice(v, &[("json", Serialization::Json), ("advanced", Serialization::Advanced)]), "MODE";
     /// text or json [default: text]
     log_format: LogFormat = LogFormat::Text,
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";

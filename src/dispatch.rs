@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use crate::channel::cluster::{self, ServerQuery};
 use crate::channel::{
     ClusterMsg, FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Inbox, Incoming, Received,
-    SOCKET_COUNT_QUERY, WorkerMsg,
+    SOCKET_COUNT_QUERY, Serialization, WorkerMsg,
 };
 use crate::supervisor::WorkerId;
 use crate::sys;
@@ -265,6 +265,8 @@ pub struct Limits {
     pub max_line: usize,
     /// Unanswered-handle time after which the worker is reported stalled.
     pub stall_timeout: Duration,
+    /// The channel's serialization.
+    pub serialization: Serialization,
 }
 
 /// Runs the dispatch task for one worker until its channel closes and the master stops sending.
@@ -280,6 +282,7 @@ async fn run(
         window,
         max_line,
         stall_timeout,
+        serialization,
     } = limits;
     let (slot, generation) = (id.slot, id.generation);
     // Every connection that leaves this task's custody (ACKed or handed back) is uncounted here.
@@ -306,7 +309,7 @@ async fn run(
             return return_all_until_closed(&mut handoffs, send).await;
         }
     };
-    let mut d = Dispatcher::new(window.max(1), max_line);
+    let mut d = Dispatcher::new(window.max(1), max_line, serialization);
     let mut accepting = true;
     let mut open = true;
     while open && !d.failed {
@@ -448,10 +451,15 @@ struct Dispatcher {
     seq: u64,
     /// The channel's receiving half (framing, fds the worker sent us).
     inbox: Inbox,
+    /// The channel's serialization, and lb's constant messages in it.
+    ser: Serialization,
+    envelope: Cow<'static, [u8]>,
+    nack: Cow<'static, [u8]>,
+    query: Cow<'static, [u8]>,
 }
 
 impl Dispatcher {
-    fn new(window: usize, max_line: usize) -> Self {
+    fn new(window: usize, max_line: usize, ser: Serialization) -> Self {
         Self {
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
@@ -470,7 +478,11 @@ impl Dispatcher {
             stalled: false,
             rr_key: None,
             seq: 0,
-            inbox: Inbox::new(max_line, 64 * 1024),
+            inbox: Inbox::with(ser, max_line, 64 * 1024),
+            ser,
+            envelope: ser.encode_line(HANDLE_ENVELOPE),
+            nack: ser.encode_line(HANDLE_NACK),
+            query: ser.encode_line(SOCKET_COUNT_QUERY),
         }
     }
 
@@ -514,12 +526,12 @@ impl Dispatcher {
                 continue;
             }
             if self.owed_nacks > 0 {
-                self.write_line(fd, Cow::Borrowed(HANDLE_NACK))?;
+                self.write_line(fd, self.nack.clone())?;
                 self.owed_nacks -= 1;
                 continue;
             }
             if self.owed_queries > 0 {
-                self.write_line(fd, Cow::Borrowed(SOCKET_COUNT_QUERY))?;
+                self.write_line(fd, self.query.clone())?;
                 self.owed_queries -= 1;
                 continue;
             }
@@ -543,9 +555,10 @@ impl Dispatcher {
                 } else if let Some(key) = &self.rr_key {
                     let key = key.clone();
                     let seq = self.next_seq();
-                    (Cow::Owned(cluster::newconn_envelope(&key, seq)), Some(seq))
+                    let env = self.ser.reencode(cluster::newconn_envelope(&key, seq));
+                    (Cow::Owned(env), Some(seq))
                 } else {
-                    (Cow::Borrowed(HANDLE_ENVELOPE), None)
+                    (self.envelope.clone(), None)
                 };
             let (sent, result) = if let Some((_, lfd)) = self.listeners.front() {
                 let r = sys::send_with_fd(fd, &envelope, Some(lfd.as_fd()));
@@ -639,21 +652,27 @@ impl Dispatcher {
             ToDispatch::Cluster(out) => {
                 let seq = self.next_seq();
                 match out {
-                    ClusterOut::RrReply { query, listener } => self
-                        .lines
-                        .push_back(Cow::Owned(cluster::rr_reply(&query, listener, seq))),
-                    ClusterOut::Error { query, errno } => self
-                        .lines
-                        .push_back(Cow::Owned(cluster::error_reply(&query, errno, seq))),
-                    ClusterOut::Shared { query, fd } => self
-                        .listeners
-                        .push_back((cluster::shared_handle_envelope(&query, seq), fd)),
-                    ClusterOut::Disconnect => {
-                        self.lines.push_back(Cow::Owned(cluster::disconnect(seq)))
+                    ClusterOut::RrReply { query, listener } => {
+                        self.push_line(cluster::rr_reply(&query, listener, seq))
                     }
+                    ClusterOut::Error { query, errno } => {
+                        self.push_line(cluster::error_reply(&query, errno, seq))
+                    }
+                    ClusterOut::Shared { query, fd } => self.listeners.push_back((
+                        self.ser
+                            .reencode(cluster::shared_handle_envelope(&query, seq)),
+                        fd,
+                    )),
+                    ClusterOut::Disconnect => self.push_line(cluster::disconnect(seq)),
                 }
             }
         }
+    }
+
+    /// Queues one of lb's JSON lines, in the channel's serialization.
+    fn push_line(&mut self, json_line: Vec<u8>) {
+        self.lines
+            .push_back(Cow::Owned(self.ser.reencode(json_line)));
     }
 
     /// No more connections for this worker: what is queued goes back now, and what it NACKs
@@ -692,7 +711,7 @@ impl Dispatcher {
     }
 
     fn process_lines(&mut self, send: &impl Fn(Report)) {
-        while let Some(item) = self.inbox.next(FromWorker::parse) {
+        while let Some(item) = self.inbox.next(FromWorker::parse_payload) {
             let Incoming::Message(msg) = item else {
                 send(Report::TooLong);
                 continue;
@@ -744,7 +763,7 @@ impl Dispatcher {
                 FromWorker::Cluster(ClusterMsg::ExitedAfterDisconnect { seq }) => {
                     // Without the ack the worker never leaves.
                     let ours = self.next_seq();
-                    self.lines.push_back(Cow::Owned(cluster::ack(seq, ours)));
+                    self.push_line(cluster::ack(seq, ours));
                     send(Report::Cluster(ClusterMsg::ExitedAfterDisconnect { seq }));
                 }
                 FromWorker::Cluster(m) => send(Report::Cluster(m)),

@@ -198,20 +198,26 @@ fn a_worker_that_also_listens_on_another_port_serves_both_and_lb_logs_it_once() 
     );
 }
 
+/// Runs the socket.io broadcast client against `lb` (`binary` > 0: a Buffer of that size).
+fn sio_broadcast(lb: &Lb, clients: usize, binary: usize) -> serde_json::Value {
+    let out = Command::new("node")
+        .arg(fixture("sio-broadcast.js"))
+        .arg(format!("http://{}", lb.addr))
+        .args([clients.to_string().as_str(), "20000"])
+        .env("NODE_PATH", node_modules())
+        .env("BINARY", binary.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
 #[test]
 fn socket_io_with_the_cluster_adapter_broadcasts_to_clients_on_every_worker() {
     let lb = start_node(&["-w", "3"], &example("socketio-cluster.js"), &[]);
     lb.wait_all_ready(3);
-    let out = Command::new("node")
-        .arg(fixture("sio-broadcast.js"))
-        .arg(format!("http://{}", lb.addr))
-        .args(["30", "20000"])
-        .env("NODE_PATH", node_modules())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let r: serde_json::Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    let r = sio_broadcast(&lb, 30, 0);
     assert_eq!(r["why"], "done", "{r}");
     assert_eq!(r["connected"], 30);
     assert_eq!(r["upgraded"], 30);
@@ -334,4 +340,27 @@ fn a_connection_a_cluster_worker_refuses_goes_to_another_worker() {
         (status, slot_and_pid(std::str::from_utf8(&body).unwrap())),
         (200, (0, pids[0]))
     );
+}
+
+#[test]
+fn with_advanced_serialization_a_binary_broadcast_arrives_as_binary_on_every_worker() {
+    let lb = start_node(
+        &["-w", "3", "--serialization", "advanced"],
+        &example("socketio-cluster.js"),
+        &[],
+    );
+    lb.wait_all_ready(3);
+    let r = sio_broadcast(&lb, 30, 1024);
+    assert_eq!(r["why"], "done", "{r}");
+    assert_eq!(r["pids"].as_array().unwrap().len(), 3, "{r}");
+    assert_eq!(
+        r["received"], 30,
+        "1 KiB byte-exact as binary at every client: {r}"
+    );
+    // The control: in json mode the clients on the other workers get an object, not bytes.
+    let json = start_node(&["-w", "3"], &example("socketio-cluster.js"), &[]);
+    json.wait_all_ready(3);
+    let r = sio_broadcast(&json, 30, 1024);
+    assert_eq!(r["pids"].as_array().unwrap().len(), 3, "{r}");
+    assert!(r["notBinary"].as_u64().unwrap() > 0, "{r}");
 }

@@ -363,3 +363,22 @@ fn json_logs_are_one_object_per_line() {
     );
     assert_eq!(v["level"], "INFO");
 }
+
+#[test]
+fn the_builtin_worker_serves_and_reports_in_advanced_serialization() {
+    let lb = Lb::start(&["-w", "2", "--serialization", "advanced"]);
+    lb.wait_all_ready(2);
+    for i in 0..6 {
+        let ip = client_ip(i);
+        assert_eq!(served_by(lb.addr, Some(ip)).0, lb_route(ip, 2, &[]));
+    }
+    wait_for("6 requests counted", Duration::from_secs(10), || {
+        let n = lb.metric("lb_worker_requests_total{worker=\"0\"}")?
+            + lb.metric("lb_worker_requests_total{worker=\"1\"}")?;
+        (n == 6.0).then_some(())
+    });
+    assert_eq!(
+        lb.metric("lb_channel_messages_dropped_total{reason=\"malformed\"}"),
+        Some(0.0)
+    );
+}

@@ -21,6 +21,9 @@ if (cluster.isPrimary) {
     socket.emit('hello', { worker: cluster.worker.id, pid: process.pid });
     // Any client can ask for a broadcast to every client, on every worker.
     socket.on('shout', (txt) => io.emit('broadcast', { from: cluster.worker.id, pid: process.pid, txt }));
+    // Binary crosses workers as binary with `lb --serialization advanced` (socket.io's docs ask
+    // for Node's advanced serialization with this adapter).
+    socket.on('shoutbin', (n) => io.emit('bin', Buffer.from(Array.from({ length: n }, (_, i) => (i * 7) % 256))));
   });
   httpServer.listen(port);
 }

@@ -14,7 +14,8 @@ use std::os::unix::net::UnixStream;
 
 use tokio::io::unix::AsyncFdReadyGuard;
 
-use super::{Line, LineDecoder};
+use super::v8::{Frame, FrameDecoder};
+use super::{Line, LineDecoder, Payload, Serialization};
 use crate::sys;
 
 /// Reads per wakeup before other work gets a turn (readiness stays set if there is more).
@@ -38,23 +39,56 @@ pub enum Incoming<T> {
     TooLong,
 }
 
+/// How messages are delimited.
+#[derive(Debug)]
+enum Framing {
+    /// `json`: newline-terminated lines.
+    Lines(LineDecoder),
+    /// `advanced`: length-prefixed V8 frames.
+    Frames(FrameDecoder),
+}
+
 /// Framing state of one channel's receiving side.
 #[derive(Debug)]
 pub struct Inbox {
     buf: Vec<u8>,
-    decoder: LineDecoder,
+    decoder: Framing,
     /// Fds that arrived, in order, not yet claimed by a handle message.
     fds: VecDeque<OwnedFd>,
     /// The kernel dropped fds (`MSG_CTRUNC`) since the last [`Inbox::close_stray_fds`].
     truncated: bool,
 }
 
+impl Framing {
+    fn extend(&mut self, bytes: &[u8]) {
+        match self {
+            Framing::Lines(d) => d.extend(bytes),
+            Framing::Frames(d) => d.extend(bytes),
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        match self {
+            Framing::Lines(d) => d.buffered(),
+            Framing::Frames(d) => d.buffered(),
+        }
+    }
+}
+
 impl Inbox {
-    /// An inbox accepting lines up to `max_line` bytes, reading `read_size` bytes at a time.
+    /// An inbox for `json` lines up to `max_line` bytes, reading `read_size` bytes at a time.
     pub fn new(max_line: usize, read_size: usize) -> Self {
+        Self::with(Serialization::Json, max_line, read_size)
+    }
+
+    /// An inbox for messages of `mode` up to `max_len` bytes.
+    pub fn with(mode: Serialization, max_len: usize, read_size: usize) -> Self {
         Self {
             buf: vec![0; read_size],
-            decoder: LineDecoder::new(max_line),
+            decoder: match mode {
+                Serialization::Json => Framing::Lines(LineDecoder::new(max_len)),
+                Serialization::Advanced => Framing::Frames(FrameDecoder::new(max_len)),
+            },
             fds: VecDeque::new(),
             truncated: false,
         }
@@ -99,11 +133,19 @@ impl Inbox {
         self.decoder.extend(bytes);
     }
 
-    /// The next complete line, decoded with `parse`.
-    pub fn next<T>(&mut self, parse: impl FnOnce(&[u8]) -> T) -> Option<Incoming<T>> {
-        Some(match self.decoder.next_line()? {
-            Line::Complete(bytes) => Incoming::Message(parse(bytes)),
-            Line::TooLong => Incoming::TooLong,
+    /// The next complete message, decoded with `parse`.
+    pub fn next<T>(&mut self, parse: impl FnOnce(Payload<'_>) -> T) -> Option<Incoming<T>> {
+        Some(match &mut self.decoder {
+            Framing::Lines(d) => match d.next_line()? {
+                Line::Complete(bytes) => Incoming::Message(parse(Payload::Json(bytes))),
+                Line::TooLong => Incoming::TooLong,
+            },
+            Framing::Frames(d) => match d.next_frame()? {
+                Frame::Complete(frame, payload) => {
+                    Incoming::Message(parse(Payload::V8 { frame, payload }))
+                }
+                Frame::TooLong => Incoming::TooLong,
+            },
         })
     }
 
@@ -132,6 +174,13 @@ impl Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn json_bytes(p: Payload<'_>) -> Vec<u8> {
+        match p {
+            Payload::Json(b) => b.to_vec(),
+            Payload::V8 { .. } => panic!("a json inbox"),
+        }
+    }
     use std::os::fd::AsFd;
 
     #[tokio::test]
@@ -151,7 +200,7 @@ mod tests {
         let mut lines = Vec::new();
         while lines.len() < 2 {
             assert_eq!(read(&mut inbox).await, Received::Open);
-            while let Some(Incoming::Message(l)) = inbox.next(|l| l.to_vec()) {
+            while let Some(Incoming::Message(l)) = inbox.next(json_bytes) {
                 if l == b"handle" {
                     assert!(inbox.pop_fd().is_some(), "the handle line claims the fd");
                 } else {
@@ -165,10 +214,7 @@ mod tests {
         let (r, _w) = nix::unistd::pipe().unwrap();
         sys::send_with_fd(a.as_fd(), b"not a handle\n", Some(r.as_fd())).unwrap();
         read(&mut inbox).await;
-        assert!(matches!(
-            inbox.next(|l| l.to_vec()),
-            Some(Incoming::Message(_))
-        ));
+        assert!(matches!(inbox.next(json_bytes), Some(Incoming::Message(_))));
         assert_eq!(inbox.close_stray_fds(), 1);
         drop(a);
         assert_eq!(read(&mut inbox).await, Received::Closed);
@@ -178,8 +224,11 @@ mod tests {
     fn over_long_lines_come_out_as_too_long() {
         let mut inbox = Inbox::new(4, 64);
         inbox.extend(b"123456\nab\n");
-        assert_eq!(inbox.next(|l| l.len()), Some(Incoming::TooLong));
-        assert_eq!(inbox.next(|l| l.len()), Some(Incoming::Message(2)));
-        assert_eq!(inbox.next(|l| l.len()), None);
+        assert_eq!(inbox.next(|p| json_bytes(p).len()), Some(Incoming::TooLong));
+        assert_eq!(
+            inbox.next(|p| json_bytes(p).len()),
+            Some(Incoming::Message(2))
+        );
+        assert_eq!(inbox.next(|p| json_bytes(p).len()), None);
     }
 }

@@ -17,10 +17,13 @@
 //! reads, fd FIFO, framing); [`FromWorker`]/[`WorkerMsg`] and [`FromMaster`] are the typed
 //! messages each way, with the constants and [`WorkerMsg::encode`] for what lb writes.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 pub mod cluster;
 mod inbox;
+pub mod v8;
 pub use cluster::ClusterMsg;
 pub use inbox::{Inbox, Incoming, Received};
 
@@ -39,6 +42,99 @@ pub const HANDLE_MESSAGE: &str = "sticky-session:connection";
 pub const HANDLE_ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
 /// "I did not get an fd for that `NODE_HANDLE`".
 pub const HANDLE_NACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n";
+
+/// Node's channel serialization (`NODE_CHANNEL_SERIALIZATION_MODE`), the same for every worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Serialization {
+    /// One JSON value per line (Node's default).
+    #[default]
+    Json,
+    /// V8 `ValueSerializer` frames ([`v8`]): binary data crosses as binary.
+    Advanced,
+}
+
+impl Serialization {
+    /// The value of `NODE_CHANNEL_SERIALIZATION_MODE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Advanced => "advanced",
+        }
+    }
+
+    /// The mode a worker was started with (from its environment; `json` if unset).
+    pub fn from_env() -> Self {
+        match std::env::var("NODE_CHANNEL_SERIALIZATION_MODE").as_deref() {
+            Ok("advanced") => Self::Advanced,
+            _ => Self::Json,
+        }
+    }
+
+    /// One message in this mode, from its JSON line (lb's constants and cluster lines are
+    /// written as JSON lines and re-encoded here for `advanced`).
+    pub fn encode_line(self, line: &'static [u8]) -> Cow<'static, [u8]> {
+        match self {
+            Self::Json => Cow::Borrowed(line),
+            Self::Advanced => Cow::Owned(self.reencode(line.to_vec())),
+        }
+    }
+
+    /// Like [`Serialization::encode_line`] for a line built at run time.
+    pub fn reencode(self, line: Vec<u8>) -> Vec<u8> {
+        match self {
+            Self::Json => line,
+            Self::Advanced => {
+                let body = line.strip_suffix(b"\n").unwrap_or(&line);
+                let v: Value = serde_json::from_slice(body).expect("lb's own lines are valid JSON");
+                v8::encode(&v)
+            }
+        }
+    }
+
+    /// One message in this mode.
+    pub fn encode(self, value: &Value) -> Vec<u8> {
+        match self {
+            Self::Json => encode(value),
+            Self::Advanced => v8::encode(value),
+        }
+    }
+}
+
+/// One received message, as its serialization delivered it.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// A JSON line, without its `\n`.
+    Json(&'a [u8]),
+    /// A V8 frame: the whole frame (with its length prefix) and its payload.
+    V8 {
+        /// Length prefix and payload, as received (relayed unchanged).
+        frame: &'a [u8],
+        /// The payload.
+        payload: &'a [u8],
+    },
+}
+
+impl Payload<'_> {
+    /// The decoded value (`None`: not valid in its serialization).
+    fn value(self) -> Option<Value> {
+        match self {
+            Payload::Json(b) => serde_json::from_slice(b).ok(),
+            Payload::V8 { payload, .. } => v8::decode(payload).ok(),
+        }
+    }
+
+    /// The message as received, ready to be sent on unchanged.
+    fn raw(self) -> Vec<u8> {
+        match self {
+            Payload::Json(b) => {
+                let mut v = b.to_vec();
+                v.push(b'\n');
+                v
+            }
+            Payload::V8 { frame, .. } => frame.to_vec(),
+        }
+    }
+}
 
 /// Default bound on one channel line (1 MiB): generous for stats, far below memory trouble.
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
@@ -185,7 +281,8 @@ pub enum WorkerMsg {
 /// A `@socket.io/cluster-adapter` message, as `setupPrimary()` relays it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SioMessage {
-    /// The line exactly as the worker sent it (with its `\n`): relayed unchanged.
+    /// The message exactly as the worker sent it (a line with its `\n`, or a whole V8 frame):
+    /// relayed unchanged.
     pub line: Vec<u8>,
     /// The sending adapter's `uid`.
     pub uid: Option<String>,
@@ -228,17 +325,24 @@ impl WorkerMsg {
 impl FromWorker {
     /// Classifies one line (without its newline).
     pub fn parse(line: &[u8]) -> Self {
-        // Fast path for the message that arrives once per connection.
-        if line == &HANDLE_ACK[..HANDLE_ACK.len() - 1] {
-            return Self::HandleAck;
-        }
-        let Ok(value) = serde_json::from_slice::<Value>(line) else {
-            return Self::Msg(WorkerMsg::Malformed);
-        };
-        Self::classify(&value, line)
+        Self::parse_payload(Payload::Json(line))
     }
 
-    fn classify(value: &Value, line: &[u8]) -> Self {
+    /// Classifies one message in either serialization.
+    pub fn parse_payload(p: Payload<'_>) -> Self {
+        // Fast path for the message that arrives once per connection.
+        if let Payload::Json(line) = p
+            && line == &HANDLE_ACK[..HANDLE_ACK.len() - 1]
+        {
+            return Self::HandleAck;
+        }
+        let Some(value) = p.value() else {
+            return Self::Msg(WorkerMsg::Malformed);
+        };
+        Self::classify(&value, p)
+    }
+
+    fn classify(value: &Value, p: Payload<'_>) -> Self {
         use WorkerMsg::*;
         let Value::Object(map) = value else {
             return Self::Msg(Other);
@@ -249,10 +353,8 @@ impl FromWorker {
         }
         if map.get("source").and_then(Value::as_str) == Some("_sio_adapter") {
             let text = |k: &str| map.get(k).and_then(Value::as_str).map(str::to_owned);
-            let mut raw = line.to_vec();
-            raw.push(b'\n');
             return Self::Msg(SocketIo(SioMessage {
-                line: raw,
+                line: p.raw(),
                 uid: text("uid"),
                 kind: map.get("type").and_then(Value::as_u64).unwrap_or(0),
                 requester_uid: text("requesterUid"),
@@ -327,12 +429,19 @@ pub enum FromMaster {
 impl FromMaster {
     /// Classifies one line (without its newline).
     pub fn parse(line: &[u8]) -> Self {
-        if line == &HANDLE_ENVELOPE[..HANDLE_ENVELOPE.len() - 1] {
+        Self::parse_payload(Payload::Json(line))
+    }
+
+    /// Classifies one message in either serialization.
+    pub fn parse_payload(p: Payload<'_>) -> Self {
+        if let Payload::Json(line) = p
+            && line == &HANDLE_ENVELOPE[..HANDLE_ENVELOPE.len() - 1]
+        {
             return Self::Handle {
                 msg: Value::String(HANDLE_MESSAGE.to_owned()),
             };
         }
-        let Ok(value) = serde_json::from_slice::<Value>(line) else {
+        let Some(value) = p.value() else {
             return Self::Malformed;
         };
         let cmd = value.get("cmd").and_then(Value::as_str);

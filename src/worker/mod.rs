@@ -42,7 +42,7 @@ use tokio::io::Interest;
 use tokio::sync::{Notify, mpsc};
 
 use crate::channel::{
-    self, FromMaster, HANDLE_ACK, HANDLE_NACK, Inbox, Incoming, Received, WorkerMsg,
+    self, FromMaster, HANDLE_ACK, HANDLE_NACK, Inbox, Incoming, Received, Serialization, WorkerMsg,
 };
 use crate::sys;
 
@@ -139,6 +139,8 @@ pub struct Worker {
     out: mpsc::UnboundedSender<Vec<u8>>,
     counters: Arc<Counters>,
     slot: Option<usize>,
+    /// The channel's serialization (`NODE_CHANNEL_SERIALIZATION_MODE`).
+    ser: Serialization,
 }
 
 impl Worker {
@@ -162,14 +164,25 @@ impl Worker {
             .and_then(|s| s.parse().ok())
             .map_or(Duration::from_secs(5), Duration::from_millis);
         let channel = adopt_channel(fd)?;
-        Self::start(channel, slot, heartbeat).map_err(|source| WorkerError::Channel { fd, source })
+        Self::start_in(channel, slot, heartbeat, Serialization::from_env())
+            .map_err(|source| WorkerError::Channel { fd, source })
     }
 
-    /// Serves a channel given directly (for tests and embedding).
+    /// Serves a channel given directly, in `json` (for tests and embedding).
     pub fn start(
         channel: UnixStream,
         slot: Option<usize>,
         heartbeat: Duration,
+    ) -> io::Result<Self> {
+        Self::start_in(channel, slot, heartbeat, Serialization::Json)
+    }
+
+    /// Serves a channel given directly, in serialization `ser`.
+    pub fn start_in(
+        channel: UnixStream,
+        slot: Option<usize>,
+        heartbeat: Duration,
+        ser: Serialization,
     ) -> io::Result<Self> {
         channel.set_nonblocking(true)?;
         let io = sys::register(channel, Interest::READABLE | Interest::WRITABLE)?;
@@ -184,6 +197,7 @@ impl Worker {
             out_rx,
             counters.clone(),
             heartbeat,
+            ser,
         ));
         Ok(Self {
             conns,
@@ -191,6 +205,7 @@ impl Worker {
             out,
             counters,
             slot,
+            ser,
         })
     }
 
@@ -214,12 +229,12 @@ impl Worker {
 
     /// Sends a user message to lb (e.g. `{"type":"ready"}`).
     pub fn send(&self, value: &Value) {
-        let _ = self.out.send(channel::encode(value));
+        let _ = self.out.send(self.ser.encode(value));
     }
 
     /// Tells lb this worker is ready (needed when lb runs with `--wait-ready`).
     pub fn ready(&self) {
-        let _ = self.out.send(WorkerMsg::Ready.encode());
+        let _ = self.out.send(self.ser.reencode(WorkerMsg::Ready.encode()));
     }
 
     /// The worker's counters (shared with every [`Connection`]).
@@ -256,8 +271,10 @@ async fn serve_channel(
     mut out_rx: mpsc::UnboundedReceiver<Vec<u8>>,
     counters: Arc<Counters>,
     heartbeat: Duration,
+    ser: Serialization,
 ) {
-    let mut inbox = Inbox::new(channel::DEFAULT_MAX_LINE, 16 * 1024);
+    let mut inbox = Inbox::with(ser, channel::DEFAULT_MAX_LINE, 16 * 1024);
+    let (ack, nack) = (ser.encode_line(HANDLE_ACK), ser.encode_line(HANDLE_NACK));
     let mut out: VecDeque<u8> = VecDeque::new();
     let mut out_open = true;
     let mut beat = tokio::time::interval(heartbeat);
@@ -286,20 +303,20 @@ async fn serve_channel(
                 let Ok(mut guard) = ready else { return };
                 let eof = inbox.read(&mut guard) == Received::Closed;
                 drop(guard);
-                while let Some(item) = inbox.next(FromMaster::parse) {
+                while let Some(item) = inbox.next(FromMaster::parse_payload) {
                     let Incoming::Message(msg) = item else { continue };
                     match msg {
                         FromMaster::Handle { .. } => match inbox.pop_fd() {
                             // Nobody will accept it (the worker is shutting down): let lb give
                             // the connection to another worker.
-                            Some(_) if conns.is_closed() => out.extend(HANDLE_NACK),
+                            Some(_) if conns.is_closed() => out.extend(nack.iter()),
                             Some(fd) => {
-                                out.extend(HANDLE_ACK);
+                                out.extend(ack.iter());
                                 if let Some(conn) = into_connection(fd, &counters) {
                                     let _ = conns.send(conn);
                                 }
                             }
-                            None => out.extend(HANDLE_NACK),
+                            None => out.extend(nack.iter()),
                         },
                         FromMaster::User(v) => { let _ = messages.send(v); }
                         FromMaster::OtherInternal | FromMaster::Malformed => {}
@@ -331,10 +348,10 @@ async fn serve_channel(
                 let now = (counters.active(), counters.requests());
                 if now != last_sent {
                     last_sent = now;
-                    out.extend(WorkerMsg::Stats { active: Some(now.0), total_requests: Some(now.1) }.encode());
+                    out.extend(ser.reencode(WorkerMsg::Stats { active: Some(now.0), total_requests: Some(now.1) }.encode()));
                 }
             }
-            _ = beat.tick() => out.extend(WorkerMsg::Heartbeat.encode()),
+            _ = beat.tick() => out.extend(ser.reencode(WorkerMsg::Heartbeat.encode())),
         }
     }
 }
