@@ -145,7 +145,8 @@ impl Master {
                 && self.next_ping.is_none_or(|t| now >= t)
             {
                 self.next_ping = Some(now + every);
-                self.router.broadcast(&PING.into());
+                let ping = self.settings.serialization.encode_line(PING);
+                self.router.broadcast(&ping.as_ref().into());
             }
             self.fleet.tick(now);
             self.router.expire(now);
@@ -473,6 +474,10 @@ impl Master {
         let unique_id = self.next_unique_id;
         self.next_unique_id += 1;
         let mut env = vec![
+            (
+                "NODE_CHANNEL_SERIALIZATION_MODE",
+                self.settings.serialization.as_str().to_owned(),
+            ),
             ("LB_HEARTBEAT_MS", beat_ms),
             ("NODE_UNIQUE_ID", unique_id.to_string()),
         ];
@@ -499,6 +504,7 @@ impl Master {
             window: self.settings.max_pending,
             max_line: DEFAULT_MAX_LINE,
             stall_timeout: self.settings.stall_timeout,
+            serialization: self.settings.serialization,
         };
         let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), limits);
         self.router.attach(id, handle);
