@@ -364,3 +364,17 @@ fn with_advanced_serialization_a_binary_broadcast_arrives_as_binary_on_every_wor
     assert_eq!(r["pids"].as_array().unwrap().len(), 3, "{r}");
     assert!(r["notBinary"].as_u64().unwrap() > 0, "{r}");
 }
+
+#[test]
+fn worker_styles_can_be_mixed_across_the_workers_of_one_app() {
+    let lb = start_node(&["-w", "2"], &fixture("cluster-mixed.js"), &[]);
+    let pids = lb.wait_all_ready(2);
+    for slot in 0..2 {
+        for ip in ips_of(slot, 2, 5) {
+            let (status, body) = http_get(lb.addr, "/", Some(ip));
+            assert_eq!(status, 200);
+            let style = if slot == 0 { "listen" } else { "handle" };
+            assert_eq!(body, format!("worker {slot} pid {} {style}\n", pids[slot]));
+        }
+    }
+}
