@@ -369,12 +369,12 @@ fn with_advanced_serialization_a_binary_broadcast_arrives_as_binary_on_every_wor
 fn worker_styles_can_be_mixed_across_the_workers_of_one_app() {
     let lb = start_node(&["-w", "2"], &fixture("cluster-mixed.js"), &[]);
     let pids = lb.wait_all_ready(2);
-    for slot in 0..2 {
+    for (slot, pid) in pids.iter().enumerate() {
+        let style = if slot == 0 { "listen" } else { "handle" };
         for ip in ips_of(slot, 2, 5) {
             let (status, body) = http_get(lb.addr, "/", Some(ip));
             assert_eq!(status, 200);
-            let style = if slot == 0 { "listen" } else { "handle" };
-            assert_eq!(body, format!("worker {slot} pid {} {style}\n", pids[slot]));
+            assert_eq!(body, format!("worker {slot} pid {pid} {style}\n"));
         }
     }
 }
