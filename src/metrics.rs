@@ -38,6 +38,22 @@ pub struct SlotMetrics {
     pub restarts: IntCounter,
     /// RSS of the slot's worker.
     pub memory: IntGauge,
+    /// `lb_worker_state{state}`: 1 for the slot's state, 0 for the others.
+    pub states: Vec<(&'static str, IntGauge)>,
+}
+
+/// The slot states `/workers` and `lb_worker_state` show.
+pub const SLOT_STATES: [&str; 7] = [
+    "starting", "ready", "stalled", "backoff", "failed", "draining", "exited",
+];
+
+impl SlotMetrics {
+    /// Marks `state` as the slot's state in `lb_worker_state`.
+    pub fn set_state(&self, state: &str) {
+        for (name, g) in &self.states {
+            g.set(i64::from(*name == state));
+        }
+    }
 }
 
 /// All of lb's metrics.
@@ -170,10 +186,25 @@ impl Metrics {
             "lb_worker_memory_bytes",
             "Resident set size of the slot's worker, from /proc.",
         );
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "lb_worker_state",
+                "1 for the slot's current state (starting, ready, stalled, backoff, failed, draining, exited), 0 for the others.",
+            ),
+            &["worker", "state"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(state.clone()))
+            .expect("unique metric");
         let slots = (0..workers)
             .map(|i| {
                 let l = i.to_string();
                 SlotMetrics {
+                    states: SLOT_STATES
+                        .iter()
+                        .map(|st| (*st, state.with_label_values(&[l.as_str(), st])))
+                        .collect(),
                     requests: requests.with_label_values(&[&l]),
                     connections: connections.with_label_values(&[&l]),
                     active: active.with_label_values(&[&l]),

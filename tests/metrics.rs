@@ -181,55 +181,9 @@ fn a_real_prometheus_server_scrapes_the_right_sum() {
             .sum();
         (sum == 17.0).then_some(())
     });
-    let dir = std::env::temp_dir().join(format!("lb-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lb\n    static_configs:\n      - targets: ['{}']\n",
-            lb.metrics.unwrap()
-        ),
-    )
-    .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prom = KillOnDrop(
-        Command::new("prometheus")
-            .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (Debian package `prometheus`)"),
-    );
-    let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let prom = Prometheus::start(&[lb.metrics.unwrap()], None);
     let value = wait_for("Prometheus to scrape lb", Duration::from_secs(60), || {
-        let s = std::net::TcpStream::connect(api).ok()?;
-        drop(s);
-        let (status, body) = http_get(
-            api,
-            "/api/v1/query?query=sum(lb_worker_requests_total)",
-            None,
-        );
-        if status != 200 {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        v["data"]["result"][0]["value"][1]
+        prom.query("sum(lb_worker_requests_total)")?.first()?["value"][1]
             .as_str()
             .map(str::to_owned)
     });

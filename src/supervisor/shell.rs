@@ -449,7 +449,9 @@ impl Master {
                 }
                 Action::Publish(slot) => {
                     let view = self.fleet.view(slot);
-                    self.shared.metrics.slots[slot].up.set(view.up() as i64);
+                    let sm = &self.shared.metrics.slots[slot];
+                    sm.up.set(view.up() as i64);
+                    sm.set_state(view.state.as_str());
                     self.shared.set_slot(
                         slot,
                         crate::metrics::SlotView {

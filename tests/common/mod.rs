@@ -574,3 +574,91 @@ pub fn start_node(args: &[&str], script: &str, env: &[(&str, &str)]) -> Lb {
     env.push(("NODE_PATH", &nm));
     Lb::start_with(&all, &env)
 }
+
+/// A real Prometheus server (Debian package `prometheus`) scraping `targets` every second,
+/// with `rules` loaded if given; stopped (by pid) when dropped.
+pub struct Prometheus {
+    child: Child,
+    /// Its HTTP API address.
+    pub api: SocketAddr,
+}
+
+impl Prometheus {
+    pub fn start(targets: &[SocketAddr], rules: Option<&std::path::Path>) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!(
+            "lb-prom-{}-{}",
+            std::process::id(),
+            targets.first().map_or(0, |t| t.port())
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let rule_files = rules.map_or(String::new(), |r| {
+            format!("rule_files:\n  - '{}'\n", r.display())
+        });
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n  - job_name: lb\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "prometheus (Debian package `prometheus`; the README test command installs it)",
+            );
+        Prometheus {
+            child,
+            api: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// GET on the API; the JSON `data`, if the server answered 200.
+    pub fn get(&self, path_and_query: &str) -> Option<serde_json::Value> {
+        std::net::TcpStream::connect(self.api).ok()?;
+        let (status, body) = http_get(self.api, path_and_query, None);
+        if status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some(v["data"].clone())
+    }
+
+    /// An instant query's result vector (PromQL in `q`, URL-encoded here).
+    pub fn query(&self, q: &str) -> Option<Vec<serde_json::Value>> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        self.get(&format!("/api/v1/query?query={enc}"))?["result"]
+            .as_array()
+            .cloned()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

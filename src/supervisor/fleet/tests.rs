@@ -502,3 +502,11 @@ fn events_about_unknown_workers_are_ignored() {
     assert!(signals(&acts).is_empty() && spawns(&acts).is_empty());
     assert_eq!(h.current(0), id(0, 0));
 }
+
+#[test]
+fn every_slot_state_has_a_metric_series() {
+    use SlotState::*;
+    for st in [Starting, Ready, Stalled, Backoff, Failed, Draining, Exited] {
+        assert!(crate::metrics::SLOT_STATES.contains(&st.as_str()), "{st:?}");
+    }
+}
