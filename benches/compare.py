@@ -139,12 +139,20 @@ class Config:
 def lb_config(name, policy, cmd=None, lb=None, env=None):
     port = free_port()
     argv = [lb or LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
+    if has_flag(lb or LB, "--control"):
+        argv[5:5] = ["--control", "off"]  # several lbs run at once: no shared control socket
     if cmd:
         argv += ["--"] + cmd
     p = start(argv, env={k: v.format(port=port) for k, v in (env or {}).items()})
     wait_port(port)
     return Config(name, "node" if cmd else "builtin", port, lambda: [p.pid], lambda: descendants(p.pid),
                   "node" if cmd else "builtin")
+
+
+def has_flag(binary, flag):
+    """Whether this lb binary knows `flag` (an older one in an A/B may not)."""
+    out = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    return flag in out.stdout
 
 
 def builtin_direct(port):

@@ -97,6 +97,30 @@ pub enum Sub {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Show the workers of a running lb (like `pm2 ls`).
+    Status {
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// The control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Rolling restart of a running lb; returns when it has finished.
+    Roll {
+        /// The control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Graceful shutdown of a running lb.
+    Stop {
+        /// The control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
     /// Run as lb's built-in worker (lb starts this itself; not for direct use).
     #[command(hide = true, name = "builtin-worker")]
     BuiltinWorker {
@@ -255,6 +279,10 @@ options! {
     /// crosses workers as binary) [default: json]
     serialization: Serialization = Serialization::Json,
         |v| choice(v, &[("json", Serialization::Json), ("advanced", Serialization::Advanced)]), "MODE";
+    /// Control socket for `lb status`/`roll`/`stop` (mode 0600), or `off`
+    /// [default: $XDG_RUNTIME_DIR/lb.sock, /run/lb/lb.sock as root]
+    control: Option<PathBuf> = Some(crate::control::default_path()),
+        |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
     /// text or json [default: text]
     log_format: LogFormat = LogFormat::Text,
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";

@@ -32,6 +32,7 @@
 //! - [`spawn`] — starting a worker with its channel on fd 3 (the other `unsafe` module).
 //! - [`metrics`] — Prometheus metrics and the admin endpoint.
 //! - [`config`] — command line and TOML config file.
+//! - [`control`] — the control socket behind `lb status`, `lb roll`, `lb stop`.
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
@@ -39,6 +40,7 @@
 pub mod balance;
 pub mod channel;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod listener;
 pub mod metrics;

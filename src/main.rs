@@ -25,6 +25,32 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("built-in worker: {e}")),
             }
         }
+        Some(Sub::Status {
+            json,
+            watch,
+            control,
+        }) => status(control, json, watch),
+        Some(Sub::Roll { control }) => {
+            let path = control.unwrap_or_else(lb::control::default_path);
+            match lb::control::request(&path, "roll", std::time::Duration::from_secs(3600)) {
+                Ok(v) => {
+                    println!("rolling restart complete");
+                    print!("{}", lb::control::status_table(&v["status"], color()));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        Some(Sub::Stop { control }) => {
+            let path = control.unwrap_or_else(lb::control::default_path);
+            match lb::control::request(&path, "stop", std::time::Duration::from_secs(10)) {
+                Ok(_) => {
+                    println!("graceful shutdown started");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Some(Sub::Route {
             ip,
             workers,
@@ -39,6 +65,32 @@ fn main() -> ExitCode {
 }
 
 /// Prints a one-line error and returns exit status 2.
+/// Colours only on a terminal (and not with NO_COLOR).
+fn color() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn status(control: Option<std::path::PathBuf>, json: bool, watch: bool) -> ExitCode {
+    let path = control.unwrap_or_else(lb::control::default_path);
+    loop {
+        match lb::control::request(&path, "status", std::time::Duration::from_secs(5)) {
+            Ok(v) if json => println!("{}", v["status"]),
+            Ok(v) => {
+                if watch && color() {
+                    print!("\x1b[2J\x1b[H"); // clear the screen, like pm2 monit
+                }
+                print!("{}", lb::control::status_table(&v["status"], color()));
+            }
+            Err(e) => return fail(&e.to_string()),
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("lb: error: {msg}");
     ExitCode::from(2)
@@ -99,6 +151,16 @@ fn serve(settings: Settings) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(&format!("metrics endpoint: {e}")),
     };
+    let control = match settings
+        .control
+        .as_deref()
+        .map(lb::control::bind)
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let control_path = settings.control.clone();
     // One thread: the master's work per connection is a few syscalls, and workers must be
     // spawned from a thread that lives as long as the process (PR_SET_PDEATHSIG).
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -132,8 +194,22 @@ fn serve(settings: Settings) -> ExitCode {
                 .as_ref()
                 .map_or_else(|| "built-in".to_string(), |c| c.join(" "))
         );
-        Master::new(settings, argv, shared).run(listener).await
+        let commands = match control {
+            Some(c) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let c = tokio::net::UnixListener::from_std(c)?;
+                tokio::spawn(lb::control::serve(c, shared.clone(), tx));
+                Some(rx)
+            }
+            None => None,
+        };
+        Master::new(settings, argv, shared)
+            .run(listener, commands)
+            .await
     });
+    if let Some(p) = control_path {
+        let _ = std::fs::remove_file(p);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e.to_string()),

@@ -114,6 +114,8 @@ pub struct Fleet {
     cfg: FleetConfig,
     slots: Vec<Slot>,
     roll: Option<Roll>,
+    /// How the last rolling restart ended (`Err` says where and why it stopped).
+    roll_outcome: Option<Result<(), String>>,
     shutdown: Option<Shutdown>,
     actions: std::collections::VecDeque<Action>,
 }
@@ -136,6 +138,7 @@ impl Fleet {
             cfg,
             slots,
             roll: None,
+            roll_outcome: None,
             shutdown: None,
             actions: Default::default(),
         };
@@ -156,6 +159,26 @@ impl Fleet {
     /// Whether there are no slots (never, in practice).
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// A rolling restart is in progress.
+    pub fn rolling(&self) -> bool {
+        self.roll.is_some()
+    }
+
+    /// How the last rolling restart ended, if one did.
+    pub fn roll_outcome(&self) -> Option<&Result<(), String>> {
+        self.roll_outcome.as_ref()
+    }
+
+    /// Ends the rolling restart in progress (logged).
+    fn end_roll(&mut self, outcome: Result<(), String>) {
+        match &outcome {
+            Ok(()) => tracing::info!("rolling restart complete"),
+            Err(why) => tracing::warn!("{why}"),
+        }
+        self.roll = None;
+        self.roll_outcome = Some(outcome);
     }
 
     /// True once a shutdown has begun.
@@ -252,11 +275,11 @@ impl Fleet {
             Role::Current => self.schedule_respawn(id.slot, now, Duration::ZERO),
             Role::Incoming => {
                 if self.roll.is_some_and(|r| r.slot() == id.slot) {
-                    tracing::warn!(
+                    let why = format!(
                         "rolling restart stopped at slot {}: cannot start a new worker",
                         id.slot
                     );
-                    self.roll = None;
+                    self.end_roll(Err(why));
                 }
             }
         }
@@ -454,8 +477,11 @@ impl Fleet {
             s.retiring.push(w);
             self.actions.push_back(Action::Detach(id));
             if self.roll.is_some_and(|r| r.slot() == id.slot) {
-                tracing::warn!("rolling restart stopped at slot {}", id.slot);
-                self.roll = None;
+                let why = format!(
+                    "rolling restart stopped at slot {}: the new worker exited before it was ready",
+                    id.slot
+                );
+                self.end_roll(Err(why));
             }
         } else if let Some(w) = s.retiring.iter_mut().find(|w| w.id == id) {
             w.phase = Phase::Exited;

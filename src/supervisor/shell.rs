@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
 use crate::channel::cluster::ServerQuery;
@@ -27,7 +27,7 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{procfs, spawn};
+use crate::{control, procfs, spawn};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -117,8 +117,13 @@ impl Master {
         }
     }
 
-    /// Runs until a graceful shutdown completes.
-    pub async fn run(mut self, listener: Listener) -> std::io::Result<()> {
+    /// Runs until a graceful shutdown completes, taking commands from the control socket.
+    pub async fn run(
+        mut self,
+        listener: Listener,
+        mut commands: Option<mpsc::UnboundedReceiver<control::Command>>,
+    ) -> std::io::Result<()> {
+        let mut roll_waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
@@ -151,6 +156,16 @@ impl Master {
             self.fleet.tick(now);
             self.router.expire(now);
             self.apply(now);
+            if !roll_waiters.is_empty() && !self.fleet.rolling() {
+                let outcome = self
+                    .fleet
+                    .roll_outcome()
+                    .cloned()
+                    .unwrap_or_else(|| Err("no rolling restart ran".into()));
+                for w in roll_waiters.drain(..) {
+                    let _ = w.send(outcome.clone());
+                }
+            }
             if self.fleet.shutting_down() {
                 listener = None; // stop accepting: close the listening socket
                 if self.fleet.is_done() {
@@ -192,6 +207,18 @@ impl Master {
                 _ = term.recv() => self.begin_shutdown("SIGTERM"),
                 _ = int.recv() => self.begin_shutdown("SIGINT"),
                 _ = usr2.recv() => self.fleet.roll(Instant::now()),
+                Some(cmd) = async { commands.as_mut().expect("guarded").recv().await }, if commands.is_some() => match cmd {
+                    control::Command::Roll(reply) => {
+                        if self.fleet.shutting_down() {
+                            let _ = reply.send(Err("lb is shutting down".into()));
+                        } else {
+                            self.fleet.roll(Instant::now());
+                            self.apply(Instant::now());
+                            roll_waiters.push(reply);
+                        }
+                    }
+                    control::Command::Stop => self.begin_shutdown("lb stop"),
+                },
                 _ = hup.recv() => tracing::info!("SIGHUP received: config reload is not supported yet; ignoring"),
                 () = &mut timer => {
                     // Fired: arm far ahead until the next pass computes the real deadline.

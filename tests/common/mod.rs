@@ -21,6 +21,8 @@ pub const LB: &str = env!("CARGO_BIN_EXE_lb");
 /// A running lb master.
 pub struct Lb {
     pub child: Child,
+    /// The control socket lb was given (removed on drop).
+    pub control: Option<std::path::PathBuf>,
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -72,6 +74,16 @@ impl Lb {
         if !args.iter().any(|a| *a == "--metrics" || *a == "-c") {
             cmd.args(["--metrics", "127.0.0.1:0"]);
         }
+        // Each lb its own control socket (the default path is one per host).
+        let control = if args.contains(&"--control") {
+            None
+        } else {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("lb-test-{}-{n}.sock", std::process::id()));
+            cmd.arg("--control").arg(&p);
+            Some(p)
+        };
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -117,6 +129,7 @@ impl Lb {
             .map(|m| m.split_whitespace().next().unwrap().parse().unwrap());
         Lb {
             child,
+            control,
             addr,
             metrics,
             log,
@@ -192,6 +205,9 @@ impl Drop for Lb {
         // SIGKILL the master; its workers die with it (PR_SET_PDEATHSIG).
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(p) = &self.control {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

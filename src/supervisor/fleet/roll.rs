@@ -54,7 +54,9 @@ impl Fleet {
             "{why}: graceful shutdown (timeout {:?})",
             self.cfg.drain_timeout
         );
-        self.roll = None;
+        if self.roll.is_some() {
+            self.end_roll(Err("rolling restart stopped: lb is shutting down".into()));
+        }
         let mut held = Vec::new();
         let mut term = Vec::new();
         for s in &mut self.slots {
@@ -96,7 +98,6 @@ impl Fleet {
     /// Starts the replacement of the first slot at or after `from` that has a live worker.
     pub(super) fn advance_roll(&mut self, from: usize, now: Instant) {
         let _ = now;
-        self.roll = None;
         for slot in from..self.slots.len() {
             let s = &self.slots[slot];
             if s.current.as_ref().is_none_or(|w| !w.phase.is_live())
@@ -109,6 +110,6 @@ impl Fleet {
             self.request_spawn(slot, Role::Incoming);
             return;
         }
-        tracing::info!("rolling restart complete");
+        self.end_roll(Ok(()));
     }
 }

@@ -164,10 +164,9 @@ impl Fleet {
         let incoming = s.incoming.as_ref().map(|w| w.id);
         for id in kill {
             if Some(id) == incoming && self.roll == Some(Roll::Starting(slot)) {
-                tracing::warn!(
+                self.end_roll(Err(format!(
                     "rolling restart stopped at slot {slot}: the new worker never got ready"
-                );
-                self.roll = None;
+                )));
             }
             self.signal_worker(id, Sig::Kill, now);
         }

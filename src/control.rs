@@ -1,0 +1,340 @@
+//! The control socket: how `lb status`, `lb roll` and `lb stop` talk to a running lb.
+//!
+//! A Unix stream socket (`--control PATH`, default [`default_path`]), mode 0600: file
+//! permissions are the access control. Protocol: the client writes one JSON line
+//! `{"cmd":"status"|"roll"|"stop"}`; lb answers with one JSON line, `{"ok":true,…}` or
+//! `{"ok":false,"error":"…"}`, and closes. `status` is answered from the admin state (it never
+//! waits on the master loop or a worker); `roll` answers when the rolling restart has finished
+//! (or stopped); `stop` answers once the graceful shutdown has begun.
+//!
+//! At start-up a socket file whose lb still answers is an "already running" error; a stale one
+//! (nobody listening) is replaced.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Shared;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 4096;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Control-socket errors (one line each).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another lb answers on the path.
+    #[error(
+        "control socket {0}: another lb is running there (stop it, or give this one its own --control PATH or --control off)"
+    )]
+    AlreadyRunning(PathBuf),
+    /// The socket could not be created.
+    #[error("control socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The socket belongs to another user (mode 0600).
+    #[error("control socket {0}: permission denied (it belongs to the user lb runs as)")]
+    Denied(PathBuf),
+    /// No lb listens on the path.
+    #[error(
+        "no lb is running with control socket {path} ({source}); start lb, or pass the --control PATH it was started with"
+    )]
+    NotRunning {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The lb answered with an error, or something unreadable.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where the control socket is when `--control` is not given: `$XDG_RUNTIME_DIR/lb.sock`,
+/// else `/run/lb/lb.sock` for root, else `/tmp/lb-<uid>/lb.sock`.
+pub fn default_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("lb.sock");
+    }
+    use std::os::unix::fs::MetadataExt;
+    // Our own uid, without unsafe: /proc/self belongs to it.
+    let uid = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
+    if uid == 0 {
+        PathBuf::from("/run/lb/lb.sock")
+    } else {
+        PathBuf::from(format!("/tmp/lb-{uid}/lb.sock"))
+    }
+}
+
+/// A command for the master loop.
+#[derive(Debug)]
+pub enum Command {
+    /// Roll every worker; the reply comes when the roll has ended.
+    Roll(oneshot::Sender<Result<(), String>>),
+    /// Begin a graceful shutdown.
+    Stop,
+}
+
+/// Creates the control socket (mode 0600, parent directory 0700 if lb creates it). Call
+/// [`UnixListener::from_std`] on it inside the runtime.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(bind_err)?;
+    }
+    if path.exists() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ControlError::AlreadyRunning(path.to_owned())),
+            // Stale: its lb is gone.
+            Err(_) => std::fs::remove_file(path).map_err(bind_err)?,
+        }
+    }
+    // Created 0600 from the start: no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = bound.map_err(bind_err)?;
+    l.set_nonblocking(true).map_err(bind_err)?;
+    Ok(l)
+}
+
+/// Serves the control socket until the process ends.
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (shared, commands) = (shared.clone(), commands.clone());
+        tokio::spawn(async move {
+            let _ = answer(stream, &shared, &commands).await;
+        });
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    shared: &Shared,
+    commands: &mpsc::UnboundedSender<Command>,
+) -> io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        BufReader::new(r.take(MAX_REQUEST as u64)).read_line(&mut line),
+    )
+    .await;
+    let reply = match read {
+        Ok(Ok(_)) => handle(line.trim(), shared, commands).await,
+        _ => json!({"ok": false, "error": "no request line within 5s"}),
+    };
+    let mut out = serde_json::to_vec(&reply).expect("serializes");
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+async fn handle(
+    request: &str,
+    shared: &Shared,
+    commands: &mpsc::UnboundedSender<Command>,
+) -> Value {
+    let cmd = serde_json::from_str::<Value>(request)
+        .ok()
+        .and_then(|v| v.get("cmd").and_then(Value::as_str).map(str::to_owned));
+    match cmd.as_deref() {
+        Some("status") => {
+            let status: Value = serde_json::from_slice(&shared.workers_json()).expect("valid JSON");
+            json!({"ok": true, "status": status})
+        }
+        Some("roll") => {
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::Roll(tx)).is_err() {
+                return json!({"ok": false, "error": "lb is shutting down"});
+            }
+            match rx.await {
+                Ok(Ok(())) => {
+                    let status: Value =
+                        serde_json::from_slice(&shared.workers_json()).expect("valid JSON");
+                    json!({"ok": true, "status": status})
+                }
+                Ok(Err(e)) => json!({"ok": false, "error": e}),
+                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
+            }
+        }
+        Some("stop") => {
+            let _ = commands.send(Command::Stop);
+            json!({"ok": true})
+        }
+        Some(other) => {
+            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, stop)")})
+        }
+        None => json!({"ok": false, "error": "expected one JSON line like {\"cmd\":\"status\"}"}),
+    }
+}
+
+/// Sends `cmd` to the lb on `path` and returns its answer (`ok: true`), waiting up to `wait`.
+pub fn request(path: &Path, cmd: &str, wait: Duration) -> Result<Value, ControlError> {
+    use std::io::{BufRead, Write};
+    let not_running = |source| ControlError::NotRunning {
+        path: path.to_owned(),
+        source,
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            ControlError::Denied(path.to_owned())
+        } else {
+            not_running(e)
+        }
+    })?;
+    s.set_read_timeout(Some(wait)).map_err(not_running)?;
+    writeln!(s, "{}", json!({ "cmd": cmd })).map_err(not_running)?;
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| {
+            ControlError::Failed(format!("no answer from lb on {}: {e}", path.display()))
+        })?;
+    let v: Value = serde_json::from_str(line.trim()).map_err(|_| {
+        ControlError::Failed(format!("unreadable answer from lb on {}", path.display()))
+    })?;
+    if v["ok"] == true {
+        Ok(v)
+    } else {
+        Err(ControlError::Failed(
+            v["error"]
+                .as_str()
+                .unwrap_or("lb refused the command")
+                .to_owned(),
+        ))
+    }
+}
+
+/// `lb status` as a table, like `pm2 ls`.
+pub fn status_table(status: &Value, color: bool) -> String {
+    let (green, yellow, red, reset) = if color {
+        ("\x1b[32m", "\x1b[33m", "\x1b[31m", "\x1b[0m")
+    } else {
+        ("", "", "", "")
+    };
+    let mut out = format!(
+        "policy {}\n{:>4}  {:>8}  {:<9} {:>9}  {:>11}  {:>6}  {:>9}  {:>8}  {:>9}\n",
+        status["policy"].as_str().unwrap_or("?"),
+        "slot",
+        "pid",
+        "state",
+        "uptime",
+        "connections",
+        "active",
+        "requests",
+        "restarts",
+        "memory"
+    );
+    for w in status["workers"].as_array().into_iter().flatten() {
+        let state = w["state"].as_str().unwrap_or("?");
+        let c = match state {
+            "ready" => green,
+            "starting" | "draining" | "backoff" => yellow,
+            _ => red,
+        };
+        out += &format!(
+            "{:>4}  {:>8}  {c}{:<9}{reset} {:>9}  {:>11}  {:>6}  {:>9}  {:>8}  {:>9}\n",
+            w["slot"].to_string(),
+            w["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
+            state,
+            humane_secs(w["uptime_seconds"].as_f64().unwrap_or(0.0)),
+            w["connections"].to_string(),
+            w["active_connections"].to_string(),
+            w["requests"].to_string(),
+            w["restarts"].to_string(),
+            humane_bytes(w["memory_bytes"].as_u64().unwrap_or(0)),
+        );
+    }
+    out
+}
+
+fn humane_secs(s: f64) -> String {
+    match s {
+        s if s < 60.0 => format!("{s:.0}s"),
+        s if s < 3600.0 => format!("{:.0}m", s / 60.0),
+        s if s < 86400.0 => format!("{:.1}h", s / 3600.0),
+        s => format!("{:.1}d", s / 86400.0),
+    }
+}
+
+fn humane_bytes(b: u64) -> String {
+    match b {
+        0 => "-".into(),
+        b if b < 1 << 20 => format!("{:.0}KiB", b as f64 / 1024.0),
+        b if b < 1 << 30 => format!("{:.1}MiB", b as f64 / 1048576.0),
+        b => format!("{:.2}GiB", b as f64 / 1073741824.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_a_row_per_worker() {
+        let s = json!({"policy":"sticky","workers":[
+            {"slot":0,"pid":12,"state":"ready","uptime_seconds":75.0,"connections":3,"active_connections":1,"requests":9,"restarts":0,"memory_bytes":10485760},
+            {"slot":1,"pid":null,"state":"backoff","uptime_seconds":0.0,"connections":0,"active_connections":0,"requests":0,"restarts":2,"memory_bytes":0}]});
+        let t = status_table(&s, false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(
+            lines[2].contains("12") && lines[2].contains("ready") && lines[2].contains("10.0MiB")
+        );
+        assert!(lines[3].contains("backoff") && lines[3].contains(" - "));
+        assert!(!t.contains('\x1b'));
+        assert!(status_table(&s, true).contains("\x1b[32mready"));
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = std::env::temp_dir().join(format!("lb-ctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("lb.sock");
+        let first = bind(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(bind(&path), Err(ControlError::AlreadyRunning(_))));
+        drop(first); // the file stays: stale
+        assert!(path.exists());
+        bind(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,154 @@
+//! `lb status`, `lb roll` and `lb stop` against a running lb, over its control socket.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn lb_cmd(lb: &Lb, args: &[&str]) -> Output {
+    Command::new(LB)
+        .args(args)
+        .arg("--control")
+        .arg(lb.control.as_ref().unwrap())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn lb_status_shows_every_worker_as_a_table_and_as_json() {
+    let lb = Lb::start(&["-w", "3"]);
+    let pids = lb.wait_all_ready(3);
+    let out = lb_cmd(&lb, &["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    for (slot, pid) in pids.iter().enumerate() {
+        let cols: Vec<&str> = rows[slot].split_whitespace().collect();
+        assert_eq!(
+            cols[..3],
+            [slot.to_string().as_str(), &pid.to_string(), "ready"],
+            "{table}"
+        );
+    }
+    assert!(!table.contains('\x1b'), "no colours when not on a terminal");
+    let out = lb_cmd(&lb, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<u64> = v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, pids.iter().map(|p| *p as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn lb_roll_returns_once_every_worker_is_replaced_and_loses_nothing() {
+    let lb = Lb::start(&["-w", "2", "--wait-ready"]);
+    let before = lb.wait_all_ready(2);
+    let churn = Churn::start(lb.addr, 3, 900, 20);
+    churn.wait_more("requests before the roll", 50);
+    let out = lb_cmd(&lb, &["roll"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("rolling restart complete"), "{text}");
+    // When `lb roll` returns, every slot has a new pid.
+    let w = lb.workers();
+    for (slot, old) in before.iter().enumerate() {
+        let row = &w["workers"][slot];
+        assert_eq!(row["state"], "ready");
+        assert_ne!(
+            row["pid"], *old,
+            "slot {slot} not replaced when lb roll returned"
+        );
+    }
+    churn.wait_more("requests after the roll", 50);
+    churn.stop().assert_no_failures();
+}
+
+#[test]
+fn lb_stop_shuts_down_gracefully() {
+    let mut lb = Lb::start(&["-w", "2"]);
+    let pids = lb.wait_all_ready(2);
+    let out = lb_cmd(&lb, &["stop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
+    for p in pids {
+        assert!(!alive(p));
+    }
+    assert!(
+        !lb.control.as_ref().unwrap().exists(),
+        "the socket file is removed at exit"
+    );
+    // Nobody there any more: a one-line error, exit 2.
+    let out = lb_cmd(&lb, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no lb is running") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_lb_on_the_same_control_socket_is_refused_and_others_cannot_connect() {
+    let lb = Lb::start(&["-w", "1"]);
+    lb.wait_all_ready(1);
+    let path = lb.control.clone().unwrap();
+    let out = Command::new(LB)
+        .args([
+            "-l",
+            "127.0.0.1:0",
+            "--metrics",
+            "off",
+            "-w",
+            "1",
+            "--control",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another lb is running") && err.lines().count() == 1,
+        "{err}"
+    );
+    // The first one is unaffected.
+    assert!(lb_cmd(&lb, &["status"]).status.success());
+    // Mode 0600: a user other than lb's cannot connect.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(LB)
+        .args(["status", "--control"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
