@@ -121,6 +121,13 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    Manpage,
     /// Run as lb's built-in worker (lb starts this itself; not for direct use).
     #[command(hide = true, name = "builtin-worker")]
     BuiltinWorker {

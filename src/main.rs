@@ -41,6 +41,18 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
+        Some(Sub::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Some(Sub::Manpage) => {
+            use clap::CommandFactory;
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&format!("cannot write the man page: {e}")),
+            }
+        }
         Some(Sub::Stop { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::request(&path, "stop", std::time::Duration::from_secs(10)) {

@@ -152,3 +152,40 @@ fn a_second_lb_on_the_same_control_socket_is_refused_and_others_cannot_connect()
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    let out = Command::new(LB)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bash = String::from_utf8(out.stdout).unwrap();
+    for word in [
+        "status",
+        "roll",
+        "stop",
+        "--control",
+        "--max-pending",
+        "--serialization",
+    ] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    let out = Command::new(LB).arg("manpage").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8(out.stdout).unwrap();
+    assert!(man.contains(".TH lb 1"), "{}", &man[..200.min(man.len())]);
+    assert!(
+        man.contains("heartbeat\\-ping"),
+        "the man page lists every option"
+    );
+    let out = Command::new(LB)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
