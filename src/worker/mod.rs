@@ -135,7 +135,7 @@ impl Drop for ActiveGuard {
 #[derive(Debug)]
 pub struct Worker {
     conns: mpsc::UnboundedReceiver<Connection>,
-    messages: mpsc::UnboundedReceiver<Value>,
+    messages: mpsc::Receiver<Value>,
     out: mpsc::UnboundedSender<Vec<u8>>,
     counters: Arc<Counters>,
     slot: Option<usize>,
@@ -187,7 +187,9 @@ impl Worker {
         channel.set_nonblocking(true)?;
         let io = sys::register(channel, Interest::READABLE | Interest::WRITABLE)?;
         let (conn_tx, conns) = mpsc::unbounded_channel();
-        let (msg_tx, messages) = mpsc::unbounded_channel();
+        // Bounded: a worker that never reads its messages (the built-in one, under
+        // `--heartbeat-ping`) must not grow without limit; beyond it, messages are dropped.
+        let (msg_tx, messages) = mpsc::channel(MESSAGE_BACKLOG);
         let (out, out_rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
         tokio::spawn(serve_channel(
@@ -222,7 +224,8 @@ impl Worker {
         self.conns.close();
     }
 
-    /// The next user message from lb (lb sends none by default).
+    /// The next user message from lb (lb sends none by default; `--heartbeat-ping` sends pings).
+    /// At most 1024 unread messages are kept; later ones are dropped.
     pub async fn message(&mut self) -> Option<Value> {
         self.messages.recv().await
     }
@@ -261,13 +264,16 @@ fn adopt_channel(fd: i32) -> Result<UnixStream, WorkerError> {
     Ok(stream)
 }
 
+/// User messages from lb kept for [`Worker::message`] before further ones are dropped.
+const MESSAGE_BACKLOG: usize = 1024;
+
 /// How often stats may be sent at most.
 const STATS_MIN_INTERVAL: Duration = Duration::from_millis(50);
 
 async fn serve_channel(
     io: tokio::io::unix::AsyncFd<UnixStream>,
     conns: mpsc::UnboundedSender<Connection>,
-    messages: mpsc::UnboundedSender<Value>,
+    messages: mpsc::Sender<Value>,
     mut out_rx: mpsc::UnboundedReceiver<Vec<u8>>,
     counters: Arc<Counters>,
     heartbeat: Duration,
@@ -318,7 +324,7 @@ async fn serve_channel(
                             }
                             None => out.extend(nack.iter()),
                         },
-                        FromMaster::User(v) => { let _ = messages.send(v); }
+                        FromMaster::User(v) => { let _ = messages.try_send(v); }
                         FromMaster::OtherInternal | FromMaster::Malformed => {}
                     }
                 }
