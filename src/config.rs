@@ -115,6 +115,14 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
+    /// Change the number of workers of a running lb: new slots start, removed slots drain.
+    Scale {
+        /// The new number of workers.
+        workers: String,
+        /// The control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
     /// Graceful shutdown of a running lb.
     Stop {
         /// The control socket of that lb [default: as lb's --control].

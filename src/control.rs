@@ -2,7 +2,7 @@
 //!
 //! A Unix stream socket (`--control PATH`, default [`default_path`]), mode 0600: file
 //! permissions are the access control. Protocol: the client writes one JSON line
-//! `{"cmd":"status"|"roll"|"stop"}`; lb answers with one JSON line, `{"ok":true,…}` or
+//! `{"cmd":"status"|"roll"|"stop"}` or `{"cmd":"scale","workers":N}`; lb answers with one JSON line, `{"ok":true,…}` or
 //! `{"ok":false,"error":"…"}`, and closes. `status` is answered from the admin state (it never
 //! waits on the master loop or a worker); `roll` answers when the rolling restart has finished
 //! (or stopped); `stop` answers once the graceful shutdown has begun.
@@ -84,6 +84,8 @@ pub enum Command {
     Roll(oneshot::Sender<Result<(), String>>),
     /// Begin a graceful shutdown.
     Stop,
+    /// Change the number of worker slots.
+    Scale(usize, oneshot::Sender<Result<(), String>>),
 }
 
 /// Creates the control socket (mode 0600, parent directory 0700 if lb creates it). Call
@@ -191,12 +193,30 @@ async fn handle(
                 Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
             }
         }
+        Some("scale") => {
+            let n = serde_json::from_str::<Value>(request)
+                .ok()
+                .and_then(|v| v.get("workers").and_then(Value::as_u64))
+                .filter(|n| (1..=1024).contains(n));
+            let Some(n) = n else {
+                return json!({"ok": false, "error": "scale needs \"workers\": a number from 1 to 1024"});
+            };
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::Scale(n as usize, tx)).is_err() {
+                return json!({"ok": false, "error": "lb is shutting down"});
+            }
+            match rx.await {
+                Ok(Ok(())) => json!({"ok": true, "workers": n}),
+                Ok(Err(e)) => json!({"ok": false, "error": e}),
+                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
+            }
+        }
         Some("stop") => {
             let _ = commands.send(Command::Stop);
             json!({"ok": true})
         }
         Some(other) => {
-            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, stop)")})
+            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, scale, stop)")})
         }
         None => json!({"ok": false, "error": "expected one JSON line like {\"cmd\":\"status\"}"}),
     }
@@ -204,6 +224,11 @@ async fn handle(
 
 /// Sends `cmd` to the lb on `path` and returns its answer (`ok: true`), waiting up to `wait`.
 pub fn request(path: &Path, cmd: &str, wait: Duration) -> Result<Value, ControlError> {
+    send(path, &json!({ "cmd": cmd }), wait)
+}
+
+/// Sends one request object and returns the answer (`ok: true`).
+pub fn send(path: &Path, req: &Value, wait: Duration) -> Result<Value, ControlError> {
     use std::io::{BufRead, Write};
     let not_running = |source| ControlError::NotRunning {
         path: path.to_owned(),
@@ -217,7 +242,7 @@ pub fn request(path: &Path, cmd: &str, wait: Duration) -> Result<Value, ControlE
         }
     })?;
     s.set_read_timeout(Some(wait)).map_err(not_running)?;
-    writeln!(s, "{}", json!({ "cmd": cmd })).map_err(not_running)?;
+    writeln!(s, "{req}").map_err(not_running)?;
     let mut line = String::new();
     std::io::BufReader::new(s)
         .read_line(&mut line)

@@ -53,6 +53,25 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("cannot write the man page: {e}")),
             }
         }
+        Some(Sub::Scale { workers, control }) => {
+            let n = match workers.trim().parse::<u64>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => {
+                    return fail(&format!(
+                        "invalid worker count `{workers}`: expected 1 to 1024"
+                    ));
+                }
+            };
+            let path = control.unwrap_or_else(lb::control::default_path);
+            let req = serde_json::json!({"cmd": "scale", "workers": n});
+            match lb::control::send(&path, &req, std::time::Duration::from_secs(30)) {
+                Ok(_) => {
+                    println!("scaling to {n} workers");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Some(Sub::Stop { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::request(&path, "stop", std::time::Duration::from_secs(10)) {

@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -56,12 +56,44 @@ impl SlotMetrics {
     }
 }
 
+/// The per-slot metric families.
+#[derive(Debug)]
+struct SlotFamilies {
+    requests: IntCounterVec,
+    connections: IntCounterVec,
+    active: IntGaugeVec,
+    up: IntGaugeVec,
+    restarts: IntCounterVec,
+    memory: IntGaugeVec,
+    state: IntGaugeVec,
+}
+
+impl SlotFamilies {
+    fn slot(&self, i: usize) -> SlotMetrics {
+        let l = i.to_string();
+        SlotMetrics {
+            states: SLOT_STATES
+                .iter()
+                .map(|st| (*st, self.state.with_label_values(&[l.as_str(), st])))
+                .collect(),
+            requests: self.requests.with_label_values(&[&l]),
+            connections: self.connections.with_label_values(&[&l]),
+            active: self.active.with_label_values(&[&l]),
+            up: self.up.with_label_values(&[&l]),
+            restarts: self.restarts.with_label_values(&[&l]),
+            memory: self.memory.with_label_values(&[&l]),
+        }
+    }
+}
+
 /// All of lb's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Per-slot handles, indexed by slot.
-    pub slots: Vec<SlotMetrics>,
+    /// Per-slot handles, indexed by slot (grows when lb is scaled up).
+    slots: RwLock<Vec<Arc<SlotMetrics>>>,
+    /// The per-slot families, to add slots.
+    families: SlotFamilies,
     /// Connections accepted by the master.
     pub accepted: IntCounter,
     /// Handoff failures by reason.
@@ -197,23 +229,16 @@ impl Metrics {
         registry
             .register(Box::new(state.clone()))
             .expect("unique metric");
-        let slots = (0..workers)
-            .map(|i| {
-                let l = i.to_string();
-                SlotMetrics {
-                    states: SLOT_STATES
-                        .iter()
-                        .map(|st| (*st, state.with_label_values(&[l.as_str(), st])))
-                        .collect(),
-                    requests: requests.with_label_values(&[&l]),
-                    connections: connections.with_label_values(&[&l]),
-                    active: active.with_label_values(&[&l]),
-                    up: up.with_label_values(&[&l]),
-                    restarts: restarts.with_label_values(&[&l]),
-                    memory: memory.with_label_values(&[&l]),
-                }
-            })
-            .collect();
+        let families = SlotFamilies {
+            requests,
+            connections,
+            active,
+            up,
+            restarts,
+            memory,
+            state,
+        };
+        let slots = RwLock::new((0..workers).map(|i| Arc::new(families.slot(i))).collect());
         let accepted = IntCounter::new(
             "lb_accepted_connections_total",
             "Connections accepted by the master.",
@@ -298,12 +323,31 @@ impl Metrics {
         Self {
             registry,
             slots,
+            families,
             accepted,
             failures,
             handoff_duration,
             queued,
             accept_errors,
             channel_dropped,
+        }
+    }
+
+    /// Slot `i`'s handles (its series are created if lb grew to it).
+    pub fn slot(&self, i: usize) -> Arc<SlotMetrics> {
+        if let Some(m) = self.slots.read().expect("not poisoned").get(i) {
+            return m.clone();
+        }
+        self.ensure_slots(i + 1);
+        self.slots.read().expect("not poisoned")[i].clone()
+    }
+
+    /// Makes sure slots `0..n` have their series.
+    pub fn ensure_slots(&self, n: usize) {
+        let mut slots = self.slots.write().expect("not poisoned");
+        while slots.len() < n {
+            let i = slots.len();
+            slots.push(Arc::new(self.families.slot(i)));
         }
     }
 
@@ -378,14 +422,31 @@ impl Shared {
 
     /// Updates slot `slot`'s row.
     pub fn set_slot(&self, slot: usize, view: SlotView) {
+        if let Ok(mut t) = self.table.lock()
+            && let Some(row) = t.get_mut(slot)
+        {
+            *row = view;
+        }
+    }
+
+    /// Makes the slot table `n` rows long (lb was scaled).
+    pub fn resize(&self, n: usize) {
+        self.metrics.ensure_slots(n);
         if let Ok(mut t) = self.table.lock() {
-            t[slot] = view;
+            t.resize(
+                n,
+                SlotView {
+                    state: "starting",
+                    ..SlotView::default()
+                },
+            );
         }
     }
 
     /// Whether any slot's worker is ready.
     pub fn any_ready(&self) -> bool {
-        self.metrics.slots.iter().any(|s| s.up.get() > 0)
+        let table = self.table.lock().map(|t| t.len()).unwrap_or(0);
+        (0..table).any(|i| self.metrics.slot(i).up.get() > 0)
     }
 
     /// The `/workers` JSON document.
@@ -413,7 +474,7 @@ impl Shared {
             .iter()
             .enumerate()
             .map(|(slot, v)| {
-                let m = &self.metrics.slots[slot];
+                let m = self.metrics.slot(slot);
                 Row {
                     slot,
                     pid: v.pid,

@@ -102,6 +102,8 @@ pub struct Router {
     closing: bool,
     /// Something waits while a ready worker is at `--max-pending`: an ACK makes room.
     waiting_for_room: bool,
+    /// Slots `0..active` take connections (the rest drain after `lb scale`).
+    active: usize,
     shared: Arc<Shared>,
 }
 
@@ -122,8 +124,18 @@ impl Router {
             loads: vec![SlotLoad::default(); n],
             closing: false,
             waiting_for_room: false,
+            active: n,
             shared,
         }
+    }
+
+    /// `lb scale`: slots `0..active` take connections, the table has `total` slots.
+    pub fn resize(&mut self, active: usize, total: usize) {
+        self.targets.resize(total, (None, Target::Down));
+        self.links.resize_with(total, Vec::new);
+        self.loads.resize(total, SlotLoad::default());
+        self.active = active.min(total);
+        self.flush_waiting();
     }
 
     /// A new worker's dispatch.
@@ -172,8 +184,10 @@ impl Router {
     }
 
     fn forget_gone(&mut self, slot: usize) {
-        self.links[slot].retain(|l| !(l.exited && l.closed));
-        self.update_active(slot);
+        if let Some(ls) = self.links.get_mut(slot) {
+            ls.retain(|l| !(l.exited && l.closed));
+            self.update_active(slot);
+        }
     }
 
     /// The supervisor published a slot's new view.
@@ -191,9 +205,9 @@ impl Router {
 
     /// Whether the worker has handoffs it has not answered.
     pub fn busy(&self, id: WorkerId) -> bool {
-        self.links[id.slot]
-            .iter()
-            .any(|l| l.id == id && l.pending() > 0)
+        self.links
+            .get(id.slot)
+            .is_some_and(|ls| ls.iter().any(|l| l.id == id && l.pending() > 0))
     }
 
     /// Shutdown: hand what waits to a ready worker if there is one, else close it; from now on
@@ -206,7 +220,7 @@ impl Router {
     /// The worker ACKed a connection.
     pub fn acked(&mut self, id: WorkerId, accepted: Instant) {
         let sm = &self.shared.metrics;
-        sm.slots[id.slot].connections.inc();
+        sm.slot(id.slot).connections.inc();
         sm.handoff_duration
             .observe(accepted.elapsed().as_secs_f64());
         if let Some(l) = self.link(id) {
@@ -230,7 +244,7 @@ impl Router {
         }
         // A connection the slot's current worker did not take goes to another slot; one a
         // retiring worker hands back belongs to its slot's new worker.
-        let exclude = (self.targets[id.slot].0 == Some(id)).then_some(id.slot);
+        let exclude = (self.targets.get(id.slot).and_then(|t| t.0) == Some(id)).then_some(id.slot);
         for h in conns {
             self.route(h, exclude);
         }
@@ -241,7 +255,7 @@ impl Router {
     pub fn message(&mut self, id: WorkerId, msg: &WorkerMsg) -> bool {
         let shared = self.shared.clone();
         let metrics = &shared.metrics;
-        let sm = &metrics.slots[id.slot];
+        let sm = metrics.slot(id.slot);
         match msg {
             WorkerMsg::Stats {
                 active,
@@ -323,7 +337,8 @@ impl Router {
 
     /// The worker's dispatch (for cluster-protocol messages).
     pub fn dispatch(&self, id: WorkerId) -> Option<&DispatchHandle> {
-        self.links[id.slot]
+        self.links
+            .get(id.slot)?
             .iter()
             .find(|l| l.id == id)
             .map(|l| &l.dispatch)
@@ -374,16 +389,16 @@ impl Router {
             tracing::warn!(peer = %h.peer, "connection refused by {} workers; closing it", h.dispatches);
             return; // dropping `h` closes it; the failure reasons were counted as they happened
         }
-        for slot in 0..self.targets.len() {
+        for slot in 0..self.active {
             self.loads[slot] = self.slot_load(slot, exclude);
         }
         let pick = if self.waits_for_home(&h) {
             None
         } else {
-            self.balancer.pick(h.peer.ip(), &self.loads)
+            self.balancer.pick(h.peer.ip(), &self.loads[..self.active])
         };
         let Some(slot) = pick else {
-            if (0..self.loads.len()).any(|s| self.at_limit(s)) {
+            if (0..self.active).any(|s| self.at_limit(s)) {
                 self.waiting_for_room = true;
             }
             return self.wait(h);
@@ -438,7 +453,7 @@ impl Router {
             && self
                 .balancer
                 .hash()
-                .pick(h.peer.ip(), self.targets.len(), |i| {
+                .pick(h.peer.ip(), self.active, |i| {
                     self.targets[i].1 != Target::Down
                 })
                 .is_some_and(|home| self.targets[home].1 == Target::Stalled)
@@ -498,11 +513,13 @@ impl Router {
     }
 
     fn link(&mut self, id: WorkerId) -> Option<&mut Link> {
-        self.links[id.slot].iter_mut().find(|l| l.id == id)
+        self.links.get_mut(id.slot)?.iter_mut().find(|l| l.id == id)
     }
 
     fn update_active(&self, slot: usize) {
-        let active: u64 = self.links[slot].iter().map(Link::active).sum();
-        self.shared.metrics.slots[slot].active.set(active as i64);
+        if let Some(ls) = self.links.get(slot) {
+            let active: u64 = ls.iter().map(Link::active).sum();
+            self.shared.metrics.slot(slot).active.set(active as i64);
+        }
     }
 }

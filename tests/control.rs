@@ -189,3 +189,38 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
         "an unknown shell is a usage error"
     );
 }
+
+#[test]
+fn lb_scale_follows_the_count_and_every_client_goes_where_lb_route_says() {
+    let lb = Lb::start(&["-w", "3"]);
+    lb.wait_all_ready(3);
+    let ips: Vec<std::net::IpAddr> = (0..60).map(|i| client_ip(1200 + i)).collect();
+    let before: Vec<usize> = ips
+        .iter()
+        .map(|ip| served_by(lb.addr, Some(*ip)).0)
+        .collect();
+    let churn = Churn::start(lb.addr, 2, 1500, 20);
+    for n in [5usize, 2] {
+        let out = lb_cmd(&lb, &["scale", &n.to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Removed slots drain and disappear; new ones start and get ready.
+        lb.wait_all_ready(n);
+        for (ip, was) in ips.iter().zip(&before) {
+            let now = served_by(lb.addr, Some(*ip)).0;
+            assert_eq!(now, lb_route(*ip, n, &[]), "{ip} with {n} workers");
+            // Rendezvous: a client whose slot survives and is still its best choice stays put.
+            if lb_route(*ip, n, &[]) == lb_route(*ip, 3, &[]) {
+                assert_eq!(now, *was, "{ip} moved without a reason");
+            }
+        }
+        churn.wait_more("requests after the scale", 40);
+    }
+    churn.stop().assert_no_failures();
+    // Bad counts are one-line errors.
+    let out = lb_cmd(&lb, &["scale", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -79,9 +79,24 @@ struct Slot {
     next_generation: u64,
     restart: RestartPolicy,
     respawn: Respawn,
+    /// Scaled away: draining, never respawned; dropped once its workers are gone.
+    removed: bool,
 }
 
 impl Slot {
+    fn new(crash_loop: super::backoff::CrashLoop, now: Instant) -> Self {
+        Slot {
+            current: None,
+            incoming: None,
+            retiring: Vec::new(),
+            spawning: None,
+            next_generation: 0,
+            restart: RestartPolicy::new(crash_loop),
+            respawn: Respawn::At(now),
+            removed: false,
+        }
+    }
+
     fn workers(&self) -> impl Iterator<Item = &Worker> {
         self.current
             .iter()
@@ -124,15 +139,7 @@ impl Fleet {
     /// A fleet whose slots all want a worker now.
     pub fn new(cfg: FleetConfig, now: Instant) -> Self {
         let slots = (0..cfg.workers)
-            .map(|_| Slot {
-                current: None,
-                incoming: None,
-                retiring: Vec::new(),
-                spawning: None,
-                next_generation: 0,
-                restart: RestartPolicy::new(cfg.crash_loop),
-                respawn: Respawn::At(now),
-            })
+            .map(|_| Slot::new(cfg.crash_loop, now))
             .collect();
         let mut fleet = Self {
             cfg,
@@ -154,6 +161,77 @@ impl Fleet {
     /// Number of slots.
     pub fn len(&self) -> usize {
         self.slots.len()
+    }
+
+    /// Slots that take connections (the rest, up to [`Fleet::len`], are draining after a scale
+    /// down).
+    pub fn active(&self) -> usize {
+        self.cfg.workers
+    }
+
+    /// Changes the number of slots (`lb scale`): new slots get workers; slots `n..` drain (their
+    /// workers are stopped gracefully, never respawned) and are dropped once their workers are
+    /// gone. Sticky clients of the slots that stay do not move.
+    pub fn scale(&mut self, n: usize, now: Instant) {
+        if self.shutdown.is_some() || n == 0 || n == self.cfg.workers {
+            return;
+        }
+        let old = self.cfg.workers;
+        tracing::info!("scaling from {old} to {n} workers");
+        while self.slots.len() < n {
+            self.slots.push(Slot::new(self.cfg.crash_loop, now));
+        }
+        self.cfg.workers = n;
+        self.actions.push_back(Action::Resized(self.slots.len()));
+        for slot in old.min(n)..old.max(n) {
+            let s = &mut self.slots[slot];
+            if slot < n {
+                // Back in service (it may have been draining from an earlier scale down).
+                s.removed = false;
+                if s.current.is_none() && s.spawning.is_none() {
+                    s.respawn = Respawn::At(now);
+                }
+            } else {
+                s.removed = true;
+                s.respawn = Respawn::Idle;
+                let ids: Vec<WorkerId> = s
+                    .current
+                    .iter()
+                    .chain(s.incoming.iter())
+                    .map(|w| w.id)
+                    .collect();
+                for id in ids {
+                    self.signal_worker(id, Sig::Term, now);
+                }
+            }
+            self.publish(slot);
+        }
+        if let Some(r) = self.roll
+            && r.slot() >= n
+        {
+            self.end_roll(Err(format!(
+                "rolling restart stopped: slot {} was scaled away",
+                r.slot()
+            )));
+        }
+        self.trim();
+        self.tick(now);
+    }
+
+    /// Drops scaled-away slots at the end whose workers are all gone.
+    fn trim(&mut self) {
+        let before = self.slots.len();
+        while self.slots.len() > self.cfg.workers
+            && self
+                .slots
+                .last()
+                .is_some_and(|s| s.removed && s.spawning.is_none() && s.workers().next().is_none())
+        {
+            self.slots.pop();
+        }
+        if self.slots.len() != before {
+            self.actions.push_back(Action::Resized(self.slots.len()));
+        }
     }
 
     /// Whether there are no slots (never, in practice).
@@ -200,6 +278,8 @@ impl Fleet {
         let s = &self.slots[slot];
         let cur = s.current.as_ref();
         let state = match (cur.map(|w| w.phase), &self.shutdown, s.respawn) {
+            (Some(p), _, _) if s.removed && p.is_live() => SlotState::Draining,
+            _ if s.removed => SlotState::Exited,
             (Some(Phase::Ready), None, _) => SlotState::Ready,
             (Some(Phase::Stalled), None, _) => SlotState::Stalled,
             (Some(p), Some(_), _) if p.is_live() => SlotState::Draining,
@@ -255,8 +335,8 @@ impl Fleet {
             }
             Role::Incoming => s.incoming = Some(w),
         }
-        if self.shutdown.is_some() {
-            // Asked for before the shutdown began: stop it at once.
+        if self.shutdown.is_some() || self.slots[id.slot].removed {
+            // Asked for before the shutdown or scale down began: stop it at once.
             self.signal_worker(id, Sig::Term, now);
         } else if !self.cfg.wait_ready && !self.cfg.node_workers {
             self.on_ready(id, now);
@@ -463,7 +543,7 @@ impl Fleet {
             w.phase = Phase::Exited;
             s.retiring.push(w); // kept until its channel reports closed
             self.actions.push_back(Action::Detach(id));
-            if !shutting_down {
+            if !shutting_down && !s.removed {
                 self.schedule_respawn(id.slot, now, ran);
             }
         } else if s.incoming.as_ref().is_some_and(|w| w.id == id) {
@@ -497,6 +577,7 @@ impl Fleet {
         if let Some(limit) = self.cfg.max_memory
             && bytes > limit
             && self.shutdown.is_none()
+            && !s.removed
             && s.current
                 .as_ref()
                 .is_some_and(|w| w.id == id && w.phase.is_live())
@@ -610,6 +691,7 @@ impl Fleet {
     /// Forgets workers that exited and whose channel is closed.
     fn forget_gone(&mut self, slot: usize) {
         self.slots[slot].retiring.retain(|w| !w.gone());
+        self.trim();
     }
 
     fn publish(&mut self, slot: usize) {

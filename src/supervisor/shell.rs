@@ -218,6 +218,15 @@ impl Master {
                         }
                     }
                     control::Command::Stop => self.begin_shutdown("lb stop"),
+                    control::Command::Scale(n, reply) => {
+                        if self.fleet.shutting_down() {
+                            let _ = reply.send(Err("lb is shutting down".into()));
+                        } else {
+                            self.fleet.scale(n, Instant::now());
+                            self.apply(Instant::now());
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
                 },
                 _ = hup.recv() => tracing::info!("SIGHUP received: config reload is not supported yet; ignoring"),
                 () = &mut timer => {
@@ -443,11 +452,11 @@ impl Master {
         for slot in 0..self.fleet.len() {
             let view = self.fleet.view(slot);
             let (Some(id), Some(pid)) = (view.current, view.pid) else {
-                self.shared.metrics.slots[slot].memory.set(0);
+                self.shared.metrics.slot(slot).memory.set(0);
                 continue;
             };
             let rss = procfs::rss_bytes(pid).unwrap_or(0);
-            self.shared.metrics.slots[slot].memory.set(rss as i64);
+            self.shared.metrics.slot(slot).memory.set(rss as i64);
             self.fleet.on_rss(id, rss, now);
         }
         // An unmodified Node worker counts the sockets we sent it: ask.
@@ -474,9 +483,11 @@ impl Master {
                         d.cluster(ClusterOut::Disconnect);
                     }
                 }
+                // (A slot dropped by a scale down in the same pass has nothing to publish.)
+                Action::Publish(slot) if slot >= self.fleet.len() => {}
                 Action::Publish(slot) => {
                     let view = self.fleet.view(slot);
-                    let sm = &self.shared.metrics.slots[slot];
+                    let sm = self.shared.metrics.slot(slot);
                     sm.up.set(view.up() as i64);
                     sm.set_state(view.state.as_str());
                     self.shared.set_slot(
@@ -490,7 +501,20 @@ impl Master {
                     );
                     self.router.publish(slot, &view);
                 }
-                Action::Restarted(slot) => self.shared.metrics.slots[slot].restarts.inc(),
+                Action::Restarted(slot) => self.shared.metrics.slot(slot).restarts.inc(),
+                Action::Resized(total) => {
+                    // Slots scaled away keep their counters; their gauges say they are gone.
+                    let before = self.shared.table.lock().map_or(0, |t| t.len());
+                    for slot in total..before {
+                        let sm = self.shared.metrics.slot(slot);
+                        sm.set_state("exited");
+                        sm.up.set(0);
+                        sm.active.set(0);
+                        sm.memory.set(0);
+                    }
+                    self.shared.resize(total);
+                    self.router.resize(self.fleet.active(), total);
+                }
             }
         }
     }

@@ -162,6 +162,9 @@ pub enum Action {
     Publish(usize),
     /// The slot's worker was replaced (`lb_worker_restarts_total`).
     Restarted(usize),
+    /// The slot table now has this many slots (`lb scale`; [`super::Fleet::active`] of them take
+    /// connections).
+    Resized(usize),
 }
 
 /// Settings the lifecycle depends on.

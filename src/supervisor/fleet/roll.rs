@@ -38,7 +38,7 @@ impl Fleet {
             tracing::info!("SIGUSR2: a rolling restart is already in progress");
             return;
         }
-        tracing::info!("SIGUSR2: rolling restart of {} workers", self.slots.len());
+        tracing::info!("SIGUSR2: rolling restart of {} workers", self.cfg.workers);
         self.advance_roll(0, now);
     }
 
@@ -98,7 +98,7 @@ impl Fleet {
     /// Starts the replacement of the first slot at or after `from` that has a live worker.
     pub(super) fn advance_roll(&mut self, from: usize, now: Instant) {
         let _ = now;
-        for slot in from..self.slots.len() {
+        for slot in from..self.cfg.workers.min(self.slots.len()) {
             let s = &self.slots[slot];
             if s.current.as_ref().is_none_or(|w| !w.phase.is_live())
                 || s.incoming.is_some()

@@ -510,3 +510,42 @@ fn every_slot_state_has_a_metric_series() {
         assert!(crate::metrics::SLOT_STATES.contains(&st.as_str()), "{st:?}");
     }
 }
+
+#[test]
+fn scaling_up_adds_slots_and_scaling_down_drains_and_drops_the_last_ones() {
+    let (mut h, _) = Harness::new(config(2));
+    h.fleet.scale(4, h.now);
+    let acts = h.run();
+    assert_eq!(
+        acts[0],
+        Action::Resized(4),
+        "resize before the new slots spawn"
+    );
+    assert_eq!(spawns(&acts), [id(2, 0), id(3, 0)]);
+    assert_eq!((h.fleet.active(), h.fleet.len()), (4, 4));
+    // Down to 1: slots 1..4 drain (SIGTERM), are never respawned, and go once their workers are
+    // gone; slot 0 is untouched.
+    h.fleet.scale(1, h.now);
+    let acts = h.run();
+    assert_eq!(
+        signals(&acts),
+        [
+            (id(1, 0), Sig::Term),
+            (id(2, 0), Sig::Term),
+            (id(3, 0), Sig::Term)
+        ]
+    );
+    assert_eq!((h.fleet.active(), h.fleet.len()), (1, 4));
+    assert_eq!(h.state(2), SlotState::Draining);
+    h.exit(id(2, 0));
+    assert_eq!(h.fleet.len(), 4, "slot 3 still drains behind slot 2");
+    h.exit(id(3, 0));
+    let acts = h.exit(id(1, 0));
+    assert!(acts.contains(&Action::Resized(1)), "{acts:?}");
+    assert_eq!(h.fleet.len(), 1);
+    assert!(spawns(&h.advance(Duration::from_secs(60))).is_empty());
+    assert_eq!(h.current(0), id(0, 0));
+    // A roll now only covers the one slot.
+    h.fleet.roll(h.now);
+    assert_eq!(spawns(&h.run()), [id(0, 1)]);
+}
