@@ -123,6 +123,12 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
+    /// Reload a running lb's configuration (as SIGHUP) and report what changed.
+    Reload {
+        /// The control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
     /// Graceful shutdown of a running lb.
     Stop {
         /// The control socket of that lb [default: as lb's --control].
@@ -174,7 +180,7 @@ macro_rules! options {
     )*) => {
         /// Server options, as given on the command line (all optional: the file and defaults
         /// fill in).
-        #[derive(Debug, Default, Args)]
+        #[derive(Debug, Default, Clone, Args)]
         pub struct RunArgs {
             /// TOML config file; flags override it
             #[arg(short, long, value_name = "FILE")]

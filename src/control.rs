@@ -2,7 +2,7 @@
 //!
 //! A Unix stream socket (`--control PATH`, default [`default_path`]), mode 0600: file
 //! permissions are the access control. Protocol: the client writes one JSON line
-//! `{"cmd":"status"|"roll"|"stop"}` or `{"cmd":"scale","workers":N}`; lb answers with one JSON line, `{"ok":true,…}` or
+//! `{"cmd":"status"|"roll"|"reload"|"stop"}` or `{"cmd":"scale","workers":N}`; lb answers with one JSON line, `{"ok":true,…}` or
 //! `{"ok":false,"error":"…"}`, and closes. `status` is answered from the admin state (it never
 //! waits on the master loop or a worker); `roll` answers when the rolling restart has finished
 //! (or stopped); `stop` answers once the graceful shutdown has begun.
@@ -84,6 +84,8 @@ pub enum Command {
     Roll(oneshot::Sender<Result<(), String>>),
     /// Begin a graceful shutdown.
     Stop,
+    /// Reload the configuration; the reply says what changed.
+    Reload(oneshot::Sender<Result<Value, String>>),
     /// Change the number of worker slots.
     Scale(usize, oneshot::Sender<Result<(), String>>),
 }
@@ -211,12 +213,23 @@ async fn handle(
                 Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
             }
         }
+        Some("reload") => {
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::Reload(tx)).is_err() {
+                return json!({"ok": false, "error": "lb is shutting down"});
+            }
+            match rx.await {
+                Ok(Ok(v)) => json!({"ok": true, "reload": v}),
+                Ok(Err(e)) => json!({"ok": false, "error": e}),
+                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
+            }
+        }
         Some("stop") => {
             let _ = commands.send(Command::Stop);
             json!({"ok": true})
         }
         Some(other) => {
-            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, scale, stop)")})
+            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, scale, reload, stop)")})
         }
         None => json!({"ok": false, "error": "expected one JSON line like {\"cmd\":\"status\"}"}),
     }

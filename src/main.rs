@@ -72,6 +72,37 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
+        Some(Sub::Reload { control }) => {
+            let path = control.unwrap_or_else(lb::control::default_path);
+            match lb::control::request(&path, "reload", std::time::Duration::from_secs(30)) {
+                Ok(v) => {
+                    let r = &v["reload"];
+                    let list = |k: &str| {
+                        let items: Vec<&str> = r[k]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                            .unwrap_or_default();
+                        if items.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            items.join(", ")
+                        }
+                    };
+                    println!("reloaded: changed {}", list("changed"));
+                    if r["restart_needed"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
+                    {
+                        println!(
+                            "not applied until lb is restarted: {}",
+                            list("restart_needed")
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Some(Sub::Stop { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::request(&path, "stop", std::time::Duration::from_secs(10)) {
@@ -89,7 +120,7 @@ fn main() -> ExitCode {
             config,
         }) => route(&ip, workers.as_ref(), hash_seed.as_ref(), config.as_deref()),
         None => match Settings::from_cli(&cli.run, &cli.command) {
-            Ok(settings) => serve(settings),
+            Ok(settings) => serve(settings, cli.run.clone(), cli.command.clone()),
             Err(e) => fail(&e.to_string()),
         },
     }
@@ -158,7 +189,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(settings: Settings) -> ExitCode {
+fn serve(settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
     init_logging(settings.log_format);
     if let Some(limit) = listener::raise_nofile_limit() {
         tracing::debug!("open-file limit: {limit}");
@@ -235,6 +266,7 @@ fn serve(settings: Settings) -> ExitCode {
             None => None,
         };
         Master::new(settings, argv, shared)
+            .reload_from(run, command)
             .run(listener, commands)
             .await
     });

@@ -96,6 +96,8 @@ pub struct Metrics {
     families: SlotFamilies,
     /// Connections accepted by the master.
     pub accepted: IntCounter,
+    /// Configuration reloads by result (`ok`, `failed`).
+    reloads: IntCounterVec,
     /// Handoff failures by reason.
     failures: IntCounterVec,
     /// Accept → ACK latency.
@@ -247,6 +249,20 @@ impl Metrics {
         registry
             .register(Box::new(accepted.clone()))
             .expect("unique");
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "lb_reloads_total",
+                "Configuration reloads (SIGHUP, lb reload) by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(reloads.clone()))
+            .expect("unique");
+        for r in ["ok", "failed"] {
+            reloads.with_label_values(&[r]);
+        }
         let failures = IntCounterVec::new(
             Opts::new(
                 "lb_handoff_failures_total",
@@ -324,6 +340,7 @@ impl Metrics {
             registry,
             slots,
             families,
+            reloads,
             accepted,
             failures,
             handoff_duration,
@@ -349,6 +366,13 @@ impl Metrics {
             let i = slots.len();
             slots.push(Arc::new(self.families.slot(i)));
         }
+    }
+
+    /// Counts a configuration reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     /// Counts `n` handoff failures for `reason`.

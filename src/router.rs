@@ -85,6 +85,7 @@ impl Link {
 /// Routing state of the master.
 pub struct Router {
     balancer: Balancer,
+    balancer_seed: u64,
     policy: Policy,
     sticky_stalled: StalledSticky,
     max_pending: usize,
@@ -113,6 +114,7 @@ impl Router {
         let n = settings.workers;
         Self {
             balancer: Balancer::new(settings.policy, settings.hash_seed),
+            balancer_seed: settings.hash_seed,
             policy: settings.policy,
             sticky_stalled: settings.sticky_stalled,
             max_pending: settings.max_pending,
@@ -127,6 +129,19 @@ impl Router {
             active: n,
             shared,
         }
+    }
+
+    /// New settings (a config reload): policy, seed, limits and timeouts apply from now on.
+    pub fn reconfigure(&mut self, settings: &Settings) {
+        if settings.policy != self.policy || settings.hash_seed != self.balancer_seed {
+            self.balancer = Balancer::new(settings.policy, settings.hash_seed);
+        }
+        self.policy = settings.policy;
+        self.balancer_seed = settings.hash_seed;
+        self.sticky_stalled = settings.sticky_stalled;
+        self.max_pending = settings.max_pending;
+        self.max_queue = settings.max_queue;
+        self.queue_timeout = settings.queue_timeout;
     }
 
     /// `lb scale`: slots `0..active` take connections, the table has `total` slots.

@@ -224,3 +224,71 @@ fn lb_scale_follows_the_count_and_every_client_goes_where_lb_route_says() {
     let out = lb_cmd(&lb, &["scale", "0"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn lb_reload_and_sighup_apply_the_edited_config_and_a_bad_one_changes_nothing() {
+    let dir = std::env::temp_dir().join(format!("lb-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("lb.toml");
+    let write = |body: &str| {
+        std::fs::write(
+            &cfg,
+            format!("listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n{body}"),
+        )
+        .unwrap()
+    };
+    write("workers = 2\nqueue_timeout = \"5s\"\n");
+    let lb = Lb::start(&["-c", cfg.to_str().unwrap()]);
+    let first = lb.wait_all_ready(2);
+    // More workers and another timeout: applied without a restart.
+    write("workers = 3\nqueue_timeout = \"2s\"\n");
+    let out = lb_cmd(&lb, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("workers") && text.contains("queue_timeout"),
+        "{text}"
+    );
+    let now = lb.wait_all_ready(3);
+    assert_eq!(now[..2], first[..], "the existing workers stay");
+    // A bad value: a one-line error naming it, and lb runs on as it was.
+    write("workers = 3\nqueue_timeout = \"soon\"\n");
+    let out = lb_cmd(&lb, &["reload"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("soon") && err.lines().count() == 1, "{err}");
+    assert_eq!(lb.wait_all_ready(3), now);
+    // A new listen address is reported as needing a restart, not applied.
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:1\"\nmetrics = \"127.0.0.1:0\"\nworkers = 3\nqueue_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let out = lb_cmd(&lb, &["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("not applied until lb is restarted: listen"),
+        "{text}"
+    );
+    assert_eq!(
+        served_by(lb.addr, Some(client_ip(1))).0,
+        lb_route(client_ip(1), 3, &[])
+    );
+    // SIGHUP does the same as lb reload: back to 2 workers.
+    write("workers = 2\nqueue_timeout = \"2s\"\n");
+    lb.signal(Signal::SIGHUP);
+    assert_eq!(lb.wait_all_ready(2), first);
+    assert_eq!(lb.metric("lb_reloads_total{result=\"ok\"}"), Some(3.0));
+    assert_eq!(lb.metric("lb_reloads_total{result=\"failed\"}"), Some(1.0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

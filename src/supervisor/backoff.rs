@@ -65,6 +65,11 @@ pub struct RestartPolicy {
 }
 
 impl RestartPolicy {
+    /// Changes the crash-loop guard (a config reload); the exit history is kept.
+    pub fn set_guard(&mut self, crash_loop: CrashLoop) {
+        self.crash_loop = crash_loop;
+    }
+
     /// A policy with the given crash-loop guard.
     pub fn new(crash_loop: CrashLoop) -> Self {
         Self {

@@ -163,6 +163,16 @@ impl Fleet {
         self.slots.len()
     }
 
+    /// New settings (a config reload): timeouts, readiness, memory limit and crash-loop guard
+    /// apply from now on; the worker count changes only through [`Fleet::scale`].
+    pub fn reconfigure(&mut self, cfg: FleetConfig) {
+        let workers = self.cfg.workers;
+        self.cfg = FleetConfig { workers, ..cfg };
+        for s in &mut self.slots {
+            s.restart.set_guard(self.cfg.crash_loop);
+        }
+    }
+
     /// Slots that take connections (the rest, up to [`Fleet::len`], are draining after a scale
     /// down).
     pub fn active(&self) -> usize {

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
 use crate::channel::cluster::ServerQuery;
 use crate::channel::{ClusterMsg, DEFAULT_MAX_LINE, WorkerMsg};
-use crate::config::Settings;
+use crate::config::{RunArgs, Settings};
 use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
@@ -66,6 +66,23 @@ pub struct Master {
     next_ping: Option<Instant>,
     /// Last time a malformed cluster message was logged (at most one line per 5 s).
     last_malformed_log: Option<Instant>,
+    /// The command line lb was started with, to read the configuration again on reload.
+    reload_from: Option<(RunArgs, Vec<String>)>,
+}
+
+/// The lifecycle settings of `settings` for workers running `argv`.
+fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
+    FleetConfig {
+        workers: settings.workers,
+        wait_ready: settings.wait_ready,
+        ready_timeout: settings.ready_timeout,
+        drain_timeout: settings.shutdown_timeout,
+        heartbeat_timeout: settings.heartbeat_timeout,
+        max_memory: settings.max_memory,
+        crash_loop: settings.crash_loop,
+        settle_timeout: settings.stall_timeout,
+        node_workers: is_node(argv),
+    }
 }
 
 /// Whether the worker command runs Node (`node`/`nodejs`).
@@ -83,20 +100,7 @@ impl Master {
     pub fn new(settings: Settings, argv: Vec<String>, shared: Arc<Shared>) -> Self {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-        let fleet = Fleet::new(
-            FleetConfig {
-                workers: settings.workers,
-                wait_ready: settings.wait_ready,
-                ready_timeout: settings.ready_timeout,
-                drain_timeout: settings.shutdown_timeout,
-                heartbeat_timeout: settings.heartbeat_timeout,
-                max_memory: settings.max_memory,
-                crash_loop: settings.crash_loop,
-                settle_timeout: settings.stall_timeout,
-                node_workers: is_node(&argv),
-            },
-            Instant::now(),
-        );
+        let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
         Self {
             router: Router::new(&settings, shared.clone()),
             fleet,
@@ -114,7 +118,118 @@ impl Master {
             next_unique_id: 1,
             next_ping: None,
             last_malformed_log: None,
+            reload_from: None,
         }
+    }
+
+    /// Reload (SIGHUP, `lb reload`) re-reads the configuration from this command line.
+    pub fn reload_from(mut self, run: RunArgs, command: Vec<String>) -> Self {
+        self.reload_from = Some((run, command));
+        self
+    }
+
+    /// Re-reads the configuration and applies what can change while running: the worker
+    /// count (a scale), the worker command (a rolling restart), timeouts, limits, the policy and
+    /// seed. Addresses, the backlog, the log format and the serialization need a restart: they
+    /// are reported, not applied. On a bad configuration nothing changes.
+    fn reload(&mut self, why: &str) -> Result<serde_json::Value, String> {
+        let result = self.try_reload();
+        self.shared.metrics.reload(result.is_ok());
+        match &result {
+            Ok(v) => tracing::info!("{why}: configuration reloaded: {v}"),
+            Err(e) => tracing::warn!("{why}: reload failed, running as before: {e}"),
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<serde_json::Value, String> {
+        let Some((run, command)) = &self.reload_from else {
+            return Err("no configuration to reload from".into());
+        };
+        let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
+        let old = &self.settings;
+        let mut restart_needed = Vec::new();
+        for (name, differs) in [
+            ("listen", new.listen != old.listen),
+            ("metrics", new.metrics != old.metrics),
+            ("control", new.control != old.control),
+            ("backlog", new.backlog != old.backlog),
+            ("log_format", new.log_format != old.log_format),
+            ("serialization", new.serialization != old.serialization),
+        ] {
+            if differs {
+                restart_needed.push(name);
+            }
+        }
+        let argv = match &new.command {
+            Some(c) => c.clone(),
+            None if old.command.is_none() => self.argv.clone(),
+            None => vec![
+                std::env::current_exe()
+                    .map_err(|e| format!("cannot find lb's own executable: {e}"))?
+                    .to_string_lossy()
+                    .into_owned(),
+                "builtin-worker".into(),
+            ],
+        };
+        let mut changed = Vec::new();
+        let roll = argv != self.argv;
+        if roll {
+            changed.push("command");
+        }
+        let scale = (new.workers != old.workers).then_some(new.workers);
+        if scale.is_some() {
+            changed.push("workers");
+        }
+        for (name, differs) in [
+            ("policy", new.policy != old.policy),
+            ("hash_seed", new.hash_seed != old.hash_seed),
+            (
+                "shutdown_timeout",
+                new.shutdown_timeout != old.shutdown_timeout,
+            ),
+            (
+                "heartbeat_timeout",
+                new.heartbeat_timeout != old.heartbeat_timeout,
+            ),
+            ("heartbeat_ping", new.heartbeat_ping != old.heartbeat_ping),
+            ("max_memory", new.max_memory != old.max_memory),
+            ("queue_timeout", new.queue_timeout != old.queue_timeout),
+            ("wait_ready", new.wait_ready != old.wait_ready),
+            ("ready_timeout", new.ready_timeout != old.ready_timeout),
+            ("max_queue", new.max_queue != old.max_queue),
+            ("max_pending", new.max_pending != old.max_pending),
+            ("stall_timeout", new.stall_timeout != old.stall_timeout),
+            ("sticky_stalled", new.sticky_stalled != old.sticky_stalled),
+            ("crash_loop", new.crash_loop != old.crash_loop),
+        ] {
+            if differs {
+                changed.push(name);
+            }
+        }
+        // What needs a restart keeps its running value.
+        let applied = Settings {
+            listen: old.listen,
+            metrics: old.metrics,
+            control: old.control.clone(),
+            backlog: old.backlog,
+            log_format: old.log_format,
+            serialization: old.serialization,
+            ..new
+        };
+        self.fleet.reconfigure(fleet_config(&applied, &argv));
+        self.router.reconfigure(&applied);
+        self.settings = applied;
+        self.argv = argv;
+        let now = Instant::now();
+        if let Some(n) = scale {
+            self.fleet.scale(n, now);
+        }
+        if roll {
+            self.fleet.roll(now);
+        }
+        self.apply(now);
+        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
     }
 
     /// Runs until a graceful shutdown completes, taking commands from the control socket.
@@ -218,6 +333,9 @@ impl Master {
                         }
                     }
                     control::Command::Stop => self.begin_shutdown("lb stop"),
+                    control::Command::Reload(reply) => {
+                        let _ = reply.send(self.reload("lb reload"));
+                    }
                     control::Command::Scale(n, reply) => {
                         if self.fleet.shutting_down() {
                             let _ = reply.send(Err("lb is shutting down".into()));
@@ -228,7 +346,10 @@ impl Master {
                         }
                     }
                 },
-                _ = hup.recv() => tracing::info!("SIGHUP received: config reload is not supported yet; ignoring"),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = self.reload("SIGHUP");
+                }
                 () = &mut timer => {
                     // Fired: arm far ahead until the next pass computes the real deadline.
                     armed = Instant::now() + HOUSEKEEPING;
