@@ -275,6 +275,12 @@ options! {
     heartbeat_ping: Option<Duration> = None, |v| off_or(v, parse_duration), "D";
     /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
     max_memory: Option<u64> = None, |v| off_or(v, parse_bytes), "BYTES";
+    /// Built-in worker: a connection that has not sent a complete first request by then is
+    /// closed (nginx's client_header_timeout) [default: 60s]
+    client_header_timeout: Duration = Duration::from_secs(60), parse_duration, "D";
+    /// Built-in worker: an idle kept-alive connection is closed after this (nginx's
+    /// keepalive_timeout; WebSockets are not affected) [default: 75s]
+    keepalive_timeout: Duration = Duration::from_secs(75), parse_duration, "D";
     /// How long a connection may wait for a ready worker [default: 5s]
     queue_timeout: Duration = Duration::from_secs(5), parse_duration, "D";
     /// How long a new worker may take to become ready [default: 30s]

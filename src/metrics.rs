@@ -98,6 +98,8 @@ pub struct Metrics {
     pub accepted: IntCounter,
     /// Configuration reloads by result (`ok`, `failed`).
     reloads: IntCounterVec,
+    /// Admin connections closed at once because [`ADMIN_MAX_CONNECTIONS`] were open.
+    pub admin_refused: IntCounter,
     /// Handoff failures by reason.
     failures: IntCounterVec,
     /// Accept → ACK latency.
@@ -263,6 +265,14 @@ impl Metrics {
         for r in ["ok", "failed"] {
             reloads.with_label_values(&[r]);
         }
+        let admin_refused = IntCounter::new(
+            "lb_admin_refused_connections_total",
+            "Admin endpoint connections closed at once because the connection cap was reached.",
+        )
+        .expect("valid");
+        registry
+            .register(Box::new(admin_refused.clone()))
+            .expect("unique");
         let failures = IntCounterVec::new(
             Opts::new(
                 "lb_handoff_failures_total",
@@ -341,6 +351,7 @@ impl Metrics {
             slots,
             families,
             reloads,
+            admin_refused,
             accepted,
             failures,
             handoff_duration,
@@ -523,8 +534,13 @@ impl Shared {
     }
 }
 
+/// Admin connections served at once; more are closed at once (and counted), so idle
+/// connections to the admin port can never take the master's file descriptors.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -535,8 +551,14 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.metrics.admin_refused.inc();
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &shared)) }

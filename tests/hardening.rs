@@ -500,3 +500,55 @@ fn the_soft_fd_limit_is_raised_to_the_hard_limit_at_start() {
     let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(nums, ["8192", "8192"], "{line}");
 }
+
+#[test]
+fn the_builtin_worker_closes_silent_half_sent_and_idle_connections_but_not_websockets() {
+    let lb = Lb::start(&[
+        "-w",
+        "1",
+        "--client-header-timeout",
+        "500ms",
+        "--keepalive-timeout",
+        "1s",
+    ]);
+    lb.wait_all_ready(1);
+    // How long until the server closes `c` (bounded by a 10 s read timeout).
+    let closed_after = |mut c: std::net::TcpStream, since: Instant| {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 256];
+        loop {
+            match c.read(&mut b) {
+                Ok(0) | Err(_) => return since.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    let within = |d: Duration, lo: u64, what: &str| {
+        assert!(
+            d >= Duration::from_millis(lo) && d < Duration::from_secs(5),
+            "{what}: closed after {d:?}"
+        );
+    };
+    // A client that sends nothing.
+    let t = Instant::now();
+    within(closed_after(connect(lb.addr, None), t), 400, "silent");
+    // Half a request line.
+    let mut c = connect(lb.addr, None);
+    let t = Instant::now();
+    c.write_all(b"GET / HT").unwrap();
+    within(closed_after(c, t), 400, "half a request line");
+    // Kept alive and idle after a response.
+    let mut c = connect(lb.addr, None);
+    let (status, _) = request(&mut c, "GET", "/", b"", false);
+    assert_eq!(status, 200);
+    let t = Instant::now();
+    within(closed_after(c, t), 800, "idle keep-alive");
+    // A WebSocket idle for longer than both still echoes.
+    let (mut ws, _) = tungstenite::connect(format!("ws://{}/ws", lb.addr)).unwrap();
+    let t = Instant::now();
+    wait_for("1.5 s of WebSocket silence", Duration::from_secs(5), || {
+        (t.elapsed() >= Duration::from_millis(1500)).then_some(())
+    });
+    ws.send(tungstenite::Message::text("still here")).unwrap();
+    assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
+}

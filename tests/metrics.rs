@@ -243,3 +243,33 @@ fn metrics_off_disables_the_endpoint() {
     assert!(lb.log_text().contains("metrics off"));
     assert_eq!(served_by(lb.addr, None).0, 0);
 }
+
+#[test]
+fn idle_connections_to_the_admin_endpoint_are_capped_and_counted() {
+    let lb = Lb::start(&["-w", "1"]);
+    lb.wait_all_ready(1);
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds(lb.pid());
+    // 300 connections that never send a request.
+    let idle: Vec<_> = (0..300)
+        .map(|i| connect(lb.metrics.unwrap(), Some(client_ip(i))))
+        .collect();
+    // lb keeps at most 64 of them; the others are closed at once.
+    wait_for(
+        "the extra admin connections closed",
+        Duration::from_secs(10),
+        || (fds(lb.pid()) <= before + 64 + 4).then_some(()),
+    );
+    // Clients are still served meanwhile.
+    assert_eq!(served_by(lb.addr, None).0, 0);
+    drop(idle);
+    let refused = wait_for("a scrape after the flood", Duration::from_secs(20), || {
+        let t = std::panic::catch_unwind(|| lb.metrics_text()).ok()?;
+        metric_value(&t, "lb_admin_refused_connections_total")
+    });
+    assert!(refused >= 236.0, "refused {refused}");
+}

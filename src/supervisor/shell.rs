@@ -194,6 +194,14 @@ impl Master {
             ),
             ("heartbeat_ping", new.heartbeat_ping != old.heartbeat_ping),
             ("max_memory", new.max_memory != old.max_memory),
+            (
+                "client_header_timeout",
+                new.client_header_timeout != old.client_header_timeout,
+            ),
+            (
+                "keepalive_timeout",
+                new.keepalive_timeout != old.keepalive_timeout,
+            ),
             ("queue_timeout", new.queue_timeout != old.queue_timeout),
             ("wait_ready", new.wait_ready != old.wait_ready),
             ("ready_timeout", new.ready_timeout != old.ready_timeout),
@@ -653,6 +661,14 @@ impl Master {
                 self.settings.serialization.as_str().to_owned(),
             ),
             ("LB_HEARTBEAT_MS", beat_ms),
+            (
+                "LB_CLIENT_HEADER_TIMEOUT_MS",
+                self.settings.client_header_timeout.as_millis().to_string(),
+            ),
+            (
+                "LB_KEEPALIVE_TIMEOUT_MS",
+                self.settings.keepalive_timeout.as_millis().to_string(),
+            ),
             ("NODE_UNIQUE_ID", unique_id.to_string()),
         ];
         // The port to listen() on to be served through lb: `LB_PORT`, and `PORT` unless lb's

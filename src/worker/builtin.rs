@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +44,46 @@ pub enum BuiltinError {
 /// While draining, how long a connection that has not sent its first request yet is kept open.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
+/// After an idle timeout, how long a graceful close may take before the connection is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long a connection may sit idle, as nginx bounds it: before its first complete request
+/// (`client_header_timeout`, a client that sends nothing or half a request line) and between
+/// requests on a kept-alive connection (`keepalive_timeout`). A WebSocket, once upgraded, is not
+/// affected. lb passes its `--client-header-timeout` and `--keepalive-timeout`.
+#[derive(Debug, Clone, Copy)]
+struct IdleLimits {
+    header: Duration,
+    keepalive: Duration,
+}
+
+impl IdleLimits {
+    fn from_env() -> Self {
+        let ms = |k: &str, d: u64| {
+            Duration::from_millis(
+                std::env::var(k)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(d),
+            )
+        };
+        Self {
+            header: ms("LB_CLIENT_HEADER_TIMEOUT_MS", 60_000),
+            keepalive: ms("LB_KEEPALIVE_TIMEOUT_MS", 75_000),
+        }
+    }
+}
+
+/// What the idle watchdog of one connection needs to know.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Requests being answered.
+    in_flight: AtomicUsize,
+    /// When the last request was answered, in ms since the connection began (`u64::MAX`: none
+    /// yet).
+    last_done_ms: AtomicU64,
+}
+
 /// Largest WebSocket message and frame the echo endpoint accepts (PITFALLS §13).
 const WS_MAX_MESSAGE: usize = 16 << 20;
 
@@ -63,6 +104,7 @@ async fn serve() -> Result<(), BuiltinError> {
     let hello: Bytes = format!("worker {slot} pid {}\n", std::process::id()).into();
     let counters = worker.counters().clone();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let idle = IdleLimits::from_env();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).max_buf_size(64 * 1024);
     let http = Arc::new(http);
@@ -70,7 +112,7 @@ async fn serve() -> Result<(), BuiltinError> {
         let (hello, http, stop) = (hello.clone(), http.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let counters = conn.guard.counters().clone();
-            serve_connection(conn.stream, hello, counters, http, stop).await;
+            serve_connection(conn.stream, hello, counters, http, stop, idle).await;
             drop(conn.guard);
         });
     };
@@ -106,24 +148,65 @@ async fn serve_connection(
     counters: Arc<Counters>,
     http: Arc<hyper::server::conn::http1::Builder>,
     mut stop: watch::Receiver<bool>,
+    idle: IdleLimits,
 ) {
     let _ = stream.set_nodelay(true);
+    let began = tokio::time::Instant::now();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        last_done_ms: AtomicU64::new(u64::MAX),
+    });
     // A connection handed to us has a client that is about to send a request: when draining,
     // let that first request in before closing (else a client that connected just before
     // SIGTERM would see its connection closed).
     let (started_tx, mut started_rx) = watch::channel(false);
+    let act = activity.clone();
     let service = hyper::service::service_fn(move |req| {
         let hello = hello.clone();
         let counters = counters.clone();
+        let act = act.clone();
         started_tx.send_replace(true);
-        async move { Ok::<_, Infallible>(route(req, &hello, &counters).await) }
+        act.in_flight.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let resp = route(req, &hello, &counters).await;
+            act.last_done_ms
+                .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
+            act.in_flight.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, Infallible>(resp)
+        }
     });
+    // Fires when the connection has been idle too long (checked only at its deadlines).
+    let idle_out = async {
+        let mut deadline = began + idle.header;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            let now = tokio::time::Instant::now();
+            if activity.in_flight.load(Ordering::Relaxed) > 0 {
+                deadline = now + idle.keepalive;
+                continue;
+            }
+            let next = match activity.last_done_ms.load(Ordering::Relaxed) {
+                u64::MAX => began + idle.header,
+                ms => began + Duration::from_millis(ms) + idle.keepalive,
+            };
+            if now >= next {
+                return;
+            }
+            deadline = next;
+        }
+    };
     let served = http
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(served);
     tokio::select! {
         _ = served.as_mut() => {}
+        () = idle_out => {
+            // Nothing in progress: close politely, and for good if a half-sent request keeps
+            // the connection open.
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, served).await;
+        }
         _ = async {
             let _ = stop.wait_for(|s| *s).await;
             let first = async { let _ = started_rx.wait_for(|s| *s).await; };
@@ -171,7 +254,14 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
                 http.clone(),
                 stop_rx.clone(),
             );
-            tokio::spawn(serve_connection(stream, hello, counters, http, stop));
+            tokio::spawn(serve_connection(
+                stream,
+                hello,
+                counters,
+                http,
+                stop,
+                IdleLimits::from_env(),
+            ));
         }
     })
 }
