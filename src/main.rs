@@ -189,7 +189,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
+fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
+    if let Some(u) = &settings.user {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+        if me != 0 && me != u.uid {
+            return fail(&format!(
+                "--user {}: running workers as another user needs lb to run as root (it runs as uid {me})",
+                u.name
+            ));
+        }
+        if me == u.uid && me != 0 {
+            settings.user = None; // already that user
+        }
+    }
     init_logging(settings.log_format);
     if let Some(limit) = listener::raise_nofile_limit() {
         tracing::debug!("open-file limit: {limit}");

@@ -21,6 +21,67 @@ use std::process::Stdio;
 /// The fd number of the channel in the worker.
 pub const CHANNEL_FD: i32 = 3;
 
+/// The user and groups workers run as (`--user USER[:GROUP]`), resolved once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUser {
+    /// The user's name (for `USER`/`LOGNAME`).
+    pub name: String,
+    /// Its uid.
+    pub uid: libc::uid_t,
+    /// The primary group (the user's, or `:GROUP`).
+    pub gid: libc::gid_t,
+    /// Supplementary groups (the user's, from the group database).
+    pub groups: Vec<libc::gid_t>,
+    /// Its home directory (for `HOME`).
+    pub home: std::path::PathBuf,
+}
+
+impl WorkerUser {
+    /// Resolves `USER[:GROUP]` (names or numbers) from the user and group databases.
+    pub fn resolve(spec: &str) -> Result<Self, String> {
+        use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
+        let (u, g) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let user = match u.parse::<u32>() {
+            Ok(n) => User::from_uid(Uid::from_raw(n)),
+            Err(_) => User::from_name(u),
+        }
+        .map_err(|e| format!("cannot look up user `{u}`: {e}"))?
+        .ok_or_else(|| format!("no such user `{u}`"))?;
+        let gid = match g {
+            None => user.gid,
+            Some(g) => match g.parse::<u32>() {
+                Ok(n) => Gid::from_raw(n),
+                Err(_) => {
+                    Group::from_name(g)
+                        .map_err(|e| format!("cannot look up group `{g}`: {e}"))?
+                        .ok_or_else(|| format!("no such group `{g}`"))?
+                        .gid
+                }
+            },
+        };
+        let cname = std::ffi::CString::new(user.name.clone())
+            .map_err(|_| format!("bad user name `{}`", user.name))?;
+        let mut groups: Vec<libc::gid_t> = getgrouplist(&cname, user.gid)
+            .map_err(|e| format!("cannot list the groups of `{}`: {e}", user.name))?
+            .into_iter()
+            .map(Gid::as_raw)
+            .collect();
+        if !groups.contains(&gid.as_raw()) {
+            groups.push(gid.as_raw());
+        }
+        Ok(Self {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: gid.as_raw(),
+            groups,
+            home: user.dir,
+        })
+    }
+}
+
 /// A freshly spawned worker.
 #[derive(Debug)]
 pub struct Spawned {
@@ -33,7 +94,12 @@ pub struct Spawned {
 }
 
 /// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment.
-pub fn spawn_worker(argv: &[String], slot: usize, env: &[(&str, String)]) -> io::Result<Spawned> {
+pub fn spawn_worker(
+    argv: &[String],
+    slot: usize,
+    env: &[(&str, String)],
+    user: Option<&WorkerUser>,
+) -> io::Result<Spawned> {
     let (parent_end, child_end) = UnixStream::pair()?;
     let child_end: OwnedFd = child_end.into();
     let child_fd = child_end.as_raw_fd();
@@ -49,12 +115,29 @@ pub fn spawn_worker(argv: &[String], slot: usize, env: &[(&str, String)]) -> io:
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(u) = user {
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
+    }
+    // Everything the child needs, prepared before fork (no allocation after it).
+    let creds = user.map(|u| (u.uid, u.gid, u.groups.clone()));
     // The closure runs in the child between fork and exec; `child_fd` stays open in the parent
     // until after spawn returns, because `child_end` is dropped only below.
-    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, dup2, fcntl) on
-    // integers captured by value: no allocation, no locks, no logging.
+    // SAFETY: the closure only makes async-signal-safe syscalls (setgroups, setgid, setuid, prctl,
+    // getppid, dup2, fcntl) on integers and a group list allocated before fork and captured by
+    // value: no allocation, no locks, no logging.
     unsafe {
         cmd.pre_exec(move || {
+            // Drop to the worker user first: a credential change clears PR_SET_PDEATHSIG.
+            if let Some((uid, gid, groups)) = &creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
                 libc::SIGKILL as libc::c_ulong,

@@ -173,9 +173,12 @@ impl Master {
             ],
         };
         let mut changed = Vec::new();
-        let roll = argv != self.argv;
-        if roll {
+        let roll = argv != self.argv || new.user != old.user;
+        if argv != self.argv {
             changed.push("command");
+        }
+        if new.user != old.user {
+            changed.push("user");
         }
         let scale = (new.workers != old.workers).then_some(new.workers);
         if scale.is_some() {
@@ -679,17 +682,18 @@ impl Master {
             }
             env.push(("LB_PORT", port));
         }
-        let spawned = match spawn::spawn_worker(&self.argv, id.slot, &env) {
-            Ok(sp) => sp,
-            Err(e) => {
-                tracing::error!(
-                    slot = id.slot,
-                    "cannot start worker `{}`: {e}",
-                    self.argv[0]
-                );
-                return self.fleet.spawn_failed(id, now);
-            }
-        };
+        let spawned =
+            match spawn::spawn_worker(&self.argv, id.slot, &env, self.settings.user.as_ref()) {
+                Ok(sp) => sp,
+                Err(e) => {
+                    tracing::error!(
+                        slot = id.slot,
+                        "cannot start worker `{}`: {e}",
+                        self.argv[0]
+                    );
+                    return self.fleet.spawn_failed(id, now);
+                }
+            };
         let limits = dispatch::Limits {
             window: self.settings.max_pending,
             max_line: DEFAULT_MAX_LINE,
