@@ -20,7 +20,8 @@
 //!   detects stalls, hands back every connection a worker did not take.
 //! - [`sys`] — the raw syscalls (`sendmsg`/`recvmsg` with `SCM_RIGHTS`, `accept4`); one of the two
 //!   modules allowed `unsafe`.
-//! - [`channel`] — framing and classification of Node IPC messages (`json` mode).
+//! - [`channel`] — Node IPC: framing (`json` lines, `advanced` V8 frames), typed messages both
+//!   ways, the shared receiving half, and Node's cluster protocol.
 //! - [`worker`] — the worker side: the `lb::worker` library and lb's built-in HTTP/WebSocket worker.
 //!
 //! Beside it:
