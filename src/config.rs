@@ -310,7 +310,7 @@ options! {
     /// [default: $XDG_RUNTIME_DIR/lb.sock, /run/lb/lb.sock as root]
     control: Option<PathBuf> = Some(crate::control::default_path()),
         |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
-    /// Run the workers as USER[:GROUP] (with the user's groups and HOME); lb must run as root
+    /// Run the workers as USER or USER:GROUP (with the user's groups and HOME); lb must run as root
     /// [default: lb's own user]
     user: Option<crate::spawn::WorkerUser> = None,
         |v| crate::spawn::WorkerUser::resolve(v).map(Some), "USER[:GROUP]";

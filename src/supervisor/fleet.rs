@@ -15,7 +15,7 @@
 //! routed to), at most one `incoming` replacement (rolling restart, memory limit), and any
 //! number of `retiring` workers finishing their connections. An unexpected exit schedules a
 //! respawn with [`RestartPolicy`]'s backoff; a crash loop marks the slot failed for a cool-down.
-//! A rolling restart replaces one slot at a time ([`Roll`]): the next slot starts only once the
+//! A rolling restart replaces one slot at a time (`Roll`): the next slot starts only once the
 //! new worker of the previous one is ready and has shown a sign of life.
 
 use std::time::{Duration, Instant};

@@ -142,8 +142,8 @@ impl SlotView {
 /// What the shell must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Start a worker process for this id, then report [`Fleet::spawned`] or
-    /// [`Fleet::spawn_failed`].
+    /// Start a worker process for this id, then report [`super::Fleet::spawned`] or
+    /// [`super::Fleet::spawn_failed`].
     Spawn(WorkerId),
     /// Signal a worker's process group.
     Signal {
@@ -158,7 +158,7 @@ pub enum Action {
     Detach(WorkerId),
     /// Send a cluster worker Node's `disconnect` (its graceful stop).
     Disconnect(WorkerId),
-    /// The slot's view changed (see [`Fleet::view`]).
+    /// The slot's view changed (see [`super::Fleet::view`]).
     Publish(usize),
     /// The slot's worker was replaced (`lb_worker_restarts_total`).
     Restarted(usize),
