@@ -71,6 +71,8 @@ pub fn accept(listener: BorrowedFd<'_>) -> io::Result<(TcpStream, SocketAddr)> {
 ///
 /// # Safety
 /// `storage` must hold a socket address of `len` valid bytes written by the kernel.
+// SAFETY: an `unsafe fn` because it reinterprets `storage` by its family; its one caller passes
+// what `accept4` wrote, with the length the kernel returned.
 unsafe fn sockaddr_to_std(
     storage: &libc::sockaddr_storage,
     len: libc::socklen_t,
