@@ -215,6 +215,24 @@ macro_rules! options {
         }
 
         impl Settings {
+            /// The settings whose values differ between `self` and `other`, by their config-file
+            /// names, in table order (a reload reports and applies these).
+            pub fn differences(&self, other: &Self) -> Vec<&'static str> {
+                let mut d = Vec::new();
+                $(
+                    if self.$name != other.$name {
+                        d.push(stringify!($name));
+                    }
+                )*
+                if self.wait_ready != other.wait_ready {
+                    d.push("wait_ready");
+                }
+                if self.command != other.command {
+                    d.push("command");
+                }
+                d
+            }
+
             /// Resolves settings from parsed command-line arguments (reading `--config` if
             /// given): flags over the file over the defaults.
             pub fn from_cli(run: &RunArgs, command: &[String]) -> Result<Self, ConfigError> {

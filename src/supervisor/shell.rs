@@ -70,6 +70,16 @@ pub struct Master {
     reload_from: Option<(RunArgs, Vec<String>)>,
 }
 
+/// Settings a reload cannot apply to a running lb: reported, kept at their running value.
+const NEEDS_RESTART: [&str; 6] = [
+    "listen",
+    "metrics",
+    "control",
+    "backlog",
+    "log_format",
+    "serialization",
+];
+
 /// The lifecycle settings of `settings` for workers running `argv`.
 fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
     FleetConfig {
@@ -148,22 +158,13 @@ impl Master {
         };
         let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
         let old = &self.settings;
-        let mut restart_needed = Vec::new();
-        for (name, differs) in [
-            ("listen", new.listen != old.listen),
-            ("metrics", new.metrics != old.metrics),
-            ("control", new.control != old.control),
-            ("backlog", new.backlog != old.backlog),
-            ("log_format", new.log_format != old.log_format),
-            ("serialization", new.serialization != old.serialization),
-        ] {
-            if differs {
-                restart_needed.push(name);
-            }
-        }
+        let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
+            .differences(old)
+            .into_iter()
+            .partition(|name| NEEDS_RESTART.contains(name));
         let argv = match &new.command {
+            _ if !changed.contains(&"command") => self.argv.clone(),
             Some(c) => c.clone(),
-            None if old.command.is_none() => self.argv.clone(),
             None => vec![
                 std::env::current_exe()
                     .map_err(|e| format!("cannot find lb's own executable: {e}"))?
@@ -172,52 +173,8 @@ impl Master {
                 "builtin-worker".into(),
             ],
         };
-        let mut changed = Vec::new();
-        let roll = argv != self.argv || new.user != old.user;
-        if argv != self.argv {
-            changed.push("command");
-        }
-        if new.user != old.user {
-            changed.push("user");
-        }
-        let scale = (new.workers != old.workers).then_some(new.workers);
-        if scale.is_some() {
-            changed.push("workers");
-        }
-        for (name, differs) in [
-            ("policy", new.policy != old.policy),
-            ("hash_seed", new.hash_seed != old.hash_seed),
-            (
-                "shutdown_timeout",
-                new.shutdown_timeout != old.shutdown_timeout,
-            ),
-            (
-                "heartbeat_timeout",
-                new.heartbeat_timeout != old.heartbeat_timeout,
-            ),
-            ("heartbeat_ping", new.heartbeat_ping != old.heartbeat_ping),
-            ("max_memory", new.max_memory != old.max_memory),
-            (
-                "client_header_timeout",
-                new.client_header_timeout != old.client_header_timeout,
-            ),
-            (
-                "keepalive_timeout",
-                new.keepalive_timeout != old.keepalive_timeout,
-            ),
-            ("queue_timeout", new.queue_timeout != old.queue_timeout),
-            ("wait_ready", new.wait_ready != old.wait_ready),
-            ("ready_timeout", new.ready_timeout != old.ready_timeout),
-            ("max_queue", new.max_queue != old.max_queue),
-            ("max_pending", new.max_pending != old.max_pending),
-            ("stall_timeout", new.stall_timeout != old.stall_timeout),
-            ("sticky_stalled", new.sticky_stalled != old.sticky_stalled),
-            ("crash_loop", new.crash_loop != old.crash_loop),
-        ] {
-            if differs {
-                changed.push(name);
-            }
-        }
+        let roll = changed.contains(&"command") || changed.contains(&"user");
+        let scale = changed.contains(&"workers").then_some(new.workers);
         // What needs a restart keeps its running value.
         let applied = Settings {
             listen: old.listen,
