@@ -22,7 +22,7 @@
 //! router skips a worker whose count reaches `--max-pending`, the one limit on unconfirmed
 //! handoffs.
 
-use std::borrow::Cow;
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -90,7 +90,7 @@ enum ToDispatch {
     /// A cluster-protocol message to the worker.
     Cluster(ClusterOut),
     /// A line to pass on unchanged (socket.io adapter relay, heartbeat ping).
-    Line(Arc<[u8]>),
+    Line(Bytes),
 }
 
 /// Cluster-protocol messages lb sends a worker (the dispatch numbers them).
@@ -169,7 +169,7 @@ impl DispatchHandle {
     }
 
     /// Sends a line unchanged (it must be one valid JSON message ending in `\n`).
-    pub fn line(&self, line: Arc<[u8]>) {
+    pub fn line(&self, line: Bytes) {
         let _ = self.tx.send(ToDispatch::Line(line));
     }
 }
@@ -399,6 +399,14 @@ async fn return_all_until_closed(
     }
 }
 
+/// One of lb's constant messages in the channel's serialization (static in `json`).
+fn constant(ser: Serialization, json_line: &'static [u8]) -> Bytes {
+    match ser.encode_line(json_line) {
+        std::borrow::Cow::Borrowed(b) => Bytes::from_static(b),
+        std::borrow::Cow::Owned(v) => Bytes::from(v),
+    }
+}
+
 /// A handle sent and not yet answered.
 enum Sent {
     /// A connection (with its `newconn` seq when sent as one).
@@ -423,13 +431,13 @@ struct Dispatcher {
     /// Most handles in flight at once.
     window: usize,
     /// The unsent tail of a partially written line (sent before anything else).
-    partial: Option<(Cow<'static, [u8]>, usize)>,
+    partial: Option<(Bytes, usize)>,
     /// NACK replies owed to the worker for handles it sent us.
     owed_nacks: usize,
     /// Socket-count queries to send.
     owed_queries: usize,
     /// Lines to send (cluster replies, relayed messages), in order.
-    lines: VecDeque<Cow<'static, [u8]>>,
+    lines: VecDeque<Bytes>,
     /// Shared listening sockets to send (envelope, fd).
     listeners: VecDeque<(Vec<u8>, OwnedFd)>,
     /// No new handle until `in_flight` is empty (after a partial write or ETOOMANYREFS).
@@ -453,9 +461,9 @@ struct Dispatcher {
     inbox: Inbox,
     /// The channel's serialization, and lb's constant messages in it.
     ser: Serialization,
-    envelope: Cow<'static, [u8]>,
-    nack: Cow<'static, [u8]>,
-    query: Cow<'static, [u8]>,
+    envelope: Bytes,
+    nack: Bytes,
+    query: Bytes,
 }
 
 impl Dispatcher {
@@ -480,9 +488,9 @@ impl Dispatcher {
             seq: 0,
             inbox: Inbox::with(ser, max_line, 64 * 1024),
             ser,
-            envelope: ser.encode_line(HANDLE_ENVELOPE),
-            nack: ser.encode_line(HANDLE_NACK),
-            query: ser.encode_line(SOCKET_COUNT_QUERY),
+            envelope: constant(ser, HANDLE_ENVELOPE),
+            nack: constant(ser, HANDLE_NACK),
+            query: constant(ser, SOCKET_COUNT_QUERY),
         }
     }
 
@@ -547,19 +555,18 @@ impl Dispatcher {
             }
             // A handle: a shared listener first (a worker waits in listen() for it), then
             // connections.
-            let (envelope, newconn): (Cow<'static, [u8]>, Option<u64>) =
-                if !self.listeners.is_empty() {
-                    (Cow::Owned(self.listeners[0].0.clone()), None)
-                } else if self.queue.is_empty() {
-                    return Ok(());
-                } else if let Some(key) = &self.rr_key {
-                    let key = key.clone();
-                    let seq = self.next_seq();
-                    let env = self.ser.reencode(cluster::newconn_envelope(&key, seq));
-                    (Cow::Owned(env), Some(seq))
-                } else {
-                    (self.envelope.clone(), None)
-                };
+            let (envelope, newconn): (Bytes, Option<u64>) = if !self.listeners.is_empty() {
+                (Bytes::from(self.listeners[0].0.clone()), None)
+            } else if self.queue.is_empty() {
+                return Ok(());
+            } else if self.rr_key.is_some() {
+                let seq = self.next_seq();
+                let key = self.rr_key.as_deref().expect("checked");
+                let env = self.ser.reencode(cluster::newconn_envelope(key, seq));
+                (Bytes::from(env), Some(seq))
+            } else {
+                (self.envelope.clone(), None) // a reference count, not a copy
+            };
             let (sent, result) = if let Some((_, lfd)) = self.listeners.front() {
                 let r = sys::send_with_fd(fd, &envelope, Some(lfd.as_fd()));
                 (Sent::Listener, r)
@@ -616,7 +623,7 @@ impl Dispatcher {
     }
 
     /// Writes one line; a partial write leaves its tail to be sent before anything else.
-    fn write_line(&mut self, fd: BorrowedFd<'_>, line: Cow<'static, [u8]>) -> io::Result<()> {
+    fn write_line(&mut self, fd: BorrowedFd<'_>, line: Bytes) -> io::Result<()> {
         let n = self.write(fd, &line)?;
         if n < line.len() {
             self.partial = Some((line, n));
@@ -648,7 +655,7 @@ impl Dispatcher {
             ToDispatch::QuerySocketCount => self.owed_queries = 1,
             ToDispatch::Detach => self.detach(send),
             ToDispatch::RrKey(key) => self.rr_key = key,
-            ToDispatch::Line(line) => self.lines.push_back(Cow::Owned(line.to_vec())),
+            ToDispatch::Line(line) => self.lines.push_back(line),
             ToDispatch::Cluster(out) => {
                 let seq = self.next_seq();
                 match out {
@@ -672,7 +679,7 @@ impl Dispatcher {
     /// Queues one of lb's JSON lines, in the channel's serialization.
     fn push_line(&mut self, json_line: Vec<u8>) {
         self.lines
-            .push_back(Cow::Owned(self.ser.reencode(json_line)));
+            .push_back(Bytes::from(self.ser.reencode(json_line)));
     }
 
     /// No more connections for this worker: what is queued goes back now, and what it NACKs

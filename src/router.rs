@@ -22,7 +22,7 @@ use crate::balance::{Balancer, Policy, SlotLoad};
 use crate::channel::{SioMessage, WorkerMsg};
 use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{DispatchHandle, Handoff, Returned};
-use crate::metrics::{Dropped, Failure, Shared};
+use crate::metrics::{Dropped, Failure, Shared, SlotMetrics};
 use crate::supervisor::{SlotState, SlotView, WorkerId};
 
 /// Workers a connection may be offered to before it is closed.
@@ -105,6 +105,8 @@ pub struct Router {
     waiting_for_room: bool,
     /// Slots `0..active` take connections (the rest drain after `lb scale`).
     active: usize,
+    /// Per-slot metric handles (looked up once: the ACK path takes no lock).
+    slot_metrics: Vec<Arc<SlotMetrics>>,
     shared: Arc<Shared>,
 }
 
@@ -127,6 +129,7 @@ impl Router {
             closing: false,
             waiting_for_room: false,
             active: n,
+            slot_metrics: (0..n).map(|i| shared.metrics.slot(i)).collect(),
             shared,
         }
     }
@@ -149,6 +152,11 @@ impl Router {
         self.targets.resize(total, (None, Target::Down));
         self.links.resize_with(total, Vec::new);
         self.loads.resize(total, SlotLoad::default());
+        self.slot_metrics.truncate(total);
+        while self.slot_metrics.len() < total {
+            let i = self.slot_metrics.len();
+            self.slot_metrics.push(self.shared.metrics.slot(i));
+        }
         self.active = active.min(total);
         self.flush_waiting();
     }
@@ -234,9 +242,10 @@ impl Router {
 
     /// The worker ACKed a connection.
     pub fn acked(&mut self, id: WorkerId, accepted: Instant) {
-        let sm = &self.shared.metrics;
-        sm.slot(id.slot).connections.inc();
-        sm.handoff_duration
+        self.slot_metrics[id.slot].connections.inc();
+        self.shared
+            .metrics
+            .handoff_duration
             .observe(accepted.elapsed().as_secs_f64());
         if let Some(l) = self.link(id) {
             l.acked_since_report += 1;
@@ -268,15 +277,17 @@ impl Router {
     /// A message from the worker that concerns load or counts. Returns false for messages the
     /// router does not handle (heartbeat, ready: the supervisor's).
     pub fn message(&mut self, id: WorkerId, msg: &WorkerMsg) -> bool {
-        let shared = self.shared.clone();
-        let metrics = &shared.metrics;
-        let sm = metrics.slot(id.slot);
+        let (Some(sm), Some(links)) = (self.slot_metrics.get(id.slot), self.links.get_mut(id.slot))
+        else {
+            return true;
+        };
+        let link = links.iter_mut().find(|l| l.id == id);
         match msg {
             WorkerMsg::Stats {
                 active,
                 total_requests,
             } => {
-                let Some(l) = self.link(id) else { return true };
+                let Some(l) = link else { return true };
                 if let Some(a) = active {
                     l.reported_active = *a;
                     l.acked_since_report = 0;
@@ -292,7 +303,7 @@ impl Router {
                 self.update_active(id.slot);
             }
             WorkerMsg::SocketCount(n) => {
-                if let Some(l) = self.link(id)
+                if let Some(l) = link
                     && !l.reports_active
                 {
                     l.reported_active = *n;
@@ -301,8 +312,10 @@ impl Router {
                 self.update_active(id.slot);
             }
             WorkerMsg::Request => sm.requests.inc(),
-            WorkerMsg::Malformed => metrics.dropped(Dropped::Malformed),
-            WorkerMsg::Other | WorkerMsg::OtherInternal => metrics.dropped(Dropped::Ignored),
+            WorkerMsg::Malformed => self.shared.metrics.dropped(Dropped::Malformed),
+            WorkerMsg::Other | WorkerMsg::OtherInternal => {
+                self.shared.metrics.dropped(Dropped::Ignored)
+            }
             WorkerMsg::SocketIo(m) => self.relay(id, m),
             WorkerMsg::SocketIoSticky => {}
             WorkerMsg::Heartbeat | WorkerMsg::Ready => return false,
@@ -320,7 +333,8 @@ impl Router {
         {
             l.sio_uids.push(uid.clone());
         }
-        let line: std::sync::Arc<[u8]> = m.line.clone().into();
+        // One copy, shared by every recipient.
+        let line = bytes::Bytes::from(m.line.clone());
         let live = self
             .links
             .iter()
@@ -342,7 +356,7 @@ impl Router {
     }
 
     /// Sends a line to every live worker (the heartbeat ping).
-    pub fn broadcast(&self, line: &std::sync::Arc<[u8]>) {
+    pub fn broadcast(&self, line: &bytes::Bytes) {
         for l in self.links.iter().flatten() {
             if !l.exited && !l.closed {
                 l.dispatch.line(line.clone());
@@ -534,7 +548,7 @@ impl Router {
     fn update_active(&self, slot: usize) {
         if let Some(ls) = self.links.get(slot) {
             let active: u64 = ls.iter().map(Link::active).sum();
-            self.shared.metrics.slot(slot).active.set(active as i64);
+            self.slot_metrics[slot].active.set(active as i64);
         }
     }
 }

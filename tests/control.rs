@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use common::*;
 
+/// Asserts the command exited 0 (showing its stderr otherwise).
+fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn lb_cmd(lb: &Lb, args: &[&str]) -> Output {
     Command::new(LB)
         .args(args)
@@ -22,11 +31,7 @@ fn lb_status_shows_every_worker_as_a_table_and_as_json() {
     let lb = Lb::start(&["-w", "3"]);
     let pids = lb.wait_all_ready(3);
     let out = lb_cmd(&lb, &["status"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let table = String::from_utf8(out.stdout).unwrap();
     let rows: Vec<&str> = table.lines().skip(2).collect();
     assert_eq!(rows.len(), 3, "{table}");
@@ -57,11 +62,7 @@ fn lb_roll_returns_once_every_worker_is_replaced_and_loses_nothing() {
     let churn = Churn::start(lb.addr, 3, 900, 20);
     churn.wait_more("requests before the roll", 50);
     let out = lb_cmd(&lb, &["roll"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("rolling restart complete"), "{text}");
     // When `lb roll` returns, every slot has a new pid.
@@ -83,11 +84,7 @@ fn lb_stop_shuts_down_gracefully() {
     let mut lb = Lb::start(&["-w", "2"]);
     let pids = lb.wait_all_ready(2);
     let out = lb_cmd(&lb, &["stop"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
     for p in pids {
         assert!(!alive(p));
@@ -244,11 +241,7 @@ fn lb_reload_and_sighup_apply_the_edited_config_and_a_bad_one_changes_nothing() 
     // More workers and another timeout: applied without a restart.
     write("workers = 3\nqueue_timeout = \"2s\"\n");
     let out = lb_cmd(&lb, &["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("workers") && text.contains("queue_timeout"),
@@ -270,11 +263,7 @@ fn lb_reload_and_sighup_apply_the_edited_config_and_a_bad_one_changes_nothing() 
     )
     .unwrap();
     let out = lb_cmd(&lb, &["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("not applied until lb is restarted: listen"),

@@ -239,8 +239,12 @@ impl Fleet {
         {
             self.slots.pop();
         }
-        if self.slots.len() != before {
-            self.actions.push_back(Action::Resized(self.slots.len()));
+        let len = self.slots.len();
+        if len != before {
+            // Nothing is left to publish about slots that are gone.
+            self.actions
+                .retain(|a| !matches!(a, Action::Publish(s) if *s >= len));
+            self.actions.push_back(Action::Resized(len));
         }
     }
 
@@ -705,7 +709,8 @@ impl Fleet {
     }
 
     fn publish(&mut self, slot: usize) {
-        if self.actions.back() != Some(&Action::Publish(slot)) {
+        // (A slot dropped by a scale down has nothing left to publish.)
+        if slot < self.slots.len() && self.actions.back() != Some(&Action::Publish(slot)) {
             self.actions.push_back(Action::Publish(slot));
         }
     }

@@ -196,7 +196,7 @@ impl Master {
         if roll {
             self.fleet.roll(now);
         }
-        self.apply(now);
+        self.apply();
         Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
     }
 
@@ -214,7 +214,7 @@ impl Master {
         self.listen_addr = listener.local_addr().ok();
         let mut listener = Some(listener);
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
-        self.apply(Instant::now());
+        self.apply();
         // One timer for every deadline, reset only when the earliest deadline changes (the hot
         // path — accept, hand off, ACK — then touches no timer at all).
         let mut armed = next_housekeeping;
@@ -233,12 +233,12 @@ impl Master {
                 && self.next_ping.is_none_or(|t| now >= t)
             {
                 self.next_ping = Some(now + every);
-                let ping = self.settings.serialization.encode_line(PING);
-                self.router.broadcast(&ping.as_ref().into());
+                let ping = self.settings.serialization.encode_line(PING).into_owned();
+                self.router.broadcast(&ping.into());
             }
             self.fleet.tick(now);
             self.router.expire(now);
-            self.apply(now);
+            self.apply();
             if !roll_waiters.is_empty() && !self.fleet.rolling() {
                 let outcome = self
                     .fleet
@@ -296,7 +296,7 @@ impl Master {
                             let _ = reply.send(Err("lb is shutting down".into()));
                         } else {
                             self.fleet.roll(Instant::now());
-                            self.apply(Instant::now());
+                            self.apply();
                             roll_waiters.push(reply);
                         }
                     }
@@ -309,7 +309,7 @@ impl Master {
                             let _ = reply.send(Err("lb is shutting down".into()));
                         } else {
                             self.fleet.scale(n, Instant::now());
-                            self.apply(Instant::now());
+                            self.apply();
                             let _ = reply.send(Ok(()));
                         }
                     }
@@ -406,7 +406,7 @@ impl Master {
                 self.router.closed(id);
             }
         }
-        self.apply(Instant::now());
+        self.apply();
     }
 
     /// During a shutdown, a worker spared SIGTERM gets it once its handoffs are answered.
@@ -447,7 +447,7 @@ impl Master {
                 }
             }
         }
-        self.apply(now);
+        self.apply();
     }
 
     /// A cluster worker called `listen()`. On lb's port its server is attached to lb's
@@ -521,7 +521,7 @@ impl Master {
         let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
         self.fleet.on_exit(id, &how, Instant::now());
         self.router.exited(id);
-        self.apply(Instant::now());
+        self.apply();
     }
 
     fn begin_shutdown(&mut self, why: &str) {
@@ -533,7 +533,7 @@ impl Master {
         let router = &self.router;
         self.fleet
             .shutdown(why, Instant::now(), |id| router.busy(id));
-        self.apply(Instant::now());
+        self.apply();
     }
 
     /// Memory sampling (and the memory limit) and socket-count queries.
@@ -551,14 +551,14 @@ impl Master {
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
 
-        self.apply(now);
+        self.apply();
     }
 
     /// Carries out what the fleet asks for.
-    fn apply(&mut self, now: Instant) {
+    fn apply(&mut self) {
         while let Some(action) = self.fleet.poll_action() {
             match action {
-                Action::Spawn(id) => self.spawn(id, now),
+                Action::Spawn(id) => self.spawn(id, Instant::now()),
                 Action::Signal { pid, sig, .. } => spawn::signal_group(
                     pid,
                     match sig {
@@ -572,8 +572,6 @@ impl Master {
                         d.cluster(ClusterOut::Disconnect);
                     }
                 }
-                // (A slot dropped by a scale down in the same pass has nothing to publish.)
-                Action::Publish(slot) if slot >= self.fleet.len() => {}
                 Action::Publish(slot) => {
                     let view = self.fleet.view(slot);
                     let sm = self.shared.metrics.slot(slot);

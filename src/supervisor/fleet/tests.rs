@@ -549,3 +549,13 @@ fn scaling_up_adds_slots_and_scaling_down_drains_and_drops_the_last_ones() {
     h.fleet.roll(h.now);
     assert_eq!(spawns(&h.run()), [id(0, 1)]);
 }
+
+#[test]
+fn a_dropped_slot_is_never_published() {
+    let (mut h, _) = Harness::new(config(2));
+    h.fleet.scale(1, h.now);
+    h.run();
+    let acts = h.exit(id(1, 0));
+    assert!(acts.contains(&Action::Resized(1)), "{acts:?}");
+    assert!(!acts.contains(&Action::Publish(1)), "{acts:?}");
+}
