@@ -276,7 +276,7 @@ options! {
     listen: SocketAddr = "127.0.0.1:8000".parse().expect("valid default"), parse_addr, "ADDR", 'l';
     /// Worker processes [default: number of CPUs]
     workers: usize = std::thread::available_parallelism().map_or(1, |n| n.get()),
-        |v| parse_count(v, 1, 1024), "N", 'w';
+        parse_workers, "N", 'w';
     /// sticky, round-robin or least-connections [default: sticky]
     policy: Policy = Policy::Sticky, |v| v.parse::<Policy>().map_err(|e| e.to_string()), "P", 'p';
     /// Prometheus/admin HTTP address, or `off` [default: 127.0.0.1:9464]
@@ -558,6 +558,11 @@ fn choice<T: Copy>(v: &str, options: &[(&str, T)]) -> Result<T, String> {
             let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
             format!("expected {}", names.join(" or "))
         })
+}
+
+/// A worker count (`--workers`, `lb scale`): 1 to 1024.
+pub fn parse_workers(s: &str) -> Result<usize, String> {
+    parse_count(s, 1, 1024)
 }
 
 fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {

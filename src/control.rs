@@ -67,9 +67,7 @@ pub fn default_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("lb.sock");
     }
-    use std::os::unix::fs::MetadataExt;
-    // Our own uid, without unsafe: /proc/self belongs to it.
-    let uid = std::fs::metadata("/proc/self").map_or(0, |m| m.uid());
+    let uid = crate::procfs::own_uid().unwrap_or(0);
     if uid == 0 {
         PathBuf::from("/run/lb/lb.sock")
     } else {

@@ -54,13 +54,9 @@ fn main() -> ExitCode {
             }
         }
         Some(Sub::Scale { workers, control }) => {
-            let n = match workers.trim().parse::<u64>() {
-                Ok(n) if (1..=1024).contains(&n) => n,
-                _ => {
-                    return fail(&format!(
-                        "invalid worker count `{workers}`: expected 1 to 1024"
-                    ));
-                }
+            let n = match lb::config::parse_workers(&workers) {
+                Ok(n) => n,
+                Err(e) => return fail(&format!("invalid worker count `{workers}`: {e}")),
             };
             let path = control.unwrap_or_else(lb::control::default_path);
             let req = serde_json::json!({"cmd": "scale", "workers": n});
@@ -191,8 +187,7 @@ fn init_logging(format: LogFormat) {
 
 fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
     if let Some(u) = &settings.user {
-        use std::os::unix::fs::MetadataExt;
-        let me = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+        let me = lb::procfs::own_uid().unwrap_or(u32::MAX);
         if me != 0 && me != u.uid {
             return fail(&format!(
                 "--user {}: running workers as another user needs lb to run as root (it runs as uid {me})",
