@@ -84,6 +84,9 @@ enum ToDispatch {
     QuerySocketCount,
     /// The worker gets no new connections: hand back what is queued and what it NACKs.
     Detach,
+    /// The worker process has exited: read what it wrote before dying, then treat the channel
+    /// as closed even if a descendant that inherited it keeps it open.
+    Exited,
     /// From now on hand connections over as cluster `newconn`s for this server key (the
     /// worker's `listen()` on lb's port), or, with `None`, as sticky-session handles again.
     RrKey(Option<String>),
@@ -156,6 +159,11 @@ impl DispatchHandle {
     /// No new connections for this worker; what it has not taken comes back.
     pub fn detach(&self) {
         let _ = self.tx.send(ToDispatch::Detach);
+    }
+
+    /// The worker process has exited (its channel may outlive it in a descendant).
+    pub fn exited(&self) {
+        let _ = self.tx.send(ToDispatch::Exited);
     }
 
     /// Hand connections over as `newconn`s for `key` (or, with `None`, as handles again).
@@ -346,6 +354,12 @@ async fn run(
                     d.take(h, &send);
                     // Take everything already queued before writing: one pass, many sends.
                     while let Ok(h) = handoffs.try_recv() { d.take(h, &send); }
+                    if d.worker_exited {
+                        d.inbox.read_rest(io.get_ref().as_fd());
+                        d.process_lines(&send);
+                        tracing::debug!(slot, generation, "worker exited; its channel is done");
+                        open = false;
+                    }
                     if d.stalled && !d.queue.is_empty() {
                         // Sent before the master heard of the stall: route elsewhere.
                         send(Report::Returned(d.queue.drain(..).collect(), Returned::Stalled));
@@ -446,6 +460,8 @@ struct Dispatcher {
     blocked_on_write: bool,
     /// The channel failed on write.
     failed: bool,
+    /// The worker process exited (the master said so).
+    worker_exited: bool,
     /// When the oldest unanswered handle was sent (None when nothing is in flight).
     oldest_sent: Option<Instant>,
     /// The worker has not answered for the stall timeout.
@@ -481,6 +497,7 @@ impl Dispatcher {
             hold: false,
             blocked_on_write: false,
             failed: false,
+            worker_exited: false,
             draining: false,
             oldest_sent: None,
             stalled: false,
@@ -654,6 +671,7 @@ impl Dispatcher {
             // One outstanding query is enough.
             ToDispatch::QuerySocketCount => self.owed_queries = 1,
             ToDispatch::Detach => self.detach(send),
+            ToDispatch::Exited => self.worker_exited = true,
             ToDispatch::RrKey(key) => self.rr_key = key,
             ToDispatch::Line(line) => self.lines.push_back(line),
             ToDispatch::Cluster(out) => {

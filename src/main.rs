@@ -273,6 +273,7 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             }
             None => None,
         };
+        lb::reaper::become_subreaper();
         Master::new(settings, argv, shared)
             .reload_from(run, command)
             .run(listener, commands)

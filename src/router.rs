@@ -193,6 +193,8 @@ impl Router {
     pub fn exited(&mut self, id: WorkerId) {
         if let Some(l) = self.link(id) {
             l.exited = true;
+            // A descendant may hold the channel open: the exit alone ends it.
+            l.dispatch.exited();
         }
         self.forget_gone(id.slot);
     }

@@ -94,6 +94,19 @@ impl Inbox {
         }
     }
 
+    /// Reads what is already buffered on `fd` without waiting for readiness (the worker has
+    /// exited: what it wrote before dying still counts).
+    pub fn read_rest(&mut self, fd: std::os::fd::BorrowedFd<'_>) {
+        for _ in 0..READS_PER_WAKEUP {
+            match sys::recv_with_fds(fd, &mut self.buf, &mut self.fds, &mut self.truncated) {
+                Ok(0) => break,
+                Ok(n) => self.decoder.extend(&self.buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Reads what the readiness `guard` allows (a bounded batch). A short read drains the socket
     /// (as tokio does for its own streams), unless it stopped early at a message carrying fds:
     /// then readiness is cleared without a trailing `EAGAIN` read.

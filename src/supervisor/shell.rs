@@ -9,7 +9,7 @@
 //! The master spawns workers only from this thread, which lives as long as the process, so
 //! `PR_SET_PDEATHSIG` fires only when the master dies (PITFALLS §6).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::sync::Arc;
@@ -27,10 +27,12 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, spawn};
+use crate::{control, procfs, reaper, spawn};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How long lb waits at exit for the descendants it killed to be reaped.
+const ORPHAN_KILL_LIMIT: Duration = Duration::from_secs(2);
 /// Pause of the accept loop after running out of fds or memory.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Accepts per wakeup before other work gets a turn.
@@ -39,7 +41,7 @@ const ACCEPT_BATCH: usize = 64;
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A worker process exited.
-type Exit = (WorkerId, Option<ExitStatus>);
+type Exit = (WorkerId, u32, Option<ExitStatus>);
 
 /// The master process.
 pub struct Master {
@@ -68,6 +70,9 @@ pub struct Master {
     last_malformed_log: Option<Instant>,
     /// The command line lb was started with, to read the configuration again on reload.
     reload_from: Option<(RunArgs, Vec<String>)>,
+    /// Pids of the workers lb started and has not yet seen exit (every other child of lb is
+    /// an orphaned descendant, see [`reaper`]).
+    worker_pids: HashSet<u32>,
 }
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
@@ -128,6 +133,7 @@ impl Master {
             next_unique_id: 1,
             next_ping: None,
             last_malformed_log: None,
+            worker_pids: HashSet::new(),
             reload_from: None,
         }
     }
@@ -211,6 +217,7 @@ impl Master {
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut chld = signal(SignalKind::child())?;
         self.listen_addr = listener.local_addr().ok();
         let mut listener = Some(listener);
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
@@ -277,7 +284,7 @@ impl Master {
                     // Drain what else is queued before going back to accepting.
                     while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev); }
                 }
-                Some((id, status)) = self.exits_rx.recv() => self.on_exit(id, status),
+                Some((id, pid, status)) = self.exits_rx.recv() => self.on_exit(id, pid, status),
                 ready = async { listener.as_ref().expect("guarded").ready().await }, if accepting => {
                     match ready {
                         Ok(mut guard) => self.accept_batch(&mut guard),
@@ -314,6 +321,9 @@ impl Master {
                         }
                     }
                 },
+                _ = chld.recv() => {
+                    reaper::reap_orphans(&self.worker_pids);
+                }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP received: reloading the configuration");
                     let _ = self.reload("SIGHUP");
@@ -325,6 +335,8 @@ impl Master {
                 }
             }
         }
+        // What the workers left behind (double-forked daemons re-parented to lb) goes too.
+        reaper::kill_orphans(&self.worker_pids, ORPHAN_KILL_LIMIT);
         tracing::info!("all workers exited; bye");
         Ok(())
     }
@@ -517,7 +529,8 @@ impl Master {
         }
     }
 
-    fn on_exit(&mut self, id: WorkerId, status: Option<ExitStatus>) {
+    fn on_exit(&mut self, id: WorkerId, pid: u32, status: Option<ExitStatus>) {
+        self.worker_pids.remove(&pid);
         let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
         self.fleet.on_exit(id, &how, Instant::now());
         self.router.exited(id);
@@ -548,6 +561,8 @@ impl Master {
             self.shared.metrics.slot(slot).memory.set(rss as i64);
             self.fleet.on_rss(id, rss, now);
         }
+        // In case a SIGCHLD was coalesced with one tokio consumed for a worker.
+        reaper::reap_orphans(&self.worker_pids);
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
 
@@ -659,9 +674,13 @@ impl Master {
         self.router.attach(id, handle);
         let mut child = spawned.child;
         let exits = self.exits_tx.clone();
+        let pid = spawned.pid;
+        self.worker_pids.insert(pid);
         tokio::spawn(async move {
             let status = child.wait().await.ok();
-            let _ = exits.send((id, status));
+            // The worker's own children die with it (they are in its process group).
+            reaper::kill_group_leftovers(pid);
+            let _ = exits.send((id, pid, status));
         });
         self.fleet.spawned(id, spawned.pid, now);
     }
