@@ -576,7 +576,7 @@ class Soak:
         try:
             fd = libc.syscall(438, pidfd, 3, 0)  # pidfd_getfd: the worker's end of its channel
             if fd < 0:
-                raise OSError(ctypes.get_errno(), "pidfd_getfd")
+                return  # it has just exited (a zombie has no fds)
             try:
                 lines = self.rng.sample(GARBAGE, 2)
                 os.write(fd, b"".join(lines))
@@ -632,9 +632,16 @@ class Soak:
             if pid in pids and a - margin <= t_to and b + 1 >= t_from:
                 return True
         for pid, t in list(self.killed.items()) + list(self.drained.items()):
-            if pid in pids and t - margin <= t_to:
+            if pid in pids and t is not None and t - margin <= t_to:
                 return True
         return False
+
+    def read_lb_log(self):
+        """The workers lb says it drained (rolls, reloads) or killed: their clients may lose their
+        connections (a drain ends at --shutdown-timeout), nobody else's may."""
+        text = ANSI.sub("", (self.dir / "lb.log").read_text(errors="replace"))
+        for m in re.finditer(r"(draining old worker|killing it) slot=\d+ pid=(\d+)", text):
+            self.drained.setdefault(int(m.group(2)), None)
 
     def excused(self, f):
         kind, t_start, t_end, ip, pid, err = f
@@ -807,6 +814,10 @@ class Soak:
                     os.kill(pid, signal.SIGKILL)
             except (OSError, IndexError):
                 pass
+        self.read_lb_log()
+        with open(self.dir / "faults.txt", "w") as f:
+            for t, kind, detail in self.fault_log:
+                f.write(f"{t:8.2f}s {kind} {detail}\n")
         self.judge(end, final or self.scrapes[-1][2], base, after, leftovers, code)
         return final or self.scrapes[-1][2]
 
@@ -856,7 +867,7 @@ class Soak:
         for n, d in broken:
             print(f"INVARIANT BROKEN: {n}: {d.splitlines()[0]}", flush=True)
         if broken:
-            print(f"(lb's log: {self.dir / 'lb.log'})")
+            print(f"(lb's log: {self.dir / 'lb.log'}, faults: {self.dir / 'faults.txt'})")
         return 1 if broken else 0
 
 

@@ -1,5 +1,6 @@
 # The closing line of scripts/test.sh, from cargo test's output (see there). Variables:
-# skipped (tests that returned early, counted as passed by cargo), status (cargo's exit status).
+# skipped (tests that returned early, counted as passed by cargo), status (cargo's exit status),
+# soak_passed / soak_failed (chaos soak runs, one test each).
 
   /^test result:/ {
     if ($3 == "FAILED.") failed_binaries++
@@ -14,6 +15,7 @@
   END {
     for (t in failed) failed_targets++
     if (failed_targets > failed_binaries) f += failed_targets - failed_binaries
+    p += soak_passed; f += soak_failed
     if (status != 0 && f == 0) f = 1
     printf "total: %d passed, %d failed, %d skipped\n", p - skipped, f, skipped
   }

@@ -49,6 +49,31 @@ doc_status=0
 timeout --kill-after=10 300 cargo test --doc 2>&1 | tee -a "$log" || doc_status=$?
 [ "$status" -ne 0 ] || status=$doc_status
 
+# The chaos soak (benches/soak.py): the release binary under mixed load and random faults, with
+# every invariant checked; once with the built-in worker, once with a Node cluster app.
+# LB_SOAK_SECONDS sets the length of each (0 skips them).
+soak_seconds=${LB_SOAK_SECONDS:-75}
+soak_passed=0
+soak_failed=0
+if [ "$soak_seconds" != 0 ]; then
+  echo "==> chaos soak (${soak_seconds}s each)"
+  if cargo build --release --quiet --bin lb 2>&1 | tee -a "$log"; then
+    for worker in builtin cluster; do
+      if timeout --kill-after=10 $((soak_seconds * 2 + 120)) \
+        python3 benches/soak.py --worker "$worker" --seconds "$soak_seconds" --progress 30 \
+          --seed "${LB_SOAK_SEED:-$(date +%j)}"; then
+        soak_passed=$((soak_passed + 1))
+      else
+        soak_failed=$((soak_failed + 1))
+        status=1
+      fi
+    done
+  else
+    soak_failed=1
+    status=1
+  fi
+fi
+
 if [ -s "$skips" ]; then
   echo "==> skipped"
   sed 's/^/  /' "$skips"
@@ -57,5 +82,6 @@ fi
 # (`to rerun pass ...`, or one line per target under `error: N targets failed:`); one that failed
 # with no `test result: FAILED` line crashed or was killed: one failure each. A compile error is
 # one failure. A non-zero exit with nothing counted as failed is one failure too.
-awk -v skipped="$(wc -l <"$skips")" -v status="$status" -f scripts/count-tests.awk "$log"
+awk -v skipped="$(wc -l <"$skips")" -v status="$status" -v soak_passed="$soak_passed" \
+  -v soak_failed="$soak_failed" -f scripts/count-tests.awk "$log"
 exit "$status"

@@ -48,6 +48,6 @@ module.exports = function createServer(slot) {
   });
   const wss = new WebSocketServer({ server, path: '/ws', maxPayload: 16 * 1024 * 1024 });
   wss.on('connection', (ws) => ws.on('message', (data, isBinary) => ws.send(data, { binary: isBinary })));
-  if (process.send) setInterval(() => process.send({ type: 'heartbeat' }), 1000).unref();
+  if (process.send) setInterval(() => process.connected && process.send({ type: 'heartbeat' }), 1000).unref();
   return server;
 };

@@ -70,8 +70,8 @@ process.on('message', (message, connection) => {
 });
 
 if (process.send && report === 'stats') {
-  setInterval(() => process.send({ cmd: 'stats', data: { activeConnections, totalRequests } }), 200).unref();
+  setInterval(() => process.connected && process.send({ cmd: 'stats', data: { activeConnections, totalRequests } }), 200).unref();
 }
 if (process.send) {
-  setInterval(() => process.send({ type: 'heartbeat' }), 1000).unref();
+  setInterval(() => process.connected && process.send({ type: 'heartbeat' }), 1000).unref();
 }
