@@ -8,8 +8,8 @@ Load (all from many 127.20.x.y source addresses): HTTP churn (one request per co
 keep-alive clients, WebSockets exchanging checksummed binary messages, large uploads echoed
 back and compared, idle connections (silent, or half a request line), bursts of thousands of
 connections. Faults: SIGKILL of a worker, SIGSTOP/SIGCONT, SIGUSR2 rolls, SIGHUP reloads
-(the config file changes), fd exhaustion (the running lb's soft RLIMIT_NOFILE lowered),
-garbage written into a worker's channel, and workers that leave helper processes behind
+(the config file changes), fd exhaustion (the running lb's soft RLIMIT_NOFILE lowered, and a
+worker's, which then NACKs what lb hands it), garbage written into a worker's channel, and workers that leave helper processes behind
 (one in their process group, one daemonised into its own session) every time they start.
 
 Invariants are checked while it runs and at the end, and printed as one table. Exit status 1
@@ -71,11 +71,12 @@ class Soak:
         self.sticky_checks = 0
         self.sticky_misses = []  # (t_start, t_end, ip, expected, got)
         self.faults = {k: 0 for k in (
-            "kill", "stop", "roll", "reload", "burst", "fd_exhaustion", "garbage")}
+            "kill", "stop", "roll", "reload", "burst", "fd_exhaustion", "worker_fd_exhaustion",
+            "garbage")}
         self.fault_log = []     # (t, kind, detail)
         self.killed = {}        # pid -> t (SIGKILLed by the soak)
         self.drained = {}       # pid -> t (asked to drain by a roll)
-        self.stopped = []       # (pid, t_from, t_to)
+        self.stopped = []       # (pid, t_from, t_to): stopped or at its fd limit
         self.kill_times = []
         self.scrapes = []       # (t, {slot: (pid, state)}, metrics dict)
         self.scrape_errors = 0
@@ -556,12 +557,38 @@ class Soak:
 
     async def fault_fds(self):
         soft, hard = resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE)
-        low = self.lb_fds() + self.rng.randint(4, 24)
+        low = self.lb_fds() + self.rng.randint(0, 3)
         hold = self.rng.uniform(1, 3)
         resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (low, hard))
         self.note("fd_exhaustion", f"soft limit {low} for {hold:.1f}s")
         await asyncio.sleep(hold)
         resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+    async def fault_worker_fds(self):
+        """A worker at its open-file limit cannot take a passed fd: it NACKs (Node) or closes
+        the connection it cannot receive — lb must route the connection elsewhere."""
+        ws = self.workers()
+        if not ws:
+            return
+        slot, pid = self.rng.choice(ws)
+        try:
+            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            # The limit applies to fd numbers: set it to the lowest free one.
+            used = {int(f) for f in os.listdir(f"/proc/{pid}/fd")}
+            low = min(set(range(len(used) + 1)) - used)
+            hold = self.rng.uniform(0.5, 2)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (low, hard))
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        t_from = self.t()
+        self.note("worker_fd_exhaustion", f"slot {slot} pid {pid}: soft limit {low} for {hold:.1f}s")
+        await asyncio.sleep(hold)
+        try:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        except ProcessLookupError:
+            pass
+        # Its clients may go elsewhere meanwhile (lb routes a NACKed connection on).
+        self.stopped.append((pid, t_from, self.t()))
 
     async def fault_garbage(self):
         ws = self.workers()
@@ -588,11 +615,12 @@ class Soak:
         self.note("garbage", f"slot {slot} pid {pid}")
 
     async def chaos(self):
-        kinds = ["kill", "stop", "roll", "reload", "burst", "fd_exhaustion", "garbage"]
-        weights = [3, 2, 1, 1, 1, 1, 2]
         fns = {"kill": self.fault_kill, "stop": self.fault_stop, "roll": self.fault_roll,
                "reload": self.fault_reload, "burst": self.fault_burst,
-               "fd_exhaustion": self.fault_fds, "garbage": self.fault_garbage}
+               "fd_exhaustion": self.fault_fds, "worker_fd_exhaustion": self.fault_worker_fds,
+               "garbage": self.fault_garbage}
+        kinds = list(fns)
+        weights = [3, 2, 1, 1, 1, 1, 2, 2]
         running = set()
 
         async def guarded(kind):
