@@ -801,9 +801,8 @@ class Soak:
         while now() < deadline:
             try:
                 final = await self.scrape()
-                ready = len(self.workers()) == a.workers
-                if ready and self.accounting_gap(final) == 0:
-                    end["all_ready"] = True
+                end["all_ready"] = len(self.workers()) == a.workers
+                if end["all_ready"] and self.accounting_gap(final) == 0:
                     break
             except Exception:
                 pass

@@ -317,6 +317,17 @@ options! {
     /// `wait` (queue for up to --queue-timeout) [default: next]
     sticky_stalled: StalledSticky = StalledSticky::Next,
         |v| choice(v, &[("next", StalledSticky::Next), ("wait", StalledSticky::Wait)]), "MODE";
+    /// PROXY protocol from the balancer in front: `off`, `strip` (lb reads the v1/v2 header and
+    /// hashes on the client's address; the worker gets the client's bytes) or `keep` (the
+    /// header stays in the stream) [default: off]
+    proxy_protocol: crate::proxy::Mode = crate::proxy::Mode::Off,
+        |v| choice(v, &[("off", crate::proxy::Mode::Off), ("strip", crate::proxy::Mode::Strip),
+                        ("keep", crate::proxy::Mode::Keep)]), "MODE";
+    /// Sources that must send a PROXY header, as CIDR[,CIDR…]; others are direct clients
+    /// [default: any]
+    proxy_trusted: Option<Vec<crate::proxy::Cidr>> = None, crate::proxy::parse_trusted, "CIDRS";
+    /// A PROXY header not complete by then closes the connection [default: 3s]
+    proxy_timeout: Duration = Duration::from_secs(3), parse_duration, "D";
     /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
     /// failed for the length of the window [default: 10/1m]
     crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";

@@ -52,8 +52,10 @@ pub const MAX_NACKS: u8 = 3;
 pub struct Handoff {
     /// The client socket (non-blocking, close-on-exec). Dropping it closes the master's copy.
     pub stream: TcpStream,
-    /// The client's address (the sticky key).
+    /// The client's address (the sticky key): the PROXY header's source, else the peer's.
     pub peer: SocketAddr,
+    /// The client's address from a PROXY header, told to the worker with the connection.
+    pub client: Option<SocketAddr>,
     /// When the master accepted it (for the handoff-duration histogram and queue deadline).
     pub accepted: Instant,
     /// NACKs received for it from the current worker.
@@ -71,6 +73,15 @@ impl Handoff {
             accepted: Instant::now(),
             nacks: 0,
             dispatches: 0,
+            client: None,
+        }
+    }
+
+    /// A connection whose PROXY header named `client` (hashed on, and told to the worker).
+    pub fn proxied(stream: TcpStream, peer: SocketAddr, client: Option<SocketAddr>) -> Self {
+        Self {
+            client,
+            ..Self::new(stream, client.unwrap_or(peer))
         }
     }
 }
@@ -581,6 +592,11 @@ impl Dispatcher {
                 let key = self.rr_key.as_deref().expect("checked");
                 let env = self.ser.reencode(cluster::newconn_envelope(key, seq));
                 (Bytes::from(env), Some(seq))
+            } else if let Some(client) = self.queue.front().and_then(|h| h.client) {
+                let env = self
+                    .ser
+                    .reencode(crate::channel::handle_envelope_for(client));
+                (Bytes::from(env), None)
             } else {
                 (self.envelope.clone(), None) // a reference count, not a copy
             };

@@ -46,6 +46,7 @@ pub mod dispatch;
 pub mod listener;
 pub mod metrics;
 pub mod procfs;
+pub mod proxy;
 pub mod reaper;
 pub mod router;
 pub mod spawn;

@@ -110,6 +110,26 @@ pub struct Metrics {
     accept_errors: IntCounterVec,
     /// Channel messages lb dropped or ignored, by reason.
     channel_dropped: IntCounterVec,
+    /// Connections closed for their PROXY header, by reason.
+    proxy_errors: IntCounterVec,
+}
+
+/// Registers a counter with one label, creating the series of every value at 0.
+fn labeled_counter<'a>(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl Iterator<Item = &'a str>,
+) -> IntCounterVec {
+    let v = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    registry
+        .register(Box::new(v.clone()))
+        .expect("unique metric");
+    for value in values {
+        v.with_label_values(&[value]);
+    }
+    v
 }
 
 /// Declares a label enum: its variants, their label values, and `ALL` (every series is created
@@ -165,6 +185,23 @@ labels! {
         StrayFd = "stray_fd",
         /// An ACK/NACK for a handle never sent.
         Desync = "desync",
+    }
+}
+
+labels! {
+    /// `reason` of `lb_proxy_header_errors_total`: why a PROXY protocol header was refused (the
+    /// connection is closed).
+    ProxyFailure {
+        /// The connection does not start with a PROXY signature.
+        Missing = "missing",
+        /// A PROXY signature, then something invalid (or a header too long to be real).
+        Malformed = "malformed",
+        /// Not complete within `--proxy-timeout` (nothing sent, or part of a header).
+        Timeout = "timeout",
+        /// The client closed or reset the connection before its header was complete.
+        Closed = "closed",
+        /// Too many connections were already waiting for their header.
+        Overflow = "overflow",
     }
 }
 
@@ -273,20 +310,13 @@ impl Metrics {
         registry
             .register(Box::new(admin_refused.clone()))
             .expect("unique");
-        let failures = IntCounterVec::new(
-            Opts::new(
-                "lb_handoff_failures_total",
-                "Handoffs that did not reach a worker, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid");
-        registry
-            .register(Box::new(failures.clone()))
-            .expect("unique");
-        for r in Failure::ALL {
-            failures.with_label_values(&[r.as_str()]);
-        }
+        let failures = labeled_counter(
+            &registry,
+            "lb_handoff_failures_total",
+            "Handoffs that did not reach a worker, by reason.",
+            "reason",
+            Failure::ALL.iter().map(|r| r.as_str()),
+        );
         let handoff_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "lb_handoff_duration_seconds",
@@ -307,34 +337,28 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(queued.clone())).expect("unique");
-        let accept_errors = IntCounterVec::new(
-            Opts::new(
-                "lb_accept_errors_total",
-                "Errors accepting connections (exhausted = out of fds/memory).",
-            ),
-            &["kind"],
-        )
-        .expect("valid");
-        registry
-            .register(Box::new(accept_errors.clone()))
-            .expect("unique");
-        for k in AcceptErrorKind::ALL {
-            accept_errors.with_label_values(&[k.as_str()]);
-        }
-        let channel_dropped = IntCounterVec::new(
-            Opts::new(
-                "lb_channel_messages_dropped_total",
-                "Worker channel messages lb dropped or ignored, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid");
-        registry
-            .register(Box::new(channel_dropped.clone()))
-            .expect("unique");
-        for r in Dropped::ALL {
-            channel_dropped.with_label_values(&[r.as_str()]);
-        }
+        let accept_errors = labeled_counter(
+            &registry,
+            "lb_accept_errors_total",
+            "Errors accepting connections (exhausted = out of fds/memory).",
+            "kind",
+            AcceptErrorKind::ALL.iter().map(|k| k.as_str()),
+        );
+        let channel_dropped = labeled_counter(
+            &registry,
+            "lb_channel_messages_dropped_total",
+            "Worker channel messages lb dropped or ignored, by reason.",
+            "reason",
+            Dropped::ALL.iter().map(|r| r.as_str()),
+        );
+        let proxy_errors = labeled_counter(
+            &registry,
+            "lb_proxy_header_errors_total",
+            "Connections closed because their PROXY protocol header was missing, malformed, \
+             late, cut short, or one too many was awaited, by reason.",
+            "reason",
+            ProxyFailure::ALL.iter().map(|r| r.as_str()),
+        );
         let info = IntGaugeVec::new(
             Opts::new(
                 "lb_build_info",
@@ -358,6 +382,7 @@ impl Metrics {
             queued,
             accept_errors,
             channel_dropped,
+            proxy_errors,
         }
     }
 
@@ -391,6 +416,13 @@ impl Metrics {
         self.failures
             .with_label_values(&[reason.as_str()])
             .inc_by(n);
+    }
+
+    /// Counts a connection closed for its PROXY header.
+    pub fn proxy_error(&self, reason: ProxyFailure) {
+        self.proxy_errors
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     /// Counts an accept error.

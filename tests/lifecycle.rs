@@ -514,7 +514,12 @@ fn the_shutdown_timeout_kills_the_whole_process_group_of_a_stubborn_worker() {
 /// The parent pid of a live process.
 fn ppid_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -545,7 +550,10 @@ fn what_a_worker_leaves_behind_is_reaped_and_killed_and_never_holds_up_a_restart
             .collect()
     };
     let (child, daemon) = wait_for("the helpers' pids", Duration::from_secs(10), || {
-        Some((*pids(&lb, "child ").first()?, *pids(&lb, "daemon ").first()?))
+        Some((
+            *pids(&lb, "child ").first()?,
+            *pids(&lb, "daemon ").first()?,
+        ))
     });
     // The daemon's parent exited at once: lb (the child subreaper) adopted it.
     wait_for("lb to adopt the daemon", Duration::from_secs(5), || {
@@ -554,11 +562,16 @@ fn what_a_worker_leaves_behind_is_reaped_and_killed_and_never_holds_up_a_restart
 
     kill(first, Signal::SIGKILL);
     // Its process group goes with it; the replacement serves.
-    wait_for("the dead worker's child to be killed", Duration::from_secs(5), || {
-        (!alive(child)).then_some(())
-    });
+    wait_for(
+        "the dead worker's child to be killed",
+        Duration::from_secs(5),
+        || (!alive(child)).then_some(()),
+    );
     let second = wait_for("a replacement worker", Duration::from_secs(10), || {
-        lb.wait_all_ready(1).first().copied().filter(|p| *p != first)
+        lb.wait_all_ready(1)
+            .first()
+            .copied()
+            .filter(|p| *p != first)
     });
     assert_eq!(served_by(lb.target(), None).1, second);
     assert!(alive(daemon), "daemonised helpers live on until lb stops");
@@ -570,14 +583,28 @@ fn what_a_worker_leaves_behind_is_reaped_and_killed_and_never_holds_up_a_restart
 
     let started = Instant::now();
     lb.signal(Signal::SIGTERM);
-    assert_eq!(lb.wait_exit(Duration::from_secs(15)), Some(0), "{}", lb.log_text());
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        lb.log_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let daemons = pids(&lb, "daemon ");
     assert_eq!(daemons.len(), 2, "{}", lb.log_text());
     for p in daemons.into_iter().chain(pids(&lb, "child ")) {
-        wait_for(&format!("helper {p} to be gone"), Duration::from_secs(5), || {
-            (!alive(p)).then_some(())
-        });
+        wait_for(
+            &format!("helper {p} to be gone"),
+            Duration::from_secs(5),
+            || (!alive(p)).then_some(()),
+        );
     }
-    assert!(lb.log_text().contains("killed descendants the workers left behind"));
+    assert!(
+        lb.log_text()
+            .contains("killed descendants the workers left behind")
+    );
 }

@@ -18,6 +18,7 @@
 //! messages each way, with the constants and [`WorkerMsg::encode`] for what lb writes.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 
 use serde_json::Value;
 
@@ -33,6 +34,21 @@ pub use inbox::{Inbox, Incoming, Received};
 /// an unmodified Node worker how many of them are still open with [`SOCKET_COUNT_QUERY`].
 pub const HANDLE_ENVELOPE: &[u8] =
     b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"sticky-session:connection\",\"key\":\"lb\"}\n";
+/// [`HANDLE_ENVELOPE`] with the client's address from a PROXY header (`"client":"IP:PORT"`):
+/// lb-aware workers read it; Node ignores keys it does not know.
+pub fn handle_envelope_for(client: SocketAddr) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&serde_json::json!({
+        "cmd": "NODE_HANDLE",
+        "type": "net.Socket",
+        "msg": HANDLE_MESSAGE,
+        "key": "lb",
+        "client": client.to_string(),
+    }))
+    .expect("serializes");
+    out.push(b'\n');
+    out
+}
+
 /// Asks a Node worker how many sockets received with [`HANDLE_ENVELOPE`] are open; it answers
 /// `{"cmd":"NODE_SOCKET_COUNT","key":"lb","count":N}`. Other workers ignore it (an internal message).
 pub const SOCKET_COUNT_QUERY: &[u8] = b"{\"cmd\":\"NODE_SOCKET_GET_COUNT\",\"key\":\"lb\"}\n";
@@ -417,6 +433,8 @@ pub enum FromMaster {
     Handle {
         /// The envelope's `msg` (normally `"sticky-session:connection"`).
         msg: Value,
+        /// The client's address, when lb read it from a PROXY header.
+        client: Option<SocketAddr>,
     },
     /// Another internal message (ignored by workers).
     OtherInternal,
@@ -439,6 +457,7 @@ impl FromMaster {
         {
             return Self::Handle {
                 msg: Value::String(HANDLE_MESSAGE.to_owned()),
+                client: None,
             };
         }
         let Some(value) = p.value() else {
@@ -448,6 +467,10 @@ impl FromMaster {
         match cmd {
             Some("NODE_HANDLE") => Self::Handle {
                 msg: value.get("msg").cloned().unwrap_or(Value::Null),
+                client: value
+                    .get("client")
+                    .and_then(Value::as_str)
+                    .and_then(|c| c.parse().ok()),
             },
             Some(c) if is_internal_cmd(c) => Self::OtherInternal,
             _ => Self::User(value),
@@ -590,7 +613,16 @@ mod tests {
         assert_eq!(
             FromMaster::parse(env),
             FromMaster::Handle {
-                msg: Value::String(HANDLE_MESSAGE.into())
+                msg: Value::String(HANDLE_MESSAGE.into()),
+                client: None,
+            }
+        );
+        let proxied = handle_envelope_for("203.0.113.9:4000".parse().unwrap());
+        assert_eq!(
+            FromMaster::parse(&proxied[..proxied.len() - 1]),
+            FromMaster::Handle {
+                msg: Value::String(HANDLE_MESSAGE.into()),
+                client: Some("203.0.113.9:4000".parse().unwrap()),
             }
         );
         let with_key =
@@ -598,7 +630,8 @@ mod tests {
         assert_eq!(
             FromMaster::parse(with_key),
             FromMaster::Handle {
-                msg: Value::String("m".into())
+                msg: Value::String("m".into()),
+                client: None,
             }
         );
         assert_eq!(

@@ -27,7 +27,7 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, reaper, spawn};
+use crate::{control, procfs, proxy, reaper, spawn};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -42,6 +42,12 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A worker process exited.
 type Exit = (WorkerId, u32, Option<ExitStatus>);
+
+/// A connection whose PROXY header lb waited for: the peer, and the header or why not.
+type HeaderDone = (
+    SocketAddr,
+    Result<(std::net::TcpStream, proxy::Header), proxy::Failure>,
+);
 
 /// The master process.
 pub struct Master {
@@ -73,6 +79,14 @@ pub struct Master {
     /// Pids of the workers lb started and has not yet seen exit (every other child of lb is
     /// an orphaned descendant, see [`reaper`]).
     worker_pids: HashSet<u32>,
+    /// Connections waiting for their PROXY header report here.
+    headers_tx: mpsc::UnboundedSender<HeaderDone>,
+    headers_rx: mpsc::UnboundedReceiver<HeaderDone>,
+    /// How many connections are waiting for their PROXY header.
+    headers_pending: usize,
+    /// Last time a refused PROXY header was logged, and how many were refused since.
+    last_proxy_log: Option<Instant>,
+    proxy_refused_unlogged: u64,
 }
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
@@ -115,6 +129,7 @@ impl Master {
     pub fn new(settings: Settings, argv: Vec<String>, shared: Arc<Shared>) -> Self {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (headers_tx, headers_rx) = mpsc::unbounded_channel();
         let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
         Self {
             router: Router::new(&settings, shared.clone()),
@@ -134,6 +149,11 @@ impl Master {
             next_ping: None,
             last_malformed_log: None,
             worker_pids: HashSet::new(),
+            headers_tx,
+            headers_rx,
+            headers_pending: 0,
+            last_proxy_log: None,
+            proxy_refused_unlogged: 0,
             reload_from: None,
         }
     }
@@ -285,6 +305,10 @@ impl Master {
                     while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev); }
                 }
                 Some((id, pid, status)) = self.exits_rx.recv() => self.on_exit(id, pid, status),
+                Some(done) = self.headers_rx.recv() => {
+                    self.headers_pending -= 1;
+                    self.header_done(done);
+                }
                 ready = async { listener.as_ref().expect("guarded").ready().await }, if accepting => {
                     match ready {
                         Ok(mut guard) => self.accept_batch(&mut guard),
@@ -345,12 +369,18 @@ impl Master {
         &mut self,
         guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, socket2::Socket>,
     ) {
-        let metrics = &self.shared.metrics;
         for _ in 0..ACCEPT_BATCH {
+            let metrics = &self.shared.metrics;
             match Listener::accept(guard) {
                 Ok((stream, peer)) => {
                     metrics.accepted.inc();
-                    self.router.route(Handoff::new(stream, peer), None);
+                    if self.settings.proxy_protocol != proxy::Mode::Off
+                        && proxy::trusted(&self.settings.proxy_trusted, peer.ip())
+                    {
+                        self.await_header(stream, peer);
+                    } else {
+                        self.router.route(Handoff::new(stream, peer), None);
+                    }
                 }
                 Err((AcceptError::WouldBlock, _)) => return,
                 Err((AcceptError::Transient, _)) => {
@@ -525,6 +555,53 @@ impl Master {
                     query: q,
                     errno: e.raw_os_error().unwrap_or(libc::EINVAL),
                 });
+            }
+        }
+    }
+
+    /// A connection from a trusted source: route it once its PROXY header is in. Most headers
+    /// are there at accept; the others are awaited off the accept loop, each with a deadline.
+    fn await_header(&mut self, stream: std::net::TcpStream, peer: SocketAddr) {
+        let mode = self.settings.proxy_protocol;
+        match proxy::parse_now(&stream, mode) {
+            proxy::Now::Done(h) => self.header_done((peer, Ok((stream, h)))),
+            proxy::Now::Failed(f) => self.header_done((peer, Err(f))),
+            proxy::Now::Wait if self.headers_pending >= proxy::MAX_PENDING => {
+                self.header_done((peer, Err(proxy::Failure::Overflow)))
+            }
+            proxy::Now::Wait => {
+                self.headers_pending += 1;
+                let (tx, timeout) = (self.headers_tx.clone(), self.settings.proxy_timeout);
+                tokio::spawn(async move {
+                    let r = proxy::await_header(stream, mode, timeout).await;
+                    let _ = tx.send((peer, r));
+                });
+            }
+        }
+    }
+
+    /// Routes a connection whose header is in, or closes and counts one whose header failed.
+    fn header_done(&mut self, (peer, result): HeaderDone) {
+        match result {
+            Ok((stream, h)) => self
+                .router
+                .route(Handoff::proxied(stream, peer, h.client), None),
+            Err(reason) => {
+                self.shared.metrics.proxy_error(reason);
+                self.proxy_refused_unlogged += 1;
+                let now = Instant::now();
+                if self
+                    .last_proxy_log
+                    .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
+                {
+                    self.last_proxy_log = Some(now);
+                    tracing::warn!(
+                        %peer,
+                        "closed a connection whose PROXY header was {}; {} closed so far for a PROXY header since the last such line (see lb_proxy_header_errors_total)",
+                        proxy::describe(reason),
+                        std::mem::take(&mut self.proxy_refused_unlogged)
+                    );
+                }
             }
         }
     }

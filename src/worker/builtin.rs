@@ -112,7 +112,11 @@ async fn serve() -> Result<(), BuiltinError> {
         let (hello, http, stop) = (hello.clone(), http.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let counters = conn.guard.counters().clone();
-            serve_connection(conn.stream, hello, counters, http, stop, idle).await;
+            // Shown to the client when lb read its address from a PROXY header.
+            let client = conn
+                .client
+                .and_then(|a| HeaderValue::from_str(&a.to_string()).ok());
+            serve_connection(conn.stream, hello, client, counters, http, stop, idle).await;
             drop(conn.guard);
         });
     };
@@ -145,6 +149,7 @@ async fn serve() -> Result<(), BuiltinError> {
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     hello: Bytes,
+    client: Option<HeaderValue>,
     counters: Arc<Counters>,
     http: Arc<hyper::server::conn::http1::Builder>,
     mut stop: watch::Receiver<bool>,
@@ -165,10 +170,14 @@ async fn serve_connection(
         let hello = hello.clone();
         let counters = counters.clone();
         let act = act.clone();
+        let client = client.clone();
         started_tx.send_replace(true);
         act.in_flight.fetch_add(1, Ordering::Relaxed);
         async move {
-            let resp = route(req, &hello, &counters).await;
+            let mut resp = route(req, &hello, &counters).await;
+            if let Some(c) = client {
+                resp.headers_mut().insert(CLIENT_ADDR, c);
+            }
             act.last_done_ms
                 .store(began.elapsed().as_millis() as u64, Ordering::Relaxed);
             act.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -257,6 +266,7 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
             tokio::spawn(serve_connection(
                 stream,
                 hello,
+                None,
                 counters,
                 http,
                 stop,
@@ -265,6 +275,10 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
         }
     })
 }
+
+/// The response header that tells the client's address lb read from a PROXY header.
+const CLIENT_ADDR: hyper::header::HeaderName =
+    hyper::header::HeaderName::from_static("x-client-addr");
 
 async fn route(req: Request<Incoming>, hello: &Bytes, counters: &Counters) -> Response<Body> {
     let path = req.uri().path();

@@ -102,6 +102,9 @@ impl Counters {
 pub struct Connection {
     /// The client socket (already ACKed to lb).
     pub stream: tokio::net::TcpStream,
+    /// The client's address when lb read it from a PROXY protocol header (`--proxy-protocol`);
+    /// `None` means the socket's own peer address is the client's.
+    pub client: Option<std::net::SocketAddr>,
     /// Keeps the active count up while the connection lives.
     pub guard: ActiveGuard,
 }
@@ -312,13 +315,13 @@ async fn serve_channel(
                 while let Some(item) = inbox.next(FromMaster::parse_payload) {
                     let Incoming::Message(msg) = item else { continue };
                     match msg {
-                        FromMaster::Handle { .. } => match inbox.pop_fd() {
+                        FromMaster::Handle { client, .. } => match inbox.pop_fd() {
                             // Nobody will accept it (the worker is shutting down): let lb give
                             // the connection to another worker.
                             Some(_) if conns.is_closed() => out.extend(nack.iter()),
                             Some(fd) => {
                                 out.extend(ack.iter());
-                                if let Some(conn) = into_connection(fd, &counters) {
+                                if let Some(conn) = into_connection(fd, client, &counters) {
                                     let _ = conns.send(conn);
                                 }
                             }
@@ -363,7 +366,11 @@ async fn serve_channel(
 }
 
 /// Turns a received fd into a tokio stream, counting it active. `None` if it is not a TCP socket.
-fn into_connection(fd: OwnedFd, counters: &Arc<Counters>) -> Option<Connection> {
+fn into_connection(
+    fd: OwnedFd,
+    client: Option<std::net::SocketAddr>,
+    counters: &Arc<Counters>,
+) -> Option<Connection> {
     let std = std::net::TcpStream::from(fd);
     // lb passes non-blocking sockets; make sure (a blocking one would stall the runtime).
     if std.set_nonblocking(true).is_err() {
@@ -374,6 +381,7 @@ fn into_connection(fd: OwnedFd, counters: &Arc<Counters>) -> Option<Connection> 
     counters.changed.notify_one();
     Some(Connection {
         stream,
+        client,
         guard: ActiveGuard(counters.clone()),
     })
 }
