@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs lb's whole test suite on a fresh machine: installs what the tests need and is missing
-# (Debian's `prometheus` package for promtool and the Prometheus server, npm packages for the
-# Node.js tests), checks formatting and lints, then runs every test.
+# (Debian's `prometheus` package for promtool and the Prometheus server, `haproxy` to put in
+# front of lb, `systemd` for systemd-socket-activate, npm packages for the Node.js tests), checks
+# formatting and lints, runs every test, then the chaos soak.
 #
 # The closing line counts every test binary: a binary that crashed or did not compile counts as a
 # failure, a test that could not run here (e.g. no IPv6) counts as skipped, not passed, and the
@@ -17,7 +18,9 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || 
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
-command -v prlimit >/dev/null 2>&1 || missing+=(util-linux)
+command -v prlimit >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt-get)"
   as_root apt-get update -qq

@@ -52,4 +52,5 @@ pub mod router;
 pub mod spawn;
 pub mod supervisor;
 pub mod sys;
+pub mod systemd;
 pub mod worker;

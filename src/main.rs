@@ -213,13 +213,25 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             }
         },
     };
-    let socket = match listener::bind(settings.listen, settings.backlog) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.to_string()),
+    // Sockets systemd passed (socket activation) are used instead of binding.
+    let passed = match lb::systemd::passed() {
+        Ok(p) => p,
+        Err(e) => return fail(&format!("socket activation: {e}")),
     };
-    let metrics_listener = match settings.metrics.map(metrics::bind).transpose() {
-        Ok(l) => l,
-        Err(e) => return fail(&format!("metrics endpoint: {e}")),
+    let activated = passed.listener.is_some();
+    let socket = match passed.listener {
+        Some(s) => s,
+        None => match listener::bind(settings.listen, settings.backlog) {
+            Ok(s) => s,
+            Err(e) => return fail(&e.to_string()),
+        },
+    };
+    let metrics_listener = match passed.metrics {
+        Some(l) => Some(l),
+        None => match settings.metrics.map(metrics::bind).transpose() {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("metrics endpoint: {e}")),
+        },
     };
     let control = match settings
         .control
@@ -255,8 +267,13 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             None => None,
         };
         tracing::info!(
-            "{} ({} workers, policy {}, worker command: {})",
+            "{}{} ({} workers, policy {}, worker command: {})",
             shell::listening_line(local, metrics_addr),
+            if activated {
+                " (sockets from systemd)"
+            } else {
+                ""
+            },
             settings.workers,
             settings.policy,
             settings

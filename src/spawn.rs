@@ -106,6 +106,10 @@ pub fn spawn_worker(
     let master_pid = std::process::id() as libc::pid_t;
 
     let mut cmd = tokio::process::Command::new(&argv[0]);
+    // systemd's socket activation and notification variables are lb's, not the workers'.
+    for var in crate::systemd::VARIABLES {
+        cmd.env_remove(var);
+    }
     cmd.args(&argv[1..])
         .env("NODE_CHANNEL_FD", CHANNEL_FD.to_string())
         .env("NODE_CHANNEL_SERIALIZATION_MODE", "json")

@@ -247,6 +247,31 @@ pub fn recv_with_fds(
     Ok(n as usize)
 }
 
+/// Takes ownership of the sockets systemd passed (`LISTEN_FDS` fds from 3 on) and marks them
+/// close-on-exec, so no worker inherits them. Each must be an open socket.
+pub fn take_passed_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
+    const SD_LISTEN_FDS_START: RawFd = 3;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let fd = SD_LISTEN_FDS_START + i as RawFd;
+        // SAFETY: fcntl on an fd number only reads its flags; an fd that is not open is EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(io::Error::other(format!(
+                "LISTEN_FDS says fd {fd} was passed, but it is not open"
+            )));
+        }
+        // SAFETY: as above; setting FD_CLOEXEC changes nothing else about the fd.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: systemd passed this fd to lb for lb to own (sd_listen_fds(3)); it is open (checked
+        // above) and nothing else in lb refers to it, so the OwnedFd is its only owner.
+        out.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

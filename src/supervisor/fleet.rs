@@ -42,6 +42,9 @@ struct Worker {
     channel_closed: bool,
     /// A Node cluster worker (it sent `online`): stopped with cluster's `disconnect`.
     cluster: bool,
+    /// Its channel closed while it was serving (a crash, usually): its exit is unexpected even
+    /// though lb then sent it SIGTERM.
+    lost_channel: bool,
 }
 
 impl Worker {
@@ -339,6 +342,7 @@ impl Fleet {
             last_heartbeat: None,
             channel_closed: false,
             cluster: false,
+            lost_channel: false,
         };
         match role {
             Role::Current => {
@@ -525,6 +529,7 @@ impl Fleet {
         }
         let (live, signalled, pid) = (w.phase.is_live(), w.phase.signalled(), w.pid);
         if live && !signalled && self.shutdown.is_none() {
+            w.lost_channel = true;
             // A worker without its channel can never get a connection again.
             tracing::warn!(
                 slot = id.slot,
@@ -546,7 +551,7 @@ impl Fleet {
         if s.current.as_ref().is_some_and(|w| w.id == id) {
             let mut w = s.current.take().expect("checked");
             let ran = now.saturating_duration_since(w.started);
-            if !w.phase.signalled() && !shutting_down {
+            if (!w.phase.signalled() || w.lost_channel) && !shutting_down {
                 tracing::warn!(
                     slot = id.slot,
                     pid = w.pid,

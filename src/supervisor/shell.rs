@@ -27,7 +27,7 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, proxy, reaper, spawn};
+use crate::{control, procfs, proxy, reaper, spawn, systemd};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -87,6 +87,12 @@ pub struct Master {
     /// Last time a refused PROXY header was logged, and how many were refused since.
     last_proxy_log: Option<Instant>,
     proxy_refused_unlogged: u64,
+    /// The service manager's notification socket (`NOTIFY_SOCKET`), if any.
+    notify: Option<systemd::Notifier>,
+    /// `READY=1` has been sent (once a worker is ready, and again after each reload).
+    ready_notified: bool,
+    /// When the next `WATCHDOG=1` is due.
+    next_watchdog: Option<Instant>,
 }
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
@@ -154,6 +160,9 @@ impl Master {
             headers_pending: 0,
             last_proxy_log: None,
             proxy_refused_unlogged: 0,
+            notify: systemd::Notifier::from_env(),
+            ready_notified: false,
+            next_watchdog: None,
             reload_from: None,
         }
     }
@@ -169,7 +178,12 @@ impl Master {
     /// seed. Addresses, the backlog, the log format and the serialization need a restart: they
     /// are reported, not applied. On a bad configuration nothing changes.
     fn reload(&mut self, why: &str) -> Result<serde_json::Value, String> {
+        if let Some(n) = &self.notify {
+            n.reloading();
+        }
         let result = self.try_reload();
+        // READY=1 again once a worker is ready (at once, unless the reload changed them all).
+        self.ready_notified = false;
         self.shared.metrics.reload(result.is_ok());
         match &result {
             Ok(v) => tracing::info!("{why}: configuration reloaded: {v}"),
@@ -276,6 +290,7 @@ impl Master {
                     let _ = w.send(outcome.clone());
                 }
             }
+            self.notify_manager(now);
             if self.fleet.shutting_down() {
                 listener = None; // stop accepting: close the listening socket
                 if self.fleet.is_done() {
@@ -287,6 +302,7 @@ impl Master {
                 self.router.next_deadline(),
                 self.accept_paused_until,
                 self.next_ping,
+                self.next_watchdog,
             ]
             .into_iter()
             .flatten()
@@ -559,6 +575,27 @@ impl Master {
         }
     }
 
+    /// systemd: `READY=1` once a worker is ready (lb accepts from the start), and the watchdog.
+    fn notify_manager(&mut self, now: Instant) {
+        let Some(n) = &self.notify else { return };
+        if !self.ready_notified && !self.fleet.shutting_down() && self.shared.any_ready() {
+            self.ready_notified = true;
+            let ready = (0..self.fleet.len())
+                .filter(|&i| self.shared.metrics.slot(i).up.get() > 0)
+                .count();
+            n.send(&format!(
+                "READY=1\nSTATUS=serving: {ready} of {} workers ready",
+                self.fleet.len()
+            ));
+        }
+        if let Some(every) = n.watchdog
+            && self.next_watchdog.is_none_or(|t| now >= t)
+        {
+            n.send("WATCHDOG=1");
+            self.next_watchdog = Some(now + every);
+        }
+    }
+
     /// A connection from a trusted source: route it once its PROXY header is in. Most headers
     /// are there at accept; the others are awaited off the accept loop, each with a deadline.
     fn await_header(&mut self, stream: std::net::TcpStream, peer: SocketAddr) {
@@ -615,6 +652,11 @@ impl Master {
     }
 
     fn begin_shutdown(&mut self, why: &str) {
+        if let Some(n) = &self.notify
+            && !self.fleet.shutting_down()
+        {
+            n.send(&format!("STOPPING=1\nSTATUS=shutting down ({why})"));
+        }
         if !self.fleet.shutting_down() {
             // Hand what waits to a ready worker first (or close it): those workers get SIGTERM
             // only once they have answered.

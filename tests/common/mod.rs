@@ -65,17 +65,19 @@ impl Lb {
                 c
             }
         };
-        if !args
+        // lb's own options: what comes before the worker command.
+        let own = &args[..args.iter().position(|a| *a == "--").unwrap_or(args.len())];
+        if !own
             .iter()
             .any(|a| *a == "-l" || *a == "--listen" || *a == "-c")
         {
             cmd.args(["-l", "127.0.0.1:0"]);
         }
-        if !args.iter().any(|a| *a == "--metrics" || *a == "-c") {
+        if !own.iter().any(|a| *a == "--metrics" || *a == "-c") {
             cmd.args(["--metrics", "127.0.0.1:0"]);
         }
         // Each lb its own control socket (the default path is one per host).
-        let control = if args.contains(&"--control") {
+        let control = if own.contains(&"--control") {
             None
         } else {
             static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
