@@ -243,6 +243,12 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
         Err(e) => return fail(&e.to_string()),
     };
     let control_path = settings.control.clone();
+    // Everything that needed root besides starting workers as another user is done.
+    if settings.user.is_some()
+        && let Err(e) = lb::spawn::drop_master_privileges()
+    {
+        return fail(&e);
+    }
     // One thread: the master's work per connection is a few syscalls, and workers must be
     // spawned from a thread that lives as long as the process (PR_SET_PDEATHSIG).
     let rt = match tokio::runtime::Builder::new_current_thread()

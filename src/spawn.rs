@@ -188,3 +188,29 @@ pub fn signal_group(pid: u32, signal: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(pid, signal);
     }
 }
+
+/// With `--user`, the master keeps root only for what it still does as root: starting workers as
+/// another user (`CAP_SETUID`, `CAP_SETGID`) and signalling them (`CAP_KILL`). Every other
+/// capability leaves its effective, permitted, inheritable, ambient and bounding sets (so no
+/// worker can regain one either). Call after the sockets are bound.
+pub fn drop_master_privileges() -> Result<(), String> {
+    use caps::{CapSet, Capability, CapsHashSet};
+    let keep: CapsHashSet = [
+        Capability::CAP_SETUID,
+        Capability::CAP_SETGID,
+        Capability::CAP_KILL,
+    ]
+    .into_iter()
+    .collect();
+    let err = |what: &str, e: caps::errors::CapsError| format!("cannot drop {what}: {e}");
+    for cap in caps::read(None, CapSet::Bounding).map_err(|e| err("capabilities", e))? {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| err("capabilities", e))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| err("ambient capabilities", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err("inheritable capabilities", e))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(|e| err("capabilities", e))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(|e| err("capabilities", e))?;
+    Ok(())
+}

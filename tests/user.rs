@@ -53,6 +53,17 @@ fn ids(pid: u32) -> (u32, u32) {
     (field("Uid:"), field("Gid:"))
 }
 
+/// A capability set of a process (`CapEff:` …) from /proc, as a bit mask.
+fn caps(pid: u32, set: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(set))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
 fn env_of(pid: u32) -> String {
     String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .replace('\0', "\n")
@@ -89,6 +100,23 @@ fn workers_run_as_the_given_user_built_in_and_node() {
         );
     }
     assert_eq!(ids(lb.pid()).0, 0, "the master stays root");
+    // …with only the capabilities that needs: CAP_KILL (5), CAP_SETGID (6), CAP_SETUID (7).
+    let keep = (1u64 << 5) | (1 << 6) | (1 << 7);
+    assert_eq!(caps(lb.pid(), "CapEff:"), keep);
+    assert_eq!(caps(lb.pid(), "CapPrm:"), keep);
+    assert_eq!(caps(lb.pid(), "CapBnd:"), keep);
+    for p in &pids {
+        for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
+            assert_eq!(caps(*p, set), 0, "worker {p} {set}");
+        }
+    }
+    // Killing and replacing a worker still works with what the master kept.
+    kill(pids[0], nix::sys::signal::Signal::SIGKILL);
+    let again = wait_for("a replacement worker", Duration::from_secs(10), || {
+        let now = lb.wait_all_ready(2);
+        (!now.contains(&pids[0])).then_some(now)
+    });
+    assert!(again.iter().all(|p| ids(*p).0 == uid));
     assert_eq!(
         served_by(lb.addr, Some(client_ip(1))).0,
         lb_route(client_ip(1), 2, &[])
