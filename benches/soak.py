@@ -48,6 +48,20 @@ def now():
     return time.monotonic()
 
 
+def behind(ip):
+    """The client address a balancer in front reports for the soak's source address `ip`."""
+    return "10." + ip.split(".", 1)[1]
+
+
+def proxy_v2(client_ip, client_port, port):
+    """A PROXY protocol v2 header (TCP over IPv4) for `client_ip:client_port` → 127.0.0.1:port."""
+    return (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + socket.inet_aton(client_ip)
+            + socket.inet_aton("127.0.0.1") + struct.pack("!HH", client_port, port))
+
+
+PROXY_REASONS = ("missing", "malformed", "timeout", "closed", "overflow")
+
+
 def series(m, name, **labels):
     """A sample of a parsed /metrics scrape, 0 if absent."""
     lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -72,7 +86,7 @@ class Soak:
         self.sticky_misses = []  # (t_start, t_end, ip, expected, got)
         self.faults = {k: 0 for k in (
             "kill", "stop", "roll", "reload", "burst", "fd_exhaustion", "worker_fd_exhaustion",
-            "garbage")}
+            "garbage", "bad_proxy_headers")}
         self.fault_log = []     # (t, kind, detail)
         self.killed = {}        # pid -> t (SIGKILLed by the soak)
         self.drained = {}       # pid -> t (asked to drain by a roll)
@@ -86,6 +100,7 @@ class Soak:
         self.zombie_breaks = []
         self.descendants = {}   # (pid, starttime) -> comm
         self.garbage_lines = 0
+        self.bad_headers = 0
         self.fault_errors = []
         self.invariants = []    # (name, ok, detail)
 
@@ -105,6 +120,8 @@ class Soak:
                 "-w", str(a.workers), "--hash-seed", str(a.hash_seed), "-p", a.policy,
                 "--shutdown-timeout", "3s", "--client-header-timeout", "10s",
                 "--keepalive-timeout", "15s"]
+        if a.proxy:
+            argv += ["--proxy-protocol", "strip", "--proxy-timeout", "2s"]
         env = dict(os.environ)
         env["NODE_PATH"] = str(ROOT / "examples/node/node_modules")
         env.pop("PORT", None)
@@ -151,11 +168,14 @@ class Soak:
 
     # ---- HTTP/WebSocket client pieces --------------------------------------------------------
 
-    async def connect(self, ip, timeout=20):
+    async def connect(self, ip, timeout=20, header=True):
         r, w = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", self.port, local_addr=(ip, 0), limit=1 << 20),
             timeout)
         self.count["connects"] += 1
+        if self.a.proxy and header:
+            # As a balancer in front would: a PROXY v2 header naming the real client.
+            w.write(proxy_v2(behind(ip), self.rng.randint(1024, 65535), self.port))
         return r, w
 
     @staticmethod
@@ -458,9 +478,14 @@ class Soak:
     @staticmethod
     def accounting_gap(m):
         delivered = sum(v for k, v in m.items() if k.startswith("lb_worker_connections_total{"))
-        closed = sum(series(m, "lb_handoff_failures_total", reason=r)
-                     for r in ("no_worker", "queue_full"))
-        return m["lb_accepted_connections_total"] - delivered - closed
+        return m["lb_accepted_connections_total"] - delivered - Soak.counted_closes(m)
+
+    @staticmethod
+    def counted_closes(m):
+        """Connections lb closed itself, each for a counted reason."""
+        return (sum(series(m, "lb_handoff_failures_total", reason=r)
+                    for r in ("no_worker", "queue_full"))
+                + sum(series(m, "lb_proxy_header_errors_total", reason=r) for r in PROXY_REASONS))
 
     def scan_processes(self):
         """lb's descendants (remembered by pid and start time) and zombies among its children."""
@@ -590,6 +615,37 @@ class Soak:
         # Its clients may go elsewhere meanwhile (lb routes a NACKed connection on).
         self.stopped.append((pid, t_from, self.t()))
 
+    async def fault_bad_headers(self):
+        """Connections whose PROXY header is missing, garbage, cut short or never sent: lb must
+        close each and count it, and serve everyone else meanwhile."""
+        n = self.rng.randint(20, 200)
+        self.note("bad_proxy_headers", f"{n} connections")
+        conns = []
+        for i in range(n):
+            try:
+                r, w = await self.connect(self.ip(), header=False)
+            except Exception:
+                continue
+            kind = i % 4
+            if kind == 0:
+                w.write(b"GET / HTTP/1.1\r\nHost: soak\r\n\r\n")   # no header
+            elif kind == 1:
+                w.write(b"\r\n\r\n\x00\r\nQUIT\n\x99garbage")  # bad version
+            elif kind == 2:
+                w.write(b"PROXY TCP4 10.1")                          # cut short, then closed
+                w.write_eof()
+            # kind 3: nothing at all (lb's --proxy-timeout closes it)
+            conns.append((r, w))
+        self.bad_headers += len(conns)
+        for r, w in conns:
+            try:
+                data = await asyncio.wait_for(r.read(), 10)
+                if data:
+                    self.corrupt.append(("proxy", f"a connection with a bad header got {data[:40]!r}"))
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+            await self.close(w)
+
     async def fault_garbage(self):
         ws = self.workers()
         if not ws:
@@ -619,8 +675,11 @@ class Soak:
                "reload": self.fault_reload, "burst": self.fault_burst,
                "fd_exhaustion": self.fault_fds, "worker_fd_exhaustion": self.fault_worker_fds,
                "garbage": self.fault_garbage}
-        kinds = list(fns)
         weights = [3, 2, 1, 1, 1, 1, 2, 2]
+        if self.a.proxy:
+            fns["bad_proxy_headers"] = self.fault_bad_headers
+            weights.append(2)
+        kinds = list(fns)
         running = set()
 
         async def guarded(kind):
@@ -690,8 +749,7 @@ class Soak:
         # Accounting.
         accepted = final_metrics["lb_accepted_connections_total"]
         gap = self.accounting_gap(final_metrics)
-        closed = sum(series(final_metrics, "lb_handoff_failures_total", reason=r)
-                     for r in ("no_worker", "queue_full"))
+        closed = self.counted_closes(final_metrics)
         check("every accepted connection accounted for", gap == 0 and not self.accounting_breaks,
               f"accepted {accepted:g} = delivered {accepted - closed - gap:g} + closed "
               f"{closed:g} (+ {gap:g} unaccounted)" + "; ".join(self.accounting_breaks[:3]))
@@ -727,6 +785,11 @@ class Soak:
         malformed = series(final_metrics, "lb_channel_messages_dropped_total", reason="malformed")
         check("garbage on a channel counted as malformed", malformed >= self.garbage_lines,
               f"{self.garbage_lines} garbage lines written, {malformed:g} counted")
+        if self.a.proxy:
+            refused = sum(series(final_metrics, "lb_proxy_header_errors_total", reason=r)
+                          for r in PROXY_REASONS)
+            check("every bad PROXY header closed and counted", refused == self.bad_headers,
+                  f"{self.bad_headers} sent, {refused:g} counted")
         check("fleet recovered: every slot ready after the faults", end["all_ready"],
               end["states"])
         fd_ok = after["fds"] <= base["fds"] + 2
@@ -752,7 +815,8 @@ class Soak:
         self.ips = [f"127.20.{i // 250}.{i % 250 + 1}" for i in range(a.ips)]
         self.route = {}
         for ip in self.ips:
-            out = subprocess.run([str(a.lb), "route", ip, "-w", str(a.workers),
+            out = subprocess.run([str(a.lb), "route", behind(ip) if a.proxy else ip,
+                                  "-w", str(a.workers),
                                   "--hash-seed", str(a.hash_seed)],
                                  capture_output=True, text=True, check=True)
             self.route[ip] = int(out.stdout.strip())
@@ -852,7 +916,8 @@ class Soak:
         a = self.a
         lines = []
         p = lines.append
-        p(f"lb soak: {a.worker} workers ×{a.workers}, {a.seconds:.0f} s (faults for "
+        p(f"lb soak: {a.worker} workers ×{a.workers}{' behind PROXY headers' if a.proxy else ''}, "
+          f"{a.seconds:.0f} s (faults for "
           f"{a.seconds - a.quiet:.0f} s, then {a.quiet:.0f} s quiet), seed {a.seed}")
         p(f"load: {self.count['connects']} connections — {self.count['http_ok']} churn requests, "
           f"{self.count['keepalive_ok']} keep-alive requests, {self.count['burst_ok']} in bursts, "
@@ -907,6 +972,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--hash-seed", type=int, default=7)
     ap.add_argument("--policy", default="sticky")
+    ap.add_argument("--proxy", action="store_true",
+                    help="lb behind a balancer: every connection starts with a PROXY v2 header")
     ap.add_argument("--ips", type=int, default=200, help="client source addresses")
     ap.add_argument("--websockets", type=int, default=1000)
     ap.add_argument("--ws-interval", type=float, default=1.5, help="mean seconds between messages")
