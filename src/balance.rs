@@ -7,12 +7,14 @@
 //! - **least-connections**: the eligible slot with the lowest load, ties broken round-robin so a
 //!   burst does not pile onto one slot.
 //!
-//! The sticky hash is `ahash` with four fixed seeds (`RandomState::with_seeds`, never `with_seed`,
-//! which mixes in per-process randomness) at an exactly pinned version; a golden-vector test below
-//! pins the mapping so a dependency update or a build flag (`+aes`) that changes it fails CI.
+//! The sticky hash is written out here, in 32-bit multiply/xor/shift steps (murmur3's `fmix32`),
+//! so that a classic BPF program can compute the very same mapping in the kernel
+//! (`--steering kernel`, [`crate::steering`]). The client key is the IPv4 address, or the xor of
+//! an IPv6 address's four 32-bit words; slot `s`'s seed is `fmix32(seed32 ^ s·0x9E3779B1)`; its
+//! weight for a client is `fmix32(key ^ slot seed)`; the highest weight wins, ties to the lower
+//! slot. Golden vectors below (computed by an independent Python reference) pin the mapping.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -76,40 +78,49 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Rendezvous hasher for the sticky policy.
-#[derive(Clone)]
-pub struct StickyHash {
-    state: ahash::RandomState,
+/// murmur3's 32-bit finalizer: a bijection that spreads every input bit over the output.
+pub const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^= h >> 16;
+    h
 }
 
-impl fmt::Debug for StickyHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StickyHash").finish_non_exhaustive()
+/// The 32-bit hash key of a canonical client address.
+pub fn ip_key(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4),
+        IpAddr::V6(v6) => {
+            let b = u128::from(v6);
+            ((b >> 96) as u32) ^ ((b >> 64) as u32) ^ ((b >> 32) as u32) ^ (b as u32)
+        }
     }
+}
+
+/// Rendezvous hasher for the sticky policy.
+#[derive(Debug, Clone, Copy)]
+pub struct StickyHash {
+    seed: u32,
 }
 
 impl StickyHash {
-    /// A hasher for `seed`. Same seed ⇒ same mapping, across processes and hosts.
+    /// A hasher for `seed`. Same seed ⇒ same mapping, across processes, hosts and steering modes.
     pub fn new(seed: u64) -> Self {
-        // Three fixed constants plus the seed: `with_seeds` is fully deterministic.
-        let state = ahash::RandomState::with_seeds(
-            seed,
-            0x243f_6a88_85a3_08d3,
-            0x1319_8a2e_0370_7344,
-            0xa409_3822_299f_31d0,
-        );
-        Self { state }
+        Self {
+            seed: (seed as u32) ^ ((seed >> 32) as u32),
+        }
+    }
+
+    /// Slot `slot`'s seed (what its weight mixes with the client key).
+    pub fn slot_seed(&self, slot: usize) -> u32 {
+        fmix32(self.seed ^ (slot as u32).wrapping_mul(0x9E37_79B1))
     }
 
     /// The weight of `slot` for client `ip` (already canonical).
-    pub fn weight(&self, ip: IpAddr, slot: usize) -> u64 {
-        let mut h = self.state.build_hasher();
-        match ip {
-            IpAddr::V4(v4) => h.write(&v4.octets()),
-            IpAddr::V6(v6) => h.write(&v6.octets()),
-        }
-        h.write_u32(slot as u32);
-        h.finish()
+    pub fn weight(&self, ip: IpAddr, slot: usize) -> u32 {
+        fmix32(ip_key(ip) ^ self.slot_seed(slot))
     }
 
     /// The eligible slot with the highest weight for `ip` (canonicalized here).
@@ -220,8 +231,9 @@ mod tests {
 
     #[test]
     fn golden_vectors_pin_the_sticky_mapping() {
-        // If this fails, the mapping changed: a dependency update (ahash) or a build flag
-        // (`-C target-cpu=native` enabling +aes) would move clients between hosts or versions.
+        // If this fails, the mapping changed: clients would move between hosts or versions, and
+        // the kernel's program (--steering kernel) would disagree with `lb route`. The vectors
+        // come from a separate Python implementation of the same hash.
         let h = StickyHash::new(DEFAULT_HASH_SEED);
         let got: Vec<usize> = [
             "127.0.0.1",
@@ -242,9 +254,9 @@ mod tests {
         assert_eq!(got_seeded, GOLDEN_SEED42);
     }
 
-    const GOLDEN_4: [usize; 6] = [3, 1, 0, 1, 3, 0];
-    const GOLDEN_8: [usize; 16] = [7, 5, 2, 4, 3, 4, 6, 5, 1, 2, 1, 4, 2, 3, 5, 7];
-    const GOLDEN_SEED42: [usize; 8] = [0, 0, 3, 0, 3, 3, 0, 1];
+    const GOLDEN_4: [usize; 6] = [0, 2, 1, 1, 1, 0];
+    const GOLDEN_8: [usize; 16] = [4, 6, 2, 0, 4, 2, 2, 5, 7, 6, 2, 4, 5, 5, 5, 0];
+    const GOLDEN_SEED42: [usize; 8] = [0, 3, 2, 3, 1, 3, 1, 2];
 
     #[test]
     fn ipv4_mapped_ipv6_hashes_like_ipv4() {

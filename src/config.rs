@@ -725,10 +725,9 @@ mod tests {
     fn file(text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(format!(
-            "{:x}.toml",
-            ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(text)
-        ));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = dir.join(format!("{n}.toml"));
         std::fs::write(&p, text).unwrap();
         p
     }

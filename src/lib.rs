@@ -50,6 +50,7 @@ pub mod proxy;
 pub mod reaper;
 pub mod router;
 pub mod spawn;
+pub mod steering;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;

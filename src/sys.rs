@@ -272,6 +272,41 @@ pub fn take_passed_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
+/// Attaches a classic BPF program that picks the socket of the `SO_REUSEPORT` group `fd`
+/// belongs to (`SO_ATTACH_REUSEPORT_CBPF`; replaces the previous one, for the whole group).
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, prog: &[crate::steering::Insn]) -> io::Result<()> {
+    let filter: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let len = u16::try_from(filter.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let fprog = libc::sock_fprog {
+        len,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `filter`, which outlives the call; the kernel copies the program
+    // and reads exactly `len` instructions; the option length is the struct's size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
