@@ -101,6 +101,7 @@ class Soak:
         self.descendants = {}   # (pid, starttime) -> comm
         self.garbage_lines = 0
         self.bad_headers = 0
+        self.limits = {}        # pid -> (soft, hard) before any fault
         self.fault_errors = []
         self.invariants = []    # (name, ok, detail)
 
@@ -580,11 +581,18 @@ class Soak:
         self.note("burst", f"{n} connections")
         await self.burst(n)
 
+    def original_limit(self, pid):
+        """A process's fd limit before any fault touched it (faults overlap: restoring what the
+        previous one set would leave the limit low)."""
+        if pid not in self.limits:
+            self.limits[pid] = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        return self.limits[pid]
+
     async def fault_fds(self):
-        soft, hard = resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE)
+        soft, hard = self.original_limit(self.proc.pid)
         low = self.lb_fds() + self.rng.randint(0, 3)
         hold = self.rng.uniform(1, 3)
-        resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (low, hard))
+        resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (min(low, soft), hard))
         self.note("fd_exhaustion", f"soft limit {low} for {hold:.1f}s")
         await asyncio.sleep(hold)
         resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
@@ -597,12 +605,12 @@ class Soak:
             return
         slot, pid = self.rng.choice(ws)
         try:
-            soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            soft, hard = self.original_limit(pid)
             # The limit applies to fd numbers: set it to the lowest free one.
             used = {int(f) for f in os.listdir(f"/proc/{pid}/fd")}
             low = min(set(range(len(used) + 1)) - used)
             hold = self.rng.uniform(0.5, 2)
-            resource.prlimit(pid, resource.RLIMIT_NOFILE, (low, hard))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(low, soft), hard))
         except (ProcessLookupError, FileNotFoundError):
             return
         t_from = self.t()
@@ -790,6 +798,8 @@ class Soak:
                           for r in PROXY_REASONS)
             check("every bad PROXY header closed and counted", refused == self.bad_headers,
                   f"{self.bad_headers} sent, {refused:g} counted")
+        check("service live after the faults (quiet tail ≥ 10 churn requests/s)",
+              self.tail_rate >= 10, f"{self.tail_rate:.0f} requests/s")
         check("fleet recovered: every slot ready after the faults", end["all_ready"],
               end["states"])
         fd_ok = after["fds"] <= base["fds"] + 2
@@ -846,16 +856,27 @@ class Soak:
         tasks += [asyncio.create_task(self.upload()) for _ in range(a.uploads)]
         tasks += [asyncio.create_task(self.idle(i)) for i in range(a.idle)]
         chaos = asyncio.create_task(self.chaos())
-        last = 0
-        while now() < load_until:
-            await asyncio.sleep(1)
-            if now() - last >= a.progress:
-                last = now()
+        last = [0.0]
+
+        def progress():
+            if now() - last[0] >= a.progress:
+                last[0] = now()
                 print(f"  {self.t():5.0f}s  http {self.count['http_ok']}  keep-alive "
                       f"{self.count['keepalive_ok']}  ws msgs {self.count['ws_messages']}  "
                       f"uploads {self.count['upload_ok']}  failures {len(self.failures)}  faults "
                       f"{sum(self.faults.values())}", flush=True)
+
+        while now() < self.faults_until:
+            await asyncio.sleep(1)
+            progress()
         await chaos
+        # Liveness: after the last fault, the quiet tail is served (a loose floor, not a speed
+        # target: a healthy run does hundreds of requests a second here).
+        tail_from, tail_t = self.count["http_ok"], now()
+        while now() < load_until:
+            await asyncio.sleep(0.5)
+            progress()
+        self.tail_rate = (self.count["http_ok"] - tail_from) / max(now() - tail_t, 0.001)
         self.stop_load = True
         await asyncio.wait(tasks, timeout=60)
         # Quiesce: every slot ready again, nothing queued or in flight.

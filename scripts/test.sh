@@ -53,7 +53,8 @@ timeout --kill-after=10 300 cargo test --doc 2>&1 | tee -a "$log" || doc_status=
 [ "$status" -ne 0 ] || status=$doc_status
 
 # The chaos soak (benches/soak.py): the release binary under mixed load and random faults, with
-# every invariant checked; once with the built-in worker, once with a Node cluster app.
+# every invariant checked; once with the built-in worker behind PROXY headers, once with a Node
+# cluster app.
 # LB_SOAK_SECONDS sets the length of each (0 skips them).
 soak_seconds=${LB_SOAK_SECONDS:-75}
 soak_passed=0
@@ -64,6 +65,7 @@ if [ "$soak_seconds" != 0 ]; then
     for worker in builtin cluster; do
       if timeout --kill-after=10 $((soak_seconds * 2 + 120)) \
         python3 benches/soak.py --worker "$worker" --seconds "$soak_seconds" --progress 30 \
+          $( [ "$worker" = builtin ] && echo --proxy ) \
           --seed "${LB_SOAK_SEED:-$(date +%j)}"; then
         soak_passed=$((soak_passed + 1))
       else
