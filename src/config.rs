@@ -50,6 +50,9 @@ pub enum ConfigError {
         /// The parser's message (one line).
         message: String,
     },
+    /// Options that cannot be combined.
+    #[error("{0}")]
+    Conflict(String),
     /// The worker command cannot be run.
     #[error("worker command `{command}` not found or not executable{hint}")]
     CommandNotFound {
@@ -161,6 +164,15 @@ pub enum StalledSticky {
     Wait,
 }
 
+/// `--steering`: who picks the worker for each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    /// The master accepts every connection and hands it over.
+    Master,
+    /// The kernel picks the slot's listener by client IP; workers accept themselves.
+    Kernel,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -260,11 +272,13 @@ macro_rules! options {
                         None => false,
                     };
                 let command = worker_command(file.as_ref(), command)?;
-                Ok(Self {
+                let settings = Self {
                     $($name,)*
                     wait_ready,
                     command,
-                })
+                };
+                settings.check_steering()?;
+                Ok(settings)
             }
         }
     };
@@ -317,6 +331,11 @@ options! {
     /// `wait` (queue for up to --queue-timeout) [default: next]
     sticky_stalled: StalledSticky = StalledSticky::Next,
         |v| choice(v, &[("next", StalledSticky::Next), ("wait", StalledSticky::Wait)]), "MODE";
+    /// Who picks the worker for a connection: `master` (lb accepts and hands the connection
+    /// over) or `kernel` (one SO_REUSEPORT listener per slot and a BPF program computing
+    /// sticky; workers accept for themselves) [default: master]
+    steering: Steering = Steering::Master,
+        |v| choice(v, &[("master", Steering::Master), ("kernel", Steering::Kernel)]), "MODE";
     /// PROXY protocol from the balancer in front: `off`, `strip` (lb reads the v1/v2 header and
     /// hashes on the client's address; the worker gets the client's bytes) or `keep` (the
     /// header stays in the stream) [default: off]
@@ -346,6 +365,45 @@ options! {
     /// text or json [default: text]
     log_format: LogFormat = LogFormat::Text,
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
+}
+
+impl Settings {
+    /// `--steering kernel` needs what the kernel can do: sticky (the program computes sticky's
+    /// hash), the client's own address (the kernel cannot read a PROXY header), workers that
+    /// accept for themselves, and few enough slots for one BPF program.
+    fn check_steering(&self) -> Result<(), ConfigError> {
+        if self.steering != Steering::Kernel {
+            return Ok(());
+        }
+        let conflict = |m: &str| Err(ConfigError::Conflict(format!("--steering kernel: {m}")));
+        if self.policy != Policy::Sticky {
+            return conflict(&format!(
+                "the kernel computes sticky only (policy is {}); use --steering master",
+                self.policy
+            ));
+        }
+        if self.proxy_protocol != crate::proxy::Mode::Off {
+            return conflict(
+                "the kernel sees the balancer's address, not the PROXY header's; use --steering master with --proxy-protocol",
+            );
+        }
+        if self.workers > crate::steering::MAX_SLOTS {
+            return conflict(&format!(
+                "at most {} workers fit in one BPF program",
+                crate::steering::MAX_SLOTS
+            ));
+        }
+        if let Some(cmd) = &self.command
+            && std::path::Path::new(&cmd[0])
+                .file_name()
+                .is_some_and(|n| n == "node" || n == "nodejs")
+        {
+            return conflict(
+                "Node workers only take handed-over connections so far; use the built-in worker or an lb::worker program",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A loaded config file: its keys plus what is needed to name lines in errors.

@@ -31,6 +31,11 @@ pub struct BindError {
 
 /// Binds `addr` with `backlog` (not registered with a runtime yet).
 pub fn bind(addr: SocketAddr, backlog: u32) -> Result<Socket, BindError> {
+    bind_with(addr, backlog, false)
+}
+
+/// [`bind`], optionally with `SO_REUSEPORT` (kernel steering's per-slot listeners).
+pub fn bind_with(addr: SocketAddr, backlog: u32, reuse_port: bool) -> Result<Socket, BindError> {
     let err = |source: io::Error| {
         let hint = match source.kind() {
             io::ErrorKind::AddrInUse => {
@@ -45,6 +50,9 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> Result<Socket, BindError> {
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         // `[::]` accepts IPv4 clients too (as IPv4-mapped addresses).
         socket.set_only_v6(false).map_err(err)?;
@@ -91,6 +99,12 @@ impl Listener {
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("listener has no inet address"))
+    }
+
+    /// The listening socket's fd.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.io.get_ref().as_fd()
     }
 
     /// Waits until a connection may be pending.

@@ -219,10 +219,23 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
         Err(e) => return fail(&format!("socket activation: {e}")),
     };
     let activated = passed.listener.is_some();
-    let socket = match passed.listener {
-        Some(s) => s,
+    let kernel = settings.steering == lb::config::Steering::Kernel;
+    if kernel && activated {
+        return fail(
+            "--steering kernel binds one listener per slot itself; it cannot use a socket from systemd",
+        );
+    }
+    // Kernel steering: one SO_REUSEPORT listener per slot instead of one the master accepts on.
+    let (socket, group) = match passed.listener {
+        Some(s) => (Some(s), None),
+        None if kernel => {
+            match lb::steering::bind_group(settings.listen, settings.workers, settings.backlog) {
+                Ok(g) => (None, Some(g)),
+                Err(e) => return fail(&e.to_string()),
+            }
+        }
         None => match listener::bind(settings.listen, settings.backlog) {
-            Ok(s) => s,
+            Ok(s) => (Some(s), None),
             Err(e) => return fail(&e.to_string()),
         },
     };
@@ -259,8 +272,20 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     let result = rt.block_on(async move {
-        let listener = Listener::new(socket)?;
-        let local = listener.local_addr()?;
+        let listener = socket.map(Listener::new).transpose()?;
+        let group = match group {
+            Some(g) => Some(lb::steering::Group::new(
+                g,
+                settings.backlog,
+                lb::balance::StickyHash::new(settings.hash_seed),
+            )?),
+            None => None,
+        };
+        let local = match (&listener, &group) {
+            (Some(l), _) => l.local_addr()?,
+            (None, Some(g)) => g.local_addr(),
+            (None, None) => return Err(std::io::Error::other("no listening socket")),
+        };
         let shared = Shared::new(settings.workers, settings.policy);
         let metrics_addr = match metrics_listener {
             Some(l) => {
@@ -277,6 +302,8 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             shell::listening_line(local, metrics_addr),
             if activated {
                 " (sockets from systemd)"
+            } else if kernel {
+                " (kernel steering)"
             } else {
                 ""
             },
@@ -299,7 +326,7 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
         lb::reaper::become_subreaper();
         Master::new(settings, argv, shared)
             .reload_from(run, command)
-            .run(listener, commands)
+            .run(listener, group, commands)
             .await
     });
     if let Some(p) = control_path {

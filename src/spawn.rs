@@ -93,13 +93,20 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
-/// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment.
+/// The fd a worker finds its slot's listening socket on with `--steering kernel`
+/// (`LB_LISTEN_FD`).
+pub const LISTEN_FD: i32 = 4;
+
+/// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment, and
+/// with `listener` (kernel steering: the slot's listening socket) on fd 4.
 pub fn spawn_worker(
     argv: &[String],
     slot: usize,
     env: &[(&str, String)],
     user: Option<&WorkerUser>,
+    listener: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
+    let listener_fd = listener.map(|l| l.as_raw_fd());
     let (parent_end, child_end) = UnixStream::pair()?;
     let child_end: OwnedFd = child_end.into();
     let child_fd = child_end.as_raw_fd();
@@ -119,6 +126,11 @@ pub fn spawn_worker(
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
+    if listener_fd.is_some() {
+        cmd.env("LB_LISTEN_FD", LISTEN_FD.to_string());
+    } else {
+        cmd.env_remove("LB_LISTEN_FD");
+    }
     if let Some(u) = user {
         cmd.env("HOME", &u.home)
             .env("USER", &u.name)
@@ -156,7 +168,19 @@ pub fn spawn_worker(
             if libc::getppid() != master_pid {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
-            if child_fd == CHANNEL_FD {
+            if let Some(lfd) = listener_fd {
+                // Channel to 3 and listener to 4: first move both above 4 (close-on-exec
+                // copies), so that neither dup2 overwrites the other's source.
+                let c = libc::fcntl(child_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);
+                if c < 0
+                    || l < 0
+                    || libc::dup2(c, CHANNEL_FD) < 0
+                    || libc::dup2(l, LISTEN_FD) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if child_fd == CHANNEL_FD {
                 // dup2(3, 3) would not clear FD_CLOEXEC.
                 if libc::fcntl(CHANNEL_FD, libc::F_SETFD, 0) != 0 {
                     return Err(io::Error::last_os_error());

@@ -10,7 +10,154 @@
 //! returns the index of the socket in the reuseport group, which is the slot (sockets join the
 //! group in slot order and never leave it while lb runs, so indices never shift).
 
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
 use crate::balance::StickyHash;
+use crate::listener::{BindError, Listener};
+
+/// Binds `n` `SO_REUSEPORT` listeners on `addr` (the first one picks the port if it is 0), in
+/// slot order: socket `i` is slot `i`'s and index `i` of the group.
+pub fn bind_group(addr: SocketAddr, n: usize, backlog: u32) -> Result<Vec<Socket>, BindError> {
+    let mut addr = addr;
+    let mut group = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = crate::listener::bind_with(addr, backlog, true)?;
+        if addr.port() == 0 {
+            addr.set_port(s.local_addr().ok().and_then(|a| a.as_socket()).map_or(0, |a| a.port()));
+        }
+        group.push(s);
+    }
+    Ok(group)
+}
+
+/// Waits until one of `listeners` may have a connection; returns its slot.
+pub async fn any_ready(listeners: &[(usize, Arc<Listener>)]) -> usize {
+    let waits = listeners.iter().map(|(slot, l)| {
+        Box::pin(async move {
+            let _ = l.ready().await;
+            *slot
+        })
+    });
+    futures_util::future::select_all(waits).await.0
+}
+
+/// The master's side of kernel steering: the group's listeners (kept open while lb runs, so no
+/// socket ever leaves the group), the program attached, and per-slot accept-queue watch.
+pub struct Group {
+    addr: SocketAddr,
+    backlog: u32,
+    hash: StickyHash,
+    listeners: Vec<Arc<Listener>>,
+    /// The live slots of the attached program (`None` before the first).
+    live: Option<Vec<usize>>,
+    /// Since when each slot's accept queue has been non-empty (at every check).
+    waiting_since: Vec<Option<Instant>>,
+}
+
+impl Group {
+    /// Registers the bound group with the runtime.
+    pub fn new(sockets: Vec<Socket>, backlog: u32, hash: StickyHash) -> io::Result<Group> {
+        let listeners = sockets
+            .into_iter()
+            .map(|s| Listener::new(s).map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
+        let addr = listeners[0].local_addr()?;
+        Ok(Group {
+            addr,
+            backlog,
+            hash,
+            waiting_since: vec![None; listeners.len()],
+            listeners,
+            live: None,
+        })
+    }
+
+    /// The address every listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Slot `slot`'s listener (what its worker accepts from), growing the group to reach it.
+    pub fn listener(&mut self, slot: usize) -> io::Result<BorrowedFd<'_>> {
+        while self.listeners.len() <= slot {
+            let s = crate::listener::bind_with(self.addr, self.backlog, true)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            self.listeners.push(Arc::new(Listener::new(s)?));
+            self.waiting_since.push(None);
+        }
+        Ok(self.listeners[slot].fd())
+    }
+
+    /// Attaches the program for `live` if it differs from the one attached. `Ok(true)` if it did.
+    pub fn steer(&mut self, live: Vec<usize>) -> io::Result<bool> {
+        if self.live.as_ref() == Some(&live) {
+            return Ok(false);
+        }
+        crate::sys::attach_reuseport_cbpf(self.listeners[0].fd(), &program(&self.hash, &live))?;
+        self.live = Some(live);
+        Ok(true)
+    }
+
+    /// The slots outside the attached program, whose queues the master empties itself.
+    pub fn down(&self) -> Vec<(usize, Arc<Listener>)> {
+        let live = self.live.as_deref().unwrap_or(&[]);
+        self.listeners
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !live.contains(i))
+            .map(|(i, l)| (i, l.clone()))
+            .collect()
+    }
+
+    /// Slot `slot`'s listener, for the master to accept from.
+    pub fn get(&self, slot: usize) -> Option<Arc<Listener>> {
+        self.listeners.get(slot).cloned()
+    }
+
+    /// Live slots whose accept queue has not been empty at any check for `limit`: their worker
+    /// is not accepting (stopped, hung, or not a worker that accepts at all).
+    pub fn stuck(&mut self, now: Instant, limit: Duration) -> Vec<usize> {
+        let live = self.live.clone().unwrap_or_default();
+        let mut stuck = Vec::new();
+        for (slot, l) in self.listeners.iter().enumerate() {
+            let waiting = live.contains(&slot)
+                && crate::sys::accept_queue_len(l.fd()).is_ok_and(|n| n > 0);
+            match (waiting, self.waiting_since[slot]) {
+                (false, _) => self.waiting_since[slot] = None,
+                (true, None) => self.waiting_since[slot] = Some(now),
+                (true, Some(t)) if now.saturating_duration_since(t) >= limit => {
+                    self.waiting_since[slot] = None;
+                    stuck.push(slot);
+                }
+                (true, Some(_)) => {}
+            }
+        }
+        stuck
+    }
+
+    /// Closes the master's copies (at shutdown; workers still hold theirs until they exit).
+    pub fn close(&mut self) {
+        self.listeners.clear();
+        self.live = None;
+    }
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("addr", &self.addr)
+            .field("slots", &self.listeners.len())
+            .field("live", &self.live)
+            .finish()
+    }
+}
+
 
 /// One classic BPF instruction (`struct sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -105,11 +105,22 @@ unsafe fn sockaddr_to_std(
 
 /// Set once the inherited channel fd has been adopted (it may be owned only once).
 static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The same for the inherited listener (kernel steering, fd 4).
+static LISTENER_ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Takes ownership of a socket fd inherited across `exec` (a worker's channel, fd 3).
 ///
 /// Fails if `fd` is not an open socket, or if an fd was already adopted by this process.
 pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    adopt(fd, &ADOPTED)
+}
+
+/// Takes ownership of the slot's listening socket inherited across `exec` (fd 4, once).
+pub fn adopt_inherited_listener(fd: RawFd) -> io::Result<OwnedFd> {
+    adopt(fd, &LISTENER_ADOPTED)
+}
+
+fn adopt(fd: RawFd, once: &std::sync::atomic::AtomicBool) -> io::Result<OwnedFd> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat only writes into `st`; an fd number that is not open just yields EBADF.
     if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
@@ -120,13 +131,11 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(io::Error::other("not a socket"));
     }
-    if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Err(io::Error::other(
-            "the channel fd is already in use by this process",
-        ));
+    if once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(io::Error::other("that fd is already in use by this process"));
     }
     // SAFETY: `fd` is open (fstat succeeded), was inherited at exec so no Rust object owns it,
-    // and the ADOPTED flag guarantees this is the only adoption in the process.
+    // and the `once` flag guarantees this is its only adoption in the process.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -305,6 +314,29 @@ pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, prog: &[crate::steering::Insn])
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// How many connections wait in a listening socket's accept queue (`TCP_INFO`'s `tcpi_unacked`
+/// is that count for a socket in LISTEN state).
+pub fn accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large and zeroed
+    // (so any field it does not fill is 0, a valid value for every field).
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, then (partly) filled by the kernel: every bit pattern is valid.
+    Ok(unsafe { info.assume_init() }.tcpi_unacked)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, proxy, reaper, spawn, systemd};
+use crate::{control, procfs, proxy, reaper, spawn, steering, systemd};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -93,6 +93,10 @@ pub struct Master {
     ready_notified: bool,
     /// When the next `WATCHDOG=1` is due.
     next_watchdog: Option<Instant>,
+    /// `--steering kernel`: the per-slot listeners and the program steering them.
+    group: Option<steering::Group>,
+    /// When kernel steering next looks for slots that stopped accepting.
+    next_steer_check: Option<Instant>,
 }
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
@@ -163,6 +167,8 @@ impl Master {
             notify: systemd::Notifier::from_env(),
             ready_notified: false,
             next_watchdog: None,
+            group: None,
+            next_steer_check: None,
             reload_from: None,
         }
     }
@@ -243,7 +249,8 @@ impl Master {
     /// Runs until a graceful shutdown completes, taking commands from the control socket.
     pub async fn run(
         mut self,
-        listener: Listener,
+        listener: Option<Listener>,
+        group: Option<steering::Group>,
         mut commands: Option<mpsc::UnboundedReceiver<control::Command>>,
     ) -> std::io::Result<()> {
         let mut roll_waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
@@ -252,8 +259,13 @@ impl Master {
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut chld = signal(SignalKind::child())?;
-        self.listen_addr = listener.local_addr().ok();
-        let mut listener = Some(listener);
+        self.listen_addr = match (&listener, &group) {
+            (Some(l), _) => l.local_addr().ok(),
+            (None, Some(g)) => Some(g.local_addr()),
+            (None, None) => None,
+        };
+        self.group = group;
+        let mut listener = listener;
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         self.apply();
         // One timer for every deadline, reset only when the earliest deadline changes (the hot
@@ -291,8 +303,12 @@ impl Master {
                 }
             }
             self.notify_manager(now);
+            self.steer(now);
             if self.fleet.shutting_down() {
                 listener = None; // stop accepting: close the listening socket
+                if let Some(g) = &mut self.group {
+                    g.close();
+                }
                 if self.fleet.is_done() {
                     break;
                 }
@@ -303,6 +319,7 @@ impl Master {
                 self.accept_paused_until,
                 self.next_ping,
                 self.next_watchdog,
+                self.next_steer_check,
             ]
             .into_iter()
             .flatten()
@@ -313,6 +330,11 @@ impl Master {
                 timer.as_mut().reset(armed.into());
             }
             let accepting = listener.is_some() && self.accept_paused_until.is_none();
+            // Kernel steering: the master empties the queues of slots outside the program.
+            let down = match &self.group {
+                Some(g) if self.accept_paused_until.is_none() && !self.fleet.shutting_down() => g.down(),
+                _ => Vec::new(),
+            };
             tokio::select! {
                 biased;
                 Some(ev) = self.reports_rx.recv() => {
@@ -332,6 +354,13 @@ impl Master {
                             tracing::error!("listener failed: {e}");
                             self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                         }
+                    }
+                }
+                slot = steering::any_ready(&down), if !down.is_empty() => {
+                    if let Some(l) = self.group.as_ref().and_then(|g| g.get(slot))
+                        && let Ok(mut guard) = l.ready().await
+                    {
+                        self.accept_batch(&mut guard);
                     }
                 }
                 _ = term.recv() => self.begin_shutdown("SIGTERM"),
@@ -449,6 +478,10 @@ impl Master {
                     }
                 }
                 self.fleet.on_alive(id, now);
+                if self.group.is_some() {
+                    // Kernel steering: a worker that stopped accepting speaks again.
+                    self.fleet.on_recovered(id);
+                }
             }
             Report::Stalled => self.fleet.on_stalled(id, self.settings.stall_timeout),
             Report::Recovered => self.fleet.on_recovered(id),
@@ -572,6 +605,33 @@ impl Master {
                     errno: e.raw_os_error().unwrap_or(libc::EINVAL),
                 });
             }
+        }
+    }
+
+    /// Kernel steering: attaches the program for the slots that are up whenever that set
+    /// changes, and (every quarter `--stall-timeout`) marks stalled a live slot whose accept
+    /// queue has stayed non-empty that long, so its clients move on and the master empties it.
+    fn steer(&mut self, now: Instant) {
+        let Some(g) = &mut self.group else { return };
+        if self.fleet.shutting_down() {
+            return;
+        }
+        let stall = self.settings.stall_timeout;
+        if self.next_steer_check.is_none_or(|t| now >= t) {
+            self.next_steer_check = Some(now + (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)));
+            for slot in g.stuck(now, stall) {
+                if let Some(id) = self.fleet.view(slot).current {
+                    self.fleet.on_stalled(id, stall);
+                }
+            }
+        }
+        let live: Vec<usize> = (0..self.fleet.len())
+            .filter(|&s| self.fleet.view(s).up())
+            .collect();
+        match g.steer(live.clone()) {
+            Ok(true) => tracing::debug!(?live, "kernel steering: program attached"),
+            Ok(false) => {}
+            Err(e) => tracing::error!("kernel steering: cannot attach the program: {e}"),
         }
     }
 
@@ -741,10 +801,13 @@ impl Master {
     }
 
     fn spawn(&mut self, id: WorkerId, now: Instant) {
-        // Workers built on lb::worker beat three times per heartbeat timeout.
-        let beat_ms = (self.settings.heartbeat_timeout.as_millis() / 3)
-            .max(10)
-            .to_string();
+        // Workers built on lb::worker beat three times per heartbeat timeout (with kernel
+        // steering, twice per stall timeout: a beat is how a stalled worker says it is back).
+        let mut beat = self.settings.heartbeat_timeout / 3;
+        if self.group.is_some() {
+            beat = beat.min(self.settings.stall_timeout / 2);
+        }
+        let beat_ms = beat.as_millis().max(10).to_string();
         let unique_id = self.next_unique_id;
         self.next_unique_id += 1;
         let mut env = vec![
@@ -771,8 +834,16 @@ impl Master {
             }
             env.push(("LB_PORT", port));
         }
+        let listener = match self.group.as_mut().map(|g| g.listener(id.slot)) {
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => {
+                tracing::error!(slot = id.slot, "cannot open the slot's listener: {e}");
+                return self.fleet.spawn_failed(id, now);
+            }
+            None => None,
+        };
         let spawned =
-            match spawn::spawn_worker(&self.argv, id.slot, &env, self.settings.user.as_ref()) {
+            match spawn::spawn_worker(&self.argv, id.slot, &env, self.settings.user.as_ref(), listener) {
                 Ok(sp) => sp,
                 Err(e) => {
                     tracing::error!(

@@ -120,15 +120,29 @@ async fn serve() -> Result<(), BuiltinError> {
             drop(conn.guard);
         });
     };
+    // With `lb --steering kernel`, the kernel sends this slot's clients to its own listener.
+    let listener = worker.listener()?;
     loop {
         tokio::select! {
             conn = worker.accept() => match conn {
                 Some(conn) => serve_one(conn),
                 None => break,
             },
+            conn = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
+                // An accept error (a connection reset in the queue, out of fds) affects that
+                // connection only: keep accepting.
+                match conn {
+                    Ok(conn) => serve_one(conn),
+                    // Out of fds: give closes a moment instead of spinning.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
             _ = term.recv() => break,
         }
     }
+    // Stop accepting from the slot's listener: what waits there goes to the next worker of the
+    // slot (a rolling restart) or is taken by lb.
+    drop(listener);
     // Drain: take no new connections (lb gets NACKs and re-routes them), but serve every one
     // already acknowledged.
     let _ = stop_tx.send(true);

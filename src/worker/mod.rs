@@ -252,6 +252,52 @@ impl Worker {
     pub fn slot(&self) -> Option<usize> {
         self.slot
     }
+
+    /// With `lb --steering kernel`: the slot's listening socket (`LB_LISTEN_FD`), to accept
+    /// from alongside [`Worker::accept`] — the kernel sends this slot's sticky clients there.
+    /// `Ok(None)` when lb steers in the master. Call once.
+    pub fn listener(&self) -> Result<Option<SlotListener>, WorkerError> {
+        let Ok(var) = std::env::var("LB_LISTEN_FD") else {
+            return Ok(None);
+        };
+        let fd: i32 = var
+            .trim()
+            .parse()
+            .map_err(|_| WorkerError::BadFd(var.clone()))?;
+        let owned = sys::adopt_inherited_listener(fd)
+            .map_err(|source| WorkerError::Channel { fd, source })?;
+        let std = std::net::TcpListener::from(owned);
+        let inner = std
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std))
+            .map_err(|source| WorkerError::Channel { fd, source })?;
+        Ok(Some(SlotListener {
+            inner,
+            counters: self.counters.clone(),
+        }))
+    }
+}
+
+/// The slot's own listening socket (kernel steering): connections accepted here count like
+/// handed ones.
+#[derive(Debug)]
+pub struct SlotListener {
+    inner: tokio::net::TcpListener,
+    counters: Arc<Counters>,
+}
+
+impl SlotListener {
+    /// The next connection the kernel steered to this slot.
+    pub async fn accept(&self) -> io::Result<Connection> {
+        let (stream, _) = self.inner.accept().await?;
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        self.counters.changed.notify_one();
+        Ok(Connection {
+            stream,
+            client: None,
+            guard: ActiveGuard(self.counters.clone()),
+        })
+    }
 }
 
 /// Takes ownership of the inherited channel fd after checking it is a socket.
