@@ -173,11 +173,7 @@ pub fn spawn_worker(
                 // copies), so that neither dup2 overwrites the other's source.
                 let c = libc::fcntl(child_fd, libc::F_DUPFD_CLOEXEC, 10);
                 let l = libc::fcntl(lfd, libc::F_DUPFD_CLOEXEC, 10);
-                if c < 0
-                    || l < 0
-                    || libc::dup2(c, CHANNEL_FD) < 0
-                    || libc::dup2(l, LISTEN_FD) < 0
-                {
+                if c < 0 || l < 0 || libc::dup2(c, CHANNEL_FD) < 0 || libc::dup2(l, LISTEN_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             } else if child_fd == CHANNEL_FD {

@@ -29,7 +29,12 @@ pub fn bind_group(addr: SocketAddr, n: usize, backlog: u32) -> Result<Vec<Socket
     for _ in 0..n {
         let s = crate::listener::bind_with(addr, backlog, true)?;
         if addr.port() == 0 {
-            addr.set_port(s.local_addr().ok().and_then(|a| a.as_socket()).map_or(0, |a| a.port()));
+            addr.set_port(
+                s.local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map_or(0, |a| a.port()),
+            );
         }
         group.push(s);
     }
@@ -126,8 +131,8 @@ impl Group {
         let live = self.live.clone().unwrap_or_default();
         let mut stuck = Vec::new();
         for (slot, l) in self.listeners.iter().enumerate() {
-            let waiting = live.contains(&slot)
-                && crate::sys::accept_queue_len(l.fd()).is_ok_and(|n| n > 0);
+            let waiting =
+                live.contains(&slot) && crate::sys::accept_queue_len(l.fd()).is_ok_and(|n| n > 0);
             match (waiting, self.waiting_since[slot]) {
                 (false, _) => self.waiting_since[slot] = None,
                 (true, None) => self.waiting_since[slot] = Some(now),
@@ -157,7 +162,6 @@ impl std::fmt::Debug for Group {
             .finish()
     }
 }
-
 
 /// One classic BPF instruction (`struct sock_filter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

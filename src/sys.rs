@@ -132,7 +132,9 @@ fn adopt(fd: RawFd, once: &std::sync::atomic::AtomicBool) -> io::Result<OwnedFd>
         return Err(io::Error::other("not a socket"));
     }
     if once.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Err(io::Error::other("that fd is already in use by this process"));
+        return Err(io::Error::other(
+            "that fd is already in use by this process",
+        ));
     }
     // SAFETY: `fd` is open (fstat succeeded), was inherited at exec so no Rust object owns it,
     // and the `once` flag guarantees this is its only adoption in the process.

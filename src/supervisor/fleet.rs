@@ -481,7 +481,7 @@ impl Fleet {
             tracing::warn!(
                 slot = id.slot,
                 pid = w.pid,
-                "worker has not answered a handoff for {stall_timeout:?}; no new connections until it does"
+                "worker has not answered a handoff (or, with kernel steering, accepted from its listener) for {stall_timeout:?}; no new connections until it does"
             );
             self.publish(id.slot);
         }

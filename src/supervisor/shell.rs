@@ -332,7 +332,9 @@ impl Master {
             let accepting = listener.is_some() && self.accept_paused_until.is_none();
             // Kernel steering: the master empties the queues of slots outside the program.
             let down = match &self.group {
-                Some(g) if self.accept_paused_until.is_none() && !self.fleet.shutting_down() => g.down(),
+                Some(g) if self.accept_paused_until.is_none() && !self.fleet.shutting_down() => {
+                    g.down()
+                }
                 _ => Vec::new(),
             };
             tokio::select! {
@@ -618,13 +620,21 @@ impl Master {
         }
         let stall = self.settings.stall_timeout;
         if self.next_steer_check.is_none_or(|t| now >= t) {
-            self.next_steer_check = Some(now + (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)));
-            for slot in g.stuck(now, stall) {
+            self.next_steer_check = Some(
+                now + (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
+            );
+            let stuck = g.stuck(now, stall);
+            for &slot in &stuck {
                 if let Some(id) = self.fleet.view(slot).current {
                     self.fleet.on_stalled(id, stall);
                 }
             }
+            if !stuck.is_empty() {
+                // The router must know before the master takes those slots' queues.
+                self.apply();
+            }
         }
+        let Some(g) = &mut self.group else { return };
         let live: Vec<usize> = (0..self.fleet.len())
             .filter(|&s| self.fleet.view(s).up())
             .collect();
@@ -842,18 +852,23 @@ impl Master {
             }
             None => None,
         };
-        let spawned =
-            match spawn::spawn_worker(&self.argv, id.slot, &env, self.settings.user.as_ref(), listener) {
-                Ok(sp) => sp,
-                Err(e) => {
-                    tracing::error!(
-                        slot = id.slot,
-                        "cannot start worker `{}`: {e}",
-                        self.argv[0]
-                    );
-                    return self.fleet.spawn_failed(id, now);
-                }
-            };
+        let spawned = match spawn::spawn_worker(
+            &self.argv,
+            id.slot,
+            &env,
+            self.settings.user.as_ref(),
+            listener,
+        ) {
+            Ok(sp) => sp,
+            Err(e) => {
+                tracing::error!(
+                    slot = id.slot,
+                    "cannot start worker `{}`: {e}",
+                    self.argv[0]
+                );
+                return self.fleet.spawn_failed(id, now);
+            }
+        };
         let limits = dispatch::Limits {
             window: self.settings.max_pending,
             max_line: DEFAULT_MAX_LINE,
