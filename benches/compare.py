@@ -136,9 +136,9 @@ class Config:
         self.backends = backends
 
 
-def lb_config(name, policy, cmd=None, lb=None, env=None):
+def lb_config(name, policy, cmd=None, lb=None, env=None, extra=()):
     port = free_port()
-    argv = [lb or LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy]
+    argv = [lb or LB, "-l", f"127.0.0.1:{port}", "--metrics", "off", "-w", "2", "-p", policy, *extra]
     if has_flag(lb or LB, "--control"):
         argv[5:5] = ["--control", "off"]  # several lbs run at once: no shared control socket
     if cmd:
@@ -183,6 +183,10 @@ def configs(selected, base_lb=None):
         if base_lb and want(f"lb-{policy}"):
             # The same configuration with another lb binary, interleaved: an A/B in one run.
             made.append(lb_config(f"lb-{policy}@base", policy, lb=base_lb))
+    if want("lb-kernel") and has_flag(LB, "--steering"):
+        # Kernel steering: per-slot SO_REUSEPORT listeners and the sticky BPF program; the
+        # built-in workers accept for themselves.
+        made.append(lb_config("lb-kernel", "sticky", extra=["--steering", "kernel"]))
     if want("nginx-self") and have("nginx"):
         made.append(nginx_config("nginx-self", None))
     for backend in ["builtin", "node"]:
