@@ -369,8 +369,8 @@ options! {
 
 impl Settings {
     /// `--steering kernel` needs what the kernel can do: sticky (the program computes sticky's
-    /// hash), the client's own address (the kernel cannot read a PROXY header), workers that
-    /// accept for themselves, and few enough slots for one BPF program.
+    /// hash), the client's own address (the kernel cannot read a PROXY header), and few enough
+    /// slots for one BPF program.
     fn check_steering(&self) -> Result<(), ConfigError> {
         if self.steering != Steering::Kernel {
             return Ok(());
@@ -392,15 +392,6 @@ impl Settings {
                 "at most {} workers fit in one BPF program",
                 crate::steering::MAX_SLOTS
             ));
-        }
-        if let Some(cmd) = &self.command
-            && std::path::Path::new(&cmd[0])
-                .file_name()
-                .is_some_and(|n| n == "node" || n == "nodejs")
-        {
-            return conflict(
-                "Node workers only take handed-over connections so far; use the built-in worker or an lb::worker program",
-            );
         }
         Ok(())
     }

@@ -73,7 +73,7 @@ fn a_killed_worker_under_churn_fails_no_request_and_its_clients_return_after_res
     );
     churn.wait_more("traffic after the respawn", 300);
     let result = churn.stop();
-    result.assert_no_failures();
+    result.assert_only_lost_with_the_killed_worker(4);
     // Clients of the other slots never moved; slot 1's are home again.
     for (ip, slots) in &result.seen {
         let home = lb_route(*ip, 3, &[]);
@@ -179,10 +179,6 @@ fn kernel_steering_refuses_what_it_cannot_do_in_one_line() {
             vec!["--steering", "kernel", "--proxy-protocol", "strip"],
             "PROXY header",
         ),
-        (
-            vec!["--steering", "kernel", "--", "node", "server.js"],
-            "Node workers only take handed-over connections",
-        ),
     ] {
         let out = std::process::Command::new(LB)
             .args(["-l", "127.0.0.1:0", "--metrics", "off", "--control", "off"])
@@ -195,5 +191,37 @@ fn kernel_steering_refuses_what_it_cannot_do_in_one_line() {
             err.contains(want) && err.lines().count() == 1,
             "{args:?}: {err}"
         );
+    }
+}
+
+#[test]
+fn node_cluster_apps_accept_from_their_slots_listener_and_stay_sticky() {
+    // The single-file cluster app: its listen() on lb's port gets the slot's own listener.
+    let lb = start_node(
+        &["-w", "3", "--steering", "kernel"],
+        &fixture("cluster-listen.js"),
+        &[],
+    );
+    let pids = lb.wait_all_ready(3);
+    for i in 0..100 {
+        let ip = client_ip(300 + i);
+        assert_eq!(served_by(lb.addr, Some(ip)).0, lb_route(ip, 3, &[]), "{ip}");
+    }
+    assert_eq!(accepted(&lb), 0.0);
+    // A worker killed under churn: no request fails, its clients come back to its successor.
+    let churn = Churn::start(lb.addr, 3, 300, 20);
+    churn.wait_more("traffic before the kill", 150);
+    kill(pids[2], Signal::SIGKILL);
+    wait_for("slot 2 refilled", Duration::from_secs(15), || {
+        let p = lb.wait_all_ready(3);
+        (p[2] != pids[2]).then_some(())
+    });
+    churn.wait_more("traffic after the respawn", 150);
+    let result = churn.stop();
+    // Nothing queued for the dead worker is lost (the master takes its listener's queue); a
+    // request the worker had already accepted dies with it.
+    result.assert_only_lost_with_the_killed_worker(3);
+    for ip in result.seen.keys() {
+        assert_eq!(served_by(lb.addr, Some(*ip)).0, lb_route(*ip, 3, &[]));
     }
 }

@@ -113,7 +113,10 @@ const NEEDS_RESTART: [&str; 6] = [
 fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
     FleetConfig {
         workers: settings.workers,
-        wait_ready: settings.wait_ready,
+        // With kernel steering a Node worker takes clients only by accepting from the slot's
+        // listener: it is ready once it listens on lb's port (a cluster app), not before.
+        wait_ready: settings.wait_ready
+            || (settings.steering == crate::config::Steering::Kernel && is_node(argv)),
         ready_timeout: settings.ready_timeout,
         drain_timeout: settings.shutdown_timeout,
         heartbeat_timeout: settings.heartbeat_timeout,
@@ -552,6 +555,30 @@ impl Master {
             return;
         };
         let lb = self.listen_addr;
+        if let Some(lb) = lb
+            && q.is_tcp()
+            && q.port == i64::from(lb.port())
+            && let Some(g) = &mut self.group
+        {
+            // Kernel steering: the worker's server gets the slot's own listener and accepts
+            // from it (like Node's SCHED_NONE, but the kernel picks by client IP).
+            let fd = g.listener(id.slot).and_then(|fd| fd.try_clone_to_owned());
+            return match fd {
+                Ok(fd) => {
+                    // What the master hands this worker itself (a down slot's queue) goes to
+                    // the same server, as a `newconn`.
+                    self.router.rr_answered(id, q.key.clone());
+                    d.cluster(ClusterOut::Shared { query: q, fd })
+                }
+                Err(e) => {
+                    tracing::warn!(slot = id.slot, "cannot share the slot's listener: {e}");
+                    d.cluster(ClusterOut::Error {
+                        query: q,
+                        errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+                    })
+                }
+            };
+        }
         if let Some(lb) = lb
             && q.is_tcp()
             && q.port == i64::from(lb.port())

@@ -450,7 +450,14 @@ impl Churn {
                             Ok((slot, _)) => {
                                 seen.lock().unwrap().entry(ip).or_default().insert(slot);
                             }
-                            Err(e) => failures.lock().unwrap().push(format!("{ip}: {e:?}")),
+                            Err(e) => {
+                                let why = e
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default();
+                                failures.lock().unwrap().push(format!("{ip}: {why}"))
+                            }
                         }
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -486,6 +493,19 @@ impl Churn {
 }
 
 impl ChurnResult {
+    /// Only connections a killed worker had already taken may fail, and only by being closed or
+    /// reset without an answer (never by hanging): at most one per client thread.
+    pub fn assert_only_lost_with_the_killed_worker(&self, threads: usize) {
+        let f = &self.failures;
+        assert!(
+            f.len() <= threads
+                && f.iter()
+                    .all(|e| e.contains("bad status line \"\"") || e.contains("ConnectionReset")),
+            "{} failed requests: {f:?}",
+            f.len()
+        );
+    }
+
     pub fn assert_no_failures(&self) {
         let f = &self.failures;
         assert!(
