@@ -215,6 +215,10 @@ def configs(selected, base_lb=None):
         made.append(Config("node-sticky-primary", "node", port, lambda p=p: [p.pid], lambda p=p: descendants(p.pid), "node"))
     if want("lb-node"):
         made.append(lb_config("lb-node", "sticky", ["node", str(HELLO)]))
+    if want("lb-node-cluster-kernel") and has_flag(LB, "--steering"):
+        # The cluster app under kernel steering: each Node worker accepts from its slot's listener.
+        made.append(lb_config("lb-node-cluster-kernel", "sticky", ["node", str(HELLO)],
+                              env={"LISTEN_PORT": "{port}"}, extra=["--steering", "kernel"]))
     if want("lb-node-cluster"):
         # The same worker as a cluster app that calls listen() on lb's port (cluster newconn).
         made.append(lb_config("lb-node-cluster", "sticky", ["node", str(HELLO)], env={"LISTEN_PORT": "{port}"}))
