@@ -341,6 +341,28 @@ def ws_measure(c, conns):
     return out
 
 
+# Configurations the WebSocket echo workload visits: every lb mode and the peers a user would
+# put in front of the same workers instead.
+WSECHO = ["reuseport-2", "lb-sticky", "lb-kernel", "nginx-iphash-builtin", "haproxy-source-builtin",
+          "node-cluster-none", "lb-node", "lb-node-cluster", "lb-node-cluster-kernel",
+          "node-sticky-primary", "nginx-iphash-node", "haproxy-source-node"]
+
+
+def wsecho_measure(c, conns, seconds):
+    """`conns` WebSockets echoing 64-byte messages back to back for `seconds`: messages/s, round
+    trip, CPU per message of the balancer and of balancer + workers, and the load generator's
+    own CPU (to show whether it was the bottleneck)."""
+    bal, wk = c.balancer_pids(), c.worker_pids()
+    b0, w0 = cpu(bal), cpu(wk)
+    r = loadgen(c.port, "wsecho", seconds, ["--conns", str(conns), "--path", "/ws"])
+    b1, w1 = cpu(bal), cpu(wk)
+    n = max(r["messages"], 1)
+    return {"msgs_per_s": r["msgs_per_s"], "p50_us": r["p50_us"], "p99_us": r["p99_us"],
+            "errors": r["errors"], "connections": r["connections"],
+            "balancer_cpu_us": (b1 - b0) * 1e6 / n, "server_cpu_us": (b1 - b0 + w1 - w0) * 1e6 / n,
+            "loadgen_cpu_share": r["loadgen_cpu_s"] / r["seconds"]}
+
+
 def med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -351,6 +373,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--ws-conns", type=int, default=10000)
+    ap.add_argument("--wsecho-conns", type=int, default=1000,
+                    help="WebSockets in the echo workload (0 skips it)")
     ap.add_argument("--only", help="comma-separated configuration names")
     ap.add_argument("--base-lb", help="another lb binary: adds lb-*@base rows for an A/B in one run")
     ap.add_argument("--out", help="where to write results (default benches/results; benches/results/ab with --base-lb)")
@@ -375,7 +399,16 @@ def main():
         cs = configs(selected, a.base_lb)
         print(f"configurations: {', '.join(c.name for c in cs)}", file=sys.stderr)
         runs = {c.name: {"churn": [], "keepalive": []} for c in cs}
+        echo = {c.name: [] for c in cs if c.name in WSECHO and a.wsecho_conns}
         for rnd in range(a.rounds):
+            for c in cs:
+                if c.name in echo:
+                    m = wsecho_measure(c, a.wsecho_conns, a.seconds)
+                    echo[c.name].append(m)
+                    print(f"round {rnd + 1} wsecho    {c.name:24} {m['msgs_per_s']:9.0f}/s  balancer "
+                          f"{m['balancer_cpu_us']:6.2f} µs  server {m['server_cpu_us']:6.2f} µs  p99 {m['p99_us']} µs  "
+                          f"loadgen {m['loadgen_cpu_share']:.2f} CPU  errors {m['errors']}"
+                          + ("  <-- CLIENT ERRORS" if m["errors"] else ""), file=sys.stderr)
             for mode in ["churn", "keepalive"]:
                 for c in cs:
                     m = measure(c, mode, a.seconds)
@@ -405,10 +438,13 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rounds": a.rounds, "seconds": a.seconds,
             "cpus": os.cpu_count(), "kernel": os.uname().release}
+    wsecho = {n: {k: med([r[k] for r in rs]) for k in rs[0]} for n, rs in echo.items() if rs}
+    meta["wsecho"] = {"conns": a.wsecho_conns, "results": wsecho}
     (OUT / "results.json").write_text(json.dumps({"meta": meta, "results": summary, "websockets": ws}, indent=2))
     write_outputs(summary, ws, meta)
     bad = [n for n, s in summary.items() for m in ("churn_all", "keepalive_all") if any(r["errors"] for r in s[m])]
     bad += [n for n, w in ws.items() if w["errors"]]
+    bad += [n for n, rs in echo.items() if any(r["errors"] for r in rs)]
     if bad:
         print(f"client errors in: {', '.join(sorted(set(bad)))}", file=sys.stderr)
         sys.exit(1)
@@ -467,6 +503,21 @@ def markdown(summary, ws, meta):
             lines.append(f"| {name} | {w['conns']:,} (errors {w['errors']}) | {w['seconds']:.2f} s | "
                          f"{mib(w['balancer_rss_before'])} → {mib(w['balancer_rss_after'])} | "
                          f"{mib(w['workers_rss_before'])} → {mib(w['workers_rss_after'])} |")
+    echo = meta.get("wsecho", {}).get("results")
+    if echo:
+        lines += ["", f"WebSocket echo: {meta['wsecho']['conns']:,} WebSockets from 64 addresses, each sending a "
+                  "64-byte message and waiting for its echo, back to back; medians of the rounds. CPU per "
+                  "message; `× reuseport` compares with the 2 workers serving their own sockets. The load "
+                  "generator's CPU (1.00 = one core) shows whether it was the limit.", "",
+                  "| configuration | messages/s | × reuseport | p50 / p99 µs | balancer CPU µs/msg "
+                  "| balancer + workers CPU µs/msg | load generator CPU | errors |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = echo.get("reuseport-2")
+        for name, e in echo.items():
+            ratio = e["msgs_per_s"] / base["msgs_per_s"] if base else None
+            lines.append(f"| {name} | {fmt(e['msgs_per_s'])} | {fmt(ratio and ratio * 100, '%')} | "
+                         f"{fmt(e['p50_us'])} / {fmt(e['p99_us'])} | {e['balancer_cpu_us']:.2f} | "
+                         f"{e['server_cpu_us']:.2f} | {e['loadgen_cpu_share']:.2f} | {e['errors']:g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@
 //!   MODE = churn      a new connection per request (`Connection: close`)
 //!          keepalive  N connections, requests back to back on each
 //!          ws         open --conns idle WebSocket connections, report the time, hold until stdin closes
+//!          wsecho     open --conns WebSockets, then each sends a 64-byte message and waits for its
+//!                     echo, back to back, for --seconds: messages/s and round-trip p50/p99
 //! ```
 //!
 //! Client sockets are bound to `--sources` distinct loopback addresses spread over many /16s and
@@ -214,6 +216,91 @@ async fn websockets(a: &Args) -> serde_json::Value {
     report
 }
 
+/// Opens one WebSocket (upgrade on `path`) from `from`.
+async fn ws_open(target: SocketAddr, from: IpAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut c = connect(target, from).await?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    read_response(&mut c, &mut buf).await?;
+    Ok(c)
+}
+
+/// One connection's echo loop: a masked 64-byte binary frame out, the unmasked echo back.
+async fn echo_loop(mut c: TcpStream, deadline: Instant) -> (Vec<u32>, u64) {
+    let payload = [0x5au8; 64];
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x82, 0x80 | 64];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut rtts = Vec::new();
+    let mut back = [0u8; 66];
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        if c.write_all(&frame).await.is_err() || c.read_exact(&mut back).await.is_err() {
+            return (rtts, 1);
+        }
+        if back[0] != 0x82 || back[1] != 64 || back[2..] != payload {
+            return (rtts, 1);
+        }
+        rtts.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+    }
+    (rtts, 0)
+}
+
+/// CPU seconds this process has used (user + system).
+fn own_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+async fn ws_echo(a: &Args) {
+    let mut conns = Vec::with_capacity(a.conns);
+    let mut errors = 0u64;
+    for i in 0..a.conns {
+        match ws_open(a.target, source(i % a.sources), &a.path).await {
+            Ok(c) => conns.push(c),
+            Err(_) => errors += 1,
+        }
+    }
+    let opened = conns.len();
+    let (cpu0, start) = (own_cpu(), Instant::now());
+    let deadline = start + Duration::from_secs_f64(a.seconds);
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|c| tokio::spawn(echo_loop(c, deadline)))
+        .collect();
+    let mut rtts = Vec::new();
+    for t in tasks {
+        let (r, e) = t.await.unwrap();
+        rtts.extend(r);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = own_cpu() - cpu0;
+    rtts.sort_unstable();
+    let pct = |p: f64| if rtts.is_empty() { 0 } else { rtts[((rtts.len() - 1) as f64 * p) as usize] };
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": "wsecho", "connections": opened, "messages": rtts.len(), "errors": errors,
+            "seconds": secs, "msgs_per_s": rtts.len() as f64 / secs, "p50_us": pct(0.5),
+            "p99_us": pct(0.99), "loadgen_cpu_s": cpu,
+        })
+    );
+}
+
 fn main() {
     let a = std::sync::Arc::new(parse_args());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -223,6 +310,10 @@ fn main() {
     rt.block_on(async {
         if a.mode == "ws" {
             websockets(&a).await;
+            return;
+        }
+        if a.mode == "wsecho" {
+            ws_echo(&a).await;
             return;
         }
         let start = Instant::now();
