@@ -290,7 +290,13 @@ async fn ws_echo(a: &Args) {
     let secs = start.elapsed().as_secs_f64();
     let cpu = own_cpu() - cpu0;
     rtts.sort_unstable();
-    let pct = |p: f64| if rtts.is_empty() { 0 } else { rtts[((rtts.len() - 1) as f64 * p) as usize] };
+    let pct = |p: f64| {
+        if rtts.is_empty() {
+            0
+        } else {
+            rtts[((rtts.len() - 1) as f64 * p) as usize]
+        }
+    };
     println!(
         "{}",
         serde_json::json!({

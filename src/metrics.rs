@@ -169,6 +169,8 @@ labels! {
         NoWorker = "no_worker",
         /// The wait queue was full: closed.
         QueueFull = "queue_full",
+        /// Offered to workers 8 times and refused (NACKed) every time: closed.
+        Refused = "refused",
     }
 }
 

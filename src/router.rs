@@ -82,8 +82,41 @@ impl Link {
     }
 }
 
+/// At most one log line per [`LOG_EVERY`], carrying how many events it stands for.
+#[derive(Debug, Default)]
+struct LogLimit {
+    last: Option<Instant>,
+    pending: u64,
+}
+
+/// How often a repeated warning may be logged.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl LogLimit {
+    /// One more event: `Some(count since the last line)` if a line may be logged now.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.add(now, 1)
+    }
+
+    /// `n` more events.
+    fn add(&mut self, now: Instant, n: u64) -> Option<u64> {
+        self.pending += n;
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.pending))
+    }
+}
+
 /// Routing state of the master.
 pub struct Router {
+    /// Rate limits for the two warnings a fault can repeat thousands of times a second.
+    refused_log: LogLimit,
+    expired_log: LogLimit,
     balancer: Balancer,
     balancer_seed: u64,
     policy: Policy,
@@ -115,6 +148,8 @@ impl Router {
     pub fn new(settings: &Settings, shared: Arc<Shared>) -> Self {
         let n = settings.workers;
         Self {
+            refused_log: LogLimit::default(),
+            expired_log: LogLimit::default(),
             balancer: Balancer::new(settings.policy, settings.hash_seed),
             balancer_seed: settings.hash_seed,
             policy: settings.policy,
@@ -417,8 +452,15 @@ impl Router {
     /// Sends a connection to a worker, or queues it while no worker is ready.
     pub fn route(&mut self, mut h: Handoff, exclude: Option<usize>) {
         if h.dispatches >= MAX_DISPATCHES {
-            tracing::warn!(peer = %h.peer, "connection refused by {} workers; closing it", h.dispatches);
-            return; // dropping `h` closes it; the failure reasons were counted as they happened
+            // Dropping `h` closes it (each NACK was counted as it happened; this is the end).
+            self.shared.metrics.failure(Failure::Refused, 1);
+            if let Some(n) = self.refused_log.hit(Instant::now()) {
+                tracing::warn!(
+                    peer = %h.peer,
+                    "closed {n} connection(s) that {MAX_DISPATCHES} offers to workers could not place (every one refused); logged at most every 5s"
+                );
+            }
+            return;
         }
         for slot in 0..self.active {
             self.loads[slot] = self.slot_load(slot, exclude);
@@ -530,9 +572,11 @@ impl Router {
         if expired > 0 {
             self.shared.metrics.failure(Failure::NoWorker, expired);
             self.shared.metrics.queued.set(self.waiting.len() as i64);
-            tracing::warn!(
-                "closed {expired} connection(s) after waiting {limit:?} for a ready worker"
-            );
+            if let Some(n) = self.expired_log.add(now, expired) {
+                tracing::warn!(
+                    "closed {n} connection(s) after waiting {limit:?} for a ready worker (logged at most every 5s)"
+                );
+            }
         }
     }
 

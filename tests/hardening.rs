@@ -552,3 +552,59 @@ fn the_builtin_worker_closes_silent_half_sent_and_idle_connections_but_not_webso
     ws.send(tungstenite::Message::text("still here")).unwrap();
     assert_eq!(ws.read().unwrap(), tungstenite::Message::text("still here"));
 }
+
+/// Lowers a running process's open-file limit to its lowest free fd number, so the next fd it
+/// receives cannot be installed (a Node or lb::worker worker then NACKs the handle).
+fn exhaust_fds(pid: u32) {
+    let used: std::collections::HashSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let free = (0..).find(|n| !used.contains(n)).unwrap();
+    let ok = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={free}:")])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "prlimit failed");
+}
+
+#[test]
+fn a_connection_every_worker_refuses_is_closed_and_counted_never_lost_from_the_books() {
+    // Found by the chaos soak: a connection NACKed on every one of its 8 offers (here both
+    // workers are out of fds) was closed without a terminal reason, so
+    // `lb_accepted_connections_total` exceeded what was delivered plus what was closed for a
+    // counted reason.
+    let lb = Lb::start(&["-w", "2"]);
+    for pid in lb.wait_all_ready(2) {
+        exhaust_fds(pid);
+    }
+    let mut c = start_request(&lb, client_ip(1));
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(c.read(&mut buf), Ok(0) | Err(_)),
+        "closed without an answer"
+    );
+    let m = |s: &str| lb.metric(s).unwrap_or(0.0);
+    wait_for("the books to balance", Duration::from_secs(10), || {
+        let accepted = m("lb_accepted_connections_total");
+        let delivered = m("lb_worker_connections_total{worker=\"0\"}")
+            + m("lb_worker_connections_total{worker=\"1\"}");
+        let closed: f64 = ["no_worker", "queue_full", "refused"]
+            .iter()
+            .map(|r| m(&format!("lb_handoff_failures_total{{reason=\"{r}\"}}")))
+            .sum();
+        (accepted == 1.0 && delivered + closed == 1.0).then_some(())
+    });
+    assert_eq!(m("lb_handoff_failures_total{reason=\"refused\"}"), 1.0);
+    assert_eq!(
+        m("lb_handoff_failures_total{reason=\"nack\"}"),
+        32.0,
+        "8 offers × 4 sends"
+    );
+    assert!(
+        lb.log_text().contains("could not place"),
+        "{}",
+        lb.log_text()
+    );
+}
