@@ -138,6 +138,16 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
+    /// Validate a configuration (flags, `--config` file, worker command) as a start would,
+    /// without binding or spawning anything; exit 0, or one line and exit 2.
+    Check {
+        /// The options to check (as for `lb` itself).
+        #[command(flatten)]
+        run: RunArgs,
+        /// The worker command to check (after `--`).
+        #[arg(last = true, value_name = "WORKER_COMMAND")]
+        command: Vec<String>,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.

@@ -115,6 +115,29 @@ fn main() -> ExitCode {
             hash_seed,
             config,
         }) => route(&ip, workers.as_ref(), hash_seed.as_ref(), config.as_deref()),
+        Some(Sub::Check { run, command }) => match Settings::from_cli(&run, &command)
+            .map_err(|e| e.to_string())
+            .and_then(|s| user_allowed(&s).map(|()| s))
+        {
+            Ok(s) => {
+                println!(
+                    "configuration ok: listen {}, {} workers, policy {}, steering {}, worker command: {}",
+                    s.listen,
+                    s.workers,
+                    s.policy,
+                    if s.steering == lb::config::Steering::Kernel {
+                        "kernel"
+                    } else {
+                        "master"
+                    },
+                    s.command
+                        .as_ref()
+                        .map_or_else(|| "built-in".to_string(), |c| c.join(" "))
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         None => match Settings::from_cli(&cli.run, &cli.command) {
             Ok(settings) => serve(settings, cli.run.clone(), cli.command.clone()),
             Err(e) => fail(&e.to_string()),
@@ -185,18 +208,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
+/// `--user` needs root, unless it names lb's own user.
+fn user_allowed(settings: &Settings) -> Result<(), String> {
     if let Some(u) = &settings.user {
         let me = lb::procfs::own_uid().unwrap_or(u32::MAX);
         if me != 0 && me != u.uid {
-            return fail(&format!(
+            return Err(format!(
                 "--user {}: running workers as another user needs lb to run as root (it runs as uid {me})",
                 u.name
             ));
         }
-        if me == u.uid && me != 0 {
-            settings.user = None; // already that user
-        }
+    }
+    Ok(())
+}
+
+fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
+    if let Err(e) = user_allowed(&settings) {
+        return fail(&e);
+    }
+    if let Some(u) = &settings.user
+        && lb::procfs::own_uid() == Some(u.uid)
+        && u.uid != 0
+    {
+        settings.user = None; // already that user
     }
     init_logging(settings.log_format);
     if let Some(limit) = listener::raise_nofile_limit() {

@@ -111,3 +111,52 @@ fn the_crash_loop_alert_fires_in_a_real_prometheus_and_every_dashboard_query_has
         });
     }
 }
+
+#[test]
+fn lb_check_validates_what_a_start_would_without_binding_or_spawning() {
+    let dir = std::env::temp_dir().join(format!("lb-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "workers = 3\npolicy = \"round-robin\"\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "workers = 3\nqueue_timeout = \"soon\"\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(LB).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A port it could not bind (1) is fine: check binds nothing.
+    let (code, out, _) = run(&["check", "-c", good.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("configuration ok: listen 127.0.0.1:1, 3 workers, policy round-robin"),
+        "{out}"
+    );
+    for (args, want) in [
+        (
+            vec!["check", "-c", bad.to_str().unwrap()],
+            "bad.toml line 2",
+        ),
+        (vec!["check", "--", "no-such-program-lb"], "not found"),
+        (vec!["check", "--workers", "0"], "workers"),
+        (
+            vec!["check", "--steering", "kernel", "-p", "round-robin"],
+            "sticky only",
+        ),
+    ] {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(
+            err.contains(want) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
