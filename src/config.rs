@@ -143,7 +143,7 @@ pub enum Sub {
     Check {
         /// The options to check (as for `lb` itself).
         #[command(flatten)]
-        run: RunArgs,
+        run: Box<RunArgs>,
         /// The worker command to check (after `--`).
         #[arg(last = true, value_name = "WORKER_COMMAND")]
         command: Vec<String>,
