@@ -439,8 +439,7 @@ class Soak:
                 w.write(b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
                 status, _, body = await self.read_response(r, timeout=30)
                 slot, pid = self.hello(body)
-                # Not checked for stickiness: a burst exceeds --max-pending on purpose, and a
-                # worker at that limit is skipped (its clients go to their next choice).
+                self.check_sticky(t_start, self.t(), ip, slot)
                 self.count["burst_ok"] += 1
                 await self.close(w)
             except Exception as e:
@@ -732,10 +731,13 @@ class Soak:
                 return True
         pids = {s[slot][0] for s in self.states_at(t_from) + self.states_at(t_to) if slot in s}
         margin = self.a.stall_timeout + 1
-        # A burst exceeds --max-pending on purpose: a worker at that limit is skipped by design,
-        # so during one any client may be sent to its next choice.
-        for a, b in self.bursts:
-            if a - 1 <= t_to and b + 1 >= t_from:
+        # lb itself reports when it passes over an up worker (at --max-pending, e.g. in a
+        # burst or a flood after an accept pause, or it refused): its clients' next choice.
+        ts = [sc[0] for sc in self.scrapes]
+        i, j = bisect.bisect_left(ts, t_from) - 1, bisect.bisect_left(ts, t_to)
+        if 0 <= i and j < len(self.scrapes):
+            moved = lambda k: series(self.scrapes[k][2], "lb_sticky_moved_total", worker=slot)
+            if moved(j) > moved(i):
                 return True
         for pid, a, b in self.stopped:
             if pid in pids and a - margin <= t_to and b + 1 >= t_from:
@@ -802,7 +804,8 @@ class Soak:
         check("sticky: every client on its `lb route` slot while that slot was up",
               not misses,
               f"{self.sticky_checks} checked, {len(self.sticky_misses)} elsewhere while their "
-              f"slot was down/stopped/rolling/over --max-pending in a burst, {len(misses)} otherwise"
+              f"slot was down/stopped/rolling or lb counted them moved (lb_sticky_moved_total), "
+              f"{len(misses)} otherwise"
               + "".join(f"\n      {m[2]} wanted {m[3]} got {m[4]} at {m[0]:.1f}s" for m in misses[:5]))
         malformed = series(final_metrics, "lb_channel_messages_dropped_total", reason="malformed")
         check("garbage on a channel counted as malformed", malformed >= self.garbage_lines,

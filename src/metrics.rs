@@ -38,6 +38,9 @@ pub struct SlotMetrics {
     pub restarts: IntCounter,
     /// RSS of the slot's worker.
     pub memory: IntGauge,
+    /// Sticky clients of this slot sent elsewhere while its worker was up (at `--max-pending`,
+    /// or it refused the connection).
+    pub moved: IntCounter,
     /// `lb_worker_state{state}`: 1 for the slot's state, 0 for the others.
     pub states: Vec<(&'static str, IntGauge)>,
 }
@@ -65,6 +68,7 @@ struct SlotFamilies {
     up: IntGaugeVec,
     restarts: IntCounterVec,
     memory: IntGaugeVec,
+    moved: IntCounterVec,
     state: IntGaugeVec,
 }
 
@@ -82,6 +86,7 @@ impl SlotFamilies {
             up: self.up.with_label_values(&[&l]),
             restarts: self.restarts.with_label_values(&[&l]),
             memory: self.memory.with_label_values(&[&l]),
+            moved: self.moved.with_label_values(&[&l]),
         }
     }
 }
@@ -272,6 +277,10 @@ impl Metrics {
         registry
             .register(Box::new(state.clone()))
             .expect("unique metric");
+        let moved = slot_vec_counter(
+            "lb_sticky_moved_total",
+            "Sticky clients of the slot sent to another slot while its worker was up (it had --max-pending unconfirmed handoffs, or refused the connection).",
+        );
         let families = SlotFamilies {
             requests,
             connections,
@@ -279,6 +288,7 @@ impl Metrics {
             up,
             restarts,
             memory,
+            moved,
             state,
         };
         let slots = RwLock::new((0..workers).map(|i| Arc::new(families.slot(i))).collect());

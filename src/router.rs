@@ -476,6 +476,19 @@ impl Router {
             }
             return self.wait(h);
         };
+        if self.balancer.policy() == Policy::Sticky
+            && (exclude.is_some() || (0..self.active).any(|s| self.at_limit(s)))
+        {
+            // Count the client as moved if its home worker is up but was passed over.
+            let home = self.balancer.hash().pick(h.peer.ip(), self.active, |s| {
+                self.targets[s].1 == Target::Up
+            });
+            if let Some(home) = home
+                && home != slot
+            {
+                self.slot_metrics[home].moved.inc();
+            }
+        }
         let id = self.targets[slot].0.expect("an eligible slot has a worker");
         h.dispatches += 1;
         let sent = self.link(id).map(|l| l.dispatch.send(h));

@@ -440,6 +440,9 @@ fn a_worker_holds_at_most_max_pending_handles_and_when_it_dies_they_all_go_to_an
         },
     );
     assert_eq!(served_by_1.len(), 4, "only the unsent ones move");
+    // …and they are counted as slot 0's clients moved while its worker was up.
+    assert_eq!(lb.metric("lb_sticky_moved_total{worker=\"0\"}"), Some(4.0));
+    assert_eq!(lb.metric("lb_sticky_moved_total{worker=\"1\"}"), Some(0.0));
     assert!(!lb.log_text().contains("hold: 17 handles"));
     assert_eq!(
         lb.metric("lb_handoff_failures_total{reason=\"worker_exit\"}"),
