@@ -7,6 +7,16 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * page_size())
 }
 
+/// CPU time a process has used (user + system), in clock ticks; `None` if it is gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = stat
+        .get(stat.rfind(')')? + 2..)?
+        .split_whitespace()
+        .skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
 /// lb's own uid, without `unsafe`: `/proc/self` belongs to it.
 pub fn own_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
@@ -23,6 +33,17 @@ fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_of_self() {
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_ticks(std::process::id()).is_some());
+        assert_eq!(cpu_ticks(u32::MAX), None);
+    }
 
     #[test]
     fn rss_of_self() {

@@ -125,8 +125,17 @@ impl Group {
         self.listeners.get(slot).cloned()
     }
 
-    /// Live slots whose accept queue has not been empty at any check for `limit`: their worker
-    /// is not accepting (stopped, hung, or not a worker that accepts at all).
+    /// Slot `slot`'s worker made progress (it used CPU): a queue it has not emptied yet is
+    /// load, not a stall.
+    pub fn progress(&mut self, slot: usize) {
+        if let Some(w) = self.waiting_since.get_mut(slot) {
+            *w = None;
+        }
+    }
+
+    /// Live slots whose accept queue has not been empty at any check for `limit`, with no
+    /// [`Group::progress`] meanwhile: their worker is not accepting (stopped, blocked, or not a
+    /// worker that accepts at all).
     pub fn stuck(&mut self, now: Instant, limit: Duration) -> Vec<usize> {
         let live = self.live.clone().unwrap_or_default();
         let mut stuck = Vec::new();

@@ -97,6 +97,8 @@ pub struct Master {
     group: Option<steering::Group>,
     /// When kernel steering next looks for slots that stopped accepting.
     next_steer_check: Option<Instant>,
+    /// Each slot's worker's CPU ticks at the last check (progress, for kernel steering).
+    steer_cpu: Vec<Option<u64>>,
 }
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
@@ -172,6 +174,7 @@ impl Master {
             next_watchdog: None,
             group: None,
             next_steer_check: None,
+            steer_cpu: Vec::new(),
             reload_from: None,
         }
     }
@@ -650,6 +653,15 @@ impl Master {
             self.next_steer_check = Some(
                 now + (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
             );
+            // A worker that used CPU since the last check is working through its queue.
+            self.steer_cpu.resize(self.fleet.len(), None);
+            for slot in 0..self.fleet.len() {
+                let ticks = self.fleet.view(slot).pid.and_then(procfs::cpu_ticks);
+                if ticks != self.steer_cpu[slot] {
+                    self.steer_cpu[slot] = ticks;
+                    g.progress(slot);
+                }
+            }
             let stuck = g.stuck(now, stall);
             for &slot in &stuck {
                 if let Some(id) = self.fleet.view(slot).current {
