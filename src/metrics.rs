@@ -279,7 +279,7 @@ impl Metrics {
             .expect("unique metric");
         let moved = slot_vec_counter(
             "lb_sticky_moved_total",
-            "Sticky clients of the slot sent to another slot while its worker was up (it had --max-pending unconfirmed handoffs, or refused the connection).",
+            "Sticky clients of the slot sent to another slot while its worker was alive (stalled, at --max-pending unconfirmed handoffs, or it refused the connection).",
         );
         let families = SlotFamilies {
             requests,

@@ -477,11 +477,14 @@ impl Router {
             return self.wait(h);
         };
         if self.balancer.policy() == Policy::Sticky
-            && (exclude.is_some() || (0..self.active).any(|s| self.at_limit(s)))
+            && (exclude.is_some()
+                || (0..self.active)
+                    .any(|s| self.at_limit(s) || self.targets[s].1 == Target::Stalled))
         {
-            // Count the client as moved if its home worker is up but was passed over.
+            // Count the client as moved if its home worker is alive (up or stalled) but was
+            // passed over.
             let home = self.balancer.hash().pick(h.peer.ip(), self.active, |s| {
-                self.targets[s].1 == Target::Up
+                self.targets[s].1 != Target::Down
             });
             if let Some(home) = home
                 && home != slot
