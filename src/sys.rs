@@ -80,17 +80,16 @@ unsafe fn sockaddr_to_std(
     let len = len as usize;
     match storage.ss_family as libc::c_int {
         libc::AF_INET if len >= mem::size_of::<libc::sockaddr_in>() => {
+            let p = (storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
             // SAFETY: AF_INET and `len` covers a sockaddr_in; sockaddr_storage aligns any sockaddr.
-            let sin =
-                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = unsafe { &*p };
             let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
         }
         libc::AF_INET6 if len >= mem::size_of::<libc::sockaddr_in6>() => {
+            let p = (storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
             // SAFETY: as above, for AF_INET6 and sockaddr_in6.
-            let sin6 = unsafe {
-                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
+            let sin6 = unsafe { &*p };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::V6(std::net::SocketAddrV6::new(
                 ip,
