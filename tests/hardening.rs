@@ -577,8 +577,9 @@ fn a_connection_every_worker_refuses_is_closed_and_counted_never_lost_from_the_b
     // Found by the chaos soak: a connection NACKed on every one of its 8 offers (here both
     // workers are out of fds) was closed without a terminal reason, so
     // `lb_accepted_connections_total` exceeded what was delivered plus what was closed for a
-    // counted reason.
-    let lb = Lb::start(&["-w", "2"]);
+    // counted reason. `--wait-ready`: a worker is set up (its runtime's fds open) before its fd
+    // limit is lowered, else it fails to start instead of refusing connections.
+    let lb = Lb::start(&["-w", "2", "--wait-ready"]);
     for pid in lb.wait_all_ready(2) {
         exhaust_fds(pid);
     }
