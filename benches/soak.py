@@ -723,6 +723,15 @@ class Soak:
         i = bisect.bisect_left(ts, t)
         return [self.scrapes[j][1] for j in (i - 1, i) if 0 <= j < len(self.scrapes)]
 
+    def scrapes_around(self, t_from, t_to, slot):
+        """The scrapes just before and after [t_from, t_to]: (time, slot's pid and state, its
+        lb_sticky_moved_total), to explain a stickiness miss."""
+        ts = [s[0] for s in self.scrapes]
+        i, j = bisect.bisect_left(ts, t_from) - 1, bisect.bisect_left(ts, t_to)
+        return [(f"{self.scrapes[k][0]:.2f}s", self.scrapes[k][1].get(slot),
+                 series(self.scrapes[k][2], "lb_sticky_moved_total", worker=slot))
+                for k in range(max(i, 0), min(j + 1, len(self.scrapes)))]
+
     def slot_disturbed(self, slot, t_from, t_to):
         """Whether sticky may have sent a client of `slot` elsewhere in [t_from, t_to]: the slot
         was not ready in a scrape around that time, or its worker was stopped/killed/rolled."""
@@ -806,7 +815,9 @@ class Soak:
               f"{self.sticky_checks} checked, {len(self.sticky_misses)} elsewhere while their "
               f"slot was down/stopped/rolling or lb counted them moved (lb_sticky_moved_total), "
               f"{len(misses)} otherwise"
-              + "".join(f"\n      {m[2]} wanted {m[3]} got {m[4]} at {m[0]:.1f}s" for m in misses[:5]))
+              + "".join(f"\n      {m[2]} wanted {m[3]} got {m[4]} at {m[0]:.2f}-{m[1]:.2f}s; "
+                        f"scrapes around: {self.scrapes_around(m[0], m[1], m[3])}"
+                        for m in misses[:5]))
         malformed = series(final_metrics, "lb_channel_messages_dropped_total", reason="malformed")
         check("garbage on a channel counted as malformed", malformed >= self.garbage_lines,
               f"{self.garbage_lines} garbage lines written, {malformed:g} counted")

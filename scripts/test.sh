@@ -35,6 +35,15 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 
+# The in-place upgrade test replaces lb's binary with a build whose version differs: the same
+# sources with LB_VERSION set, built first (cargo then rebuilds the plain one for the tests;
+# only lb itself compiles twice).
+echo "==> the next lb build (for the in-place upgrade test)"
+LB_VERSION="$(cargo pkgid | sed 's/.*[#@]//')+next" cargo build --quiet --bin lb
+mkdir -p target/lb-next
+cp target/debug/lb target/lb-next/lb
+export LB_NEXT_BIN="$PWD/target/lb-next/lb"
+
 echo "==> cargo test"
 log=$(mktemp)
 skips=$(mktemp)

@@ -65,7 +65,7 @@ pub enum ConfigError {
 
 /// `lb`: sticky-session TCP load balancer that passes accepted connections to worker processes.
 #[derive(Debug, Parser)]
-#[command(name = "lb", version, about, long_about = None)]
+#[command(name = "lb", version = crate::VERSION, about, long_about = None)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 #[command(
     after_help = "Without a worker command, lb runs its built-in HTTP/WebSocket worker.\n\
@@ -147,6 +147,10 @@ pub enum Sub {
         /// The worker command to check (after `--`).
         #[arg(last = true, value_name = "WORKER_COMMAND")]
         command: Vec<String>,
+        /// Also check that this lb can take over from a running lb whose state is in this
+        /// format (the preflight of an in-place upgrade, DESIGN §10).
+        #[arg(long, hide = true, value_name = "FORMAT")]
+        takeover: Option<u32>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {

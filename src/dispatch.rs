@@ -105,6 +105,29 @@ enum ToDispatch {
     Cluster(ClusterOut),
     /// A line to pass on unchanged (socket.io adapter relay, heartbeat ping).
     Line(Bytes),
+    /// An in-place upgrade: if nothing is in flight, end the task and give back the channel
+    /// (else answer `None` and carry on).
+    Surrender(tokio::sync::oneshot::Sender<Option<Surrendered>>),
+}
+
+/// What a dispatch task hands over for an in-place upgrade ([`crate::upgrade`]).
+#[derive(Debug)]
+pub struct Surrendered {
+    /// The master's end of the worker's channel.
+    pub channel: UnixStream,
+    /// What the next dispatch task of this channel needs to carry on.
+    pub carried: Carried,
+}
+
+/// A dispatch task's state that outlives it across an in-place upgrade (nothing is in flight).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Carried {
+    /// The start of a message from the worker not yet complete.
+    pub inbox: Vec<u8>,
+    /// Connections go to the worker as cluster `newconn`s for this key.
+    pub rr_key: Option<String>,
+    /// The last cluster `seq` lb used towards this worker.
+    pub seq: u64,
 }
 
 /// Cluster-protocol messages lb sends a worker (the dispatch numbers them).
@@ -191,6 +214,14 @@ impl DispatchHandle {
     pub fn line(&self, line: Bytes) {
         let _ = self.tx.send(ToDispatch::Line(line));
     }
+
+    /// Asks the task to end and give back the channel (an in-place upgrade); answers `None`
+    /// while connections are in flight or the channel is gone.
+    pub async fn surrender(&self) -> Option<Surrendered> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(ToDispatch::Surrender(tx)).ok()?;
+        rx.await.ok().flatten()
+    }
 }
 
 /// Starts the dispatch task for worker `id` on its channel.
@@ -200,9 +231,29 @@ pub fn start(
     reports: mpsc::UnboundedSender<Event>,
     limits: Limits,
 ) -> DispatchHandle {
+    resume(id, channel, reports, limits, Carried::default())
+}
+
+/// Starts the dispatch task for worker `id` on a channel another task (or lb's previous image)
+/// served, with what it [`Carried`].
+pub fn resume(
+    id: WorkerId,
+    channel: UnixStream,
+    reports: mpsc::UnboundedSender<Event>,
+    limits: Limits,
+    carried: Carried,
+) -> DispatchHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(run(id, channel, rx, reports, limits, pending.clone()));
+    tokio::spawn(run(
+        id,
+        channel,
+        rx,
+        reports,
+        limits,
+        pending.clone(),
+        carried,
+    ));
     DispatchHandle { tx, pending }
 }
 
@@ -296,6 +347,7 @@ async fn run(
     reports: mpsc::UnboundedSender<Event>,
     limits: Limits,
     pending: Arc<AtomicUsize>,
+    carried: Carried,
 ) {
     let Limits {
         window,
@@ -329,8 +381,12 @@ async fn run(
         }
     };
     let mut d = Dispatcher::new(window.max(1), max_line, serialization);
+    d.inbox.extend(&carried.inbox);
+    d.rr_key = carried.rr_key;
+    d.seq = carried.seq;
     let mut accepting = true;
     let mut open = true;
+    let mut surrender = None;
     while open && !d.failed {
         if d.want_write() {
             d.flush(io.get_ref().as_fd(), &send);
@@ -361,6 +417,15 @@ async fn run(
                 }
             }
             h = handoffs.recv(), if accepting => match h {
+                Some(ToDispatch::Surrender(reply)) => match d.carry() {
+                    Some(carried) => {
+                        surrender = Some((reply, carried));
+                        break;
+                    }
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                },
                 Some(h) => {
                     d.take(h, &send);
                     // Take everything already queued before writing: one pass, many sends.
@@ -382,6 +447,12 @@ async fn run(
                 }
             },
         }
+    }
+    if let Some((reply, carried)) = surrender {
+        let channel = io.into_inner();
+        // The master awaits the answer (`DispatchHandle::surrender`) to the end.
+        let _ = reply.send(Some(Surrendered { channel, carried }));
+        return;
     }
     // The channel is gone: nothing it held was confirmed.
     let mut back: Vec<Handoff> = d
@@ -520,6 +591,27 @@ impl Dispatcher {
             nack: constant(ser, HANDLE_NACK),
             query: constant(ser, SOCKET_COUNT_QUERY),
         }
+    }
+
+    /// What an in-place upgrade carries, if nothing is in flight either way.
+    fn carry(&self) -> Option<Carried> {
+        let idle = self.queue.is_empty()
+            && self.in_flight.is_empty()
+            && self.awaiting.is_empty()
+            && self.partial.is_none()
+            && self.owed_nacks == 0
+            && self.owed_queries == 0
+            && self.lines.is_empty()
+            && self.listeners.is_empty()
+            && !self.failed
+            && !self.worker_exited;
+        idle.then(|| {
+            Some(Carried {
+                inbox: self.inbox.carry()?,
+                rr_key: self.rr_key.clone(),
+                seq: self.seq,
+            })
+        })?
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -690,6 +782,10 @@ impl Dispatcher {
             ToDispatch::Exited => self.worker_exited = true,
             ToDispatch::RrKey(key) => self.rr_key = key,
             ToDispatch::Line(line) => self.lines.push_back(line),
+            // Arrived in a batch with other work: not idle now; the master asks again.
+            ToDispatch::Surrender(reply) => {
+                let _ = reply.send(None);
+            }
             ToDispatch::Cluster(out) => {
                 let seq = self.next_seq();
                 match out {

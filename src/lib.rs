@@ -54,4 +54,12 @@ pub mod steering;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;
+pub mod upgrade;
 pub mod worker;
+
+/// lb's version: the package version, or `LB_VERSION` when set at build time (to tell builds
+/// apart, e.g. before and after an in-place upgrade).
+pub const VERSION: &str = match option_env!("LB_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};

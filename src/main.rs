@@ -1,5 +1,6 @@
 //! The `lb` binary: parses settings, binds, and runs the master (or the built-in worker).
 
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -115,10 +116,21 @@ fn main() -> ExitCode {
             hash_seed,
             config,
         }) => route(&ip, workers.as_ref(), hash_seed.as_ref(), config.as_deref()),
-        Some(Sub::Check { run, command }) => match Settings::from_cli(&run, &command)
+        Some(Sub::Check {
+            run,
+            command,
+            takeover,
+        }) => match Settings::from_cli(&run, &command)
             .map_err(|e| e.to_string())
             .and_then(|s| user_allowed(&s).map(|()| s))
-        {
+            .and_then(|s| match takeover {
+                Some(f) if f != lb::upgrade::FORMAT => Err(format!(
+                    "cannot take over from the running lb: its state format is {f}, lb {} reads format {}",
+                    lb::VERSION,
+                    lb::upgrade::FORMAT
+                )),
+                _ => Ok(s),
+            }) {
             Ok(s) => {
                 println!(
                     "configuration ok: listen {}, {} workers, policy {}, steering {}, worker command: {}",
@@ -222,6 +234,19 @@ fn user_allowed(settings: &Settings) -> Result<(), String> {
     Ok(())
 }
 
+/// The listener and admin socket lb's previous image passed (an in-place upgrade).
+fn resumed_sockets(state: &lb::upgrade::State) -> std::io::Result<lb::systemd::Passed> {
+    let listener = match state.listener {
+        Some(fd) => Some(socket2::Socket::from(lb::upgrade::adopt(fd)?)),
+        None => None,
+    };
+    let metrics = match state.metrics {
+        Some(fd) => Some(lb::upgrade::listener(fd)?),
+        None => None,
+    };
+    Ok(lb::systemd::Passed { listener, metrics })
+}
+
 fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
     if let Err(e) = user_allowed(&settings) {
         return fail(&e);
@@ -247,12 +272,29 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             }
         },
     };
-    // Sockets systemd passed (socket activation) are used instead of binding.
-    let passed = match lb::systemd::passed() {
-        Ok(p) => p,
-        Err(e) => return fail(&format!("socket activation: {e}")),
+    // An in-place upgrade: lb's previous image left its sockets, workers and counters.
+    let resumed = match lb::upgrade::take() {
+        Some(Ok(state)) => Some(state),
+        Some(Err(e)) => return fail(&format!("cannot take over from lb's previous image: {e}")),
+        None => None,
     };
-    let activated = passed.listener.is_some();
+    // Sockets systemd passed (socket activation) are used instead of binding (after an in-place
+    // upgrade they are in the state: LISTEN_FDS still describes the first image).
+    let passed = match &resumed {
+        Some(state) => match resumed_sockets(state) {
+            Ok(p) => p,
+            Err(e) => return fail(&format!("cannot take over lb's sockets: {e}")),
+        },
+        None => match lb::systemd::passed() {
+            Ok(p) => p,
+            Err(e) => return fail(&format!("socket activation: {e}")),
+        },
+    };
+    let activated = passed.listener.is_some() && resumed.is_none();
+    if resumed.is_some() && settings.steering == lb::config::Steering::Kernel {
+        tracing::warn!("steering: not applied until lb is restarted");
+        settings.steering = lb::config::Steering::Master;
+    }
     let kernel = settings.steering == lb::config::Steering::Kernel;
     if kernel && activated {
         return fail(
@@ -280,15 +322,28 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             Err(e) => return fail(&format!("metrics endpoint: {e}")),
         },
     };
-    let control = match settings
-        .control
-        .as_deref()
-        .map(lb::control::bind)
-        .transpose()
-    {
-        Ok(c) => c,
-        Err(e) => return fail(&e.to_string()),
+    let control = match resumed.as_ref().map(|s| s.control) {
+        Some(Some(fd)) => match lb::upgrade::unix_listener(fd) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(&format!("cannot take over the control socket: {e}")),
+        },
+        Some(None) => None,
+        None => match settings
+            .control
+            .as_deref()
+            .map(lb::control::bind)
+            .transpose()
+        {
+            Ok(c) => c,
+            Err(e) => return fail(&e.to_string()),
+        },
     };
+    let takeover = std::env::current_exe().ok().map(|exe| shell::Takeover {
+        exe,
+        args: std::env::args_os().skip(1).collect(),
+        metrics_fd: metrics_listener.as_ref().map(|l| l.as_raw_fd()),
+        control_fd: control.as_ref().map(|c| c.as_raw_fd()),
+    });
     let control_path = settings.control.clone();
     // Everything that needed root besides starting workers as another user is done.
     if settings.user.is_some()
@@ -358,10 +413,14 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
             None => None,
         };
         lb::reaper::become_subreaper();
-        Master::new(settings, argv, shared)
-            .reload_from(run, command)
-            .run(listener, group, commands)
-            .await
+        let mut master = Master::new(settings, argv, shared).reload_from(run, command);
+        if let Some(t) = takeover {
+            master = master.takeover(t);
+        }
+        if let Some(state) = resumed {
+            master = master.resume_from(state);
+        }
+        master.run(listener, group, commands).await
     });
     if let Some(p) = control_path {
         let _ = std::fs::remove_file(p);

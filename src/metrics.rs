@@ -117,6 +117,32 @@ pub struct Metrics {
     channel_dropped: IntCounterVec,
     /// Connections closed for their PROXY header, by reason.
     proxy_errors: IntCounterVec,
+    /// Histogram values lb's previous image counted (an in-place upgrade), added when
+    /// gathering.
+    histogram_base: Mutex<Vec<CarriedHistogram>>,
+}
+
+/// Counter and histogram values carried across an in-place upgrade, so that no counter ever
+/// goes back (DESIGN §10).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, Serialize)]
+pub struct Carried {
+    /// Every counter series: name, label values (in label-name order) and value.
+    pub counters: Vec<(String, Vec<String>, u64)>,
+    /// Every histogram.
+    pub histograms: Vec<CarriedHistogram>,
+}
+
+/// One histogram's totals.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, Serialize)]
+pub struct CarriedHistogram {
+    /// The family name.
+    pub name: String,
+    /// Observations.
+    pub count: u64,
+    /// Their sum.
+    pub sum: f64,
+    /// Cumulative count of each bucket, in bound order.
+    pub buckets: Vec<u64>,
 }
 
 /// Registers a counter with one label, creating the series of every value at 0.
@@ -380,7 +406,7 @@ impl Metrics {
         )
         .expect("valid");
         registry.register(Box::new(info.clone())).expect("unique");
-        info.with_label_values(&[env!("CARGO_PKG_VERSION"), policy.as_str()])
+        info.with_label_values(&[crate::VERSION, policy.as_str()])
             .set(1);
         Self {
             registry,
@@ -395,7 +421,101 @@ impl Metrics {
             accept_errors,
             channel_dropped,
             proxy_errors,
+            histogram_base: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Every family, with what lb's previous image counted added to the histograms.
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.registry.gather();
+        let base = self.histogram_base.lock().expect("not poisoned");
+        for b in base.iter() {
+            let Some(f) = families.iter_mut().find(|f| f.name() == b.name) else {
+                continue;
+            };
+            for m in f.mut_metric() {
+                let mut h = m.get_histogram().clone();
+                h.set_sample_count(h.get_sample_count() + b.count);
+                h.set_sample_sum(h.get_sample_sum() + b.sum);
+                let mut buckets = h.get_bucket().to_vec();
+                for (bucket, add) in buckets.iter_mut().zip(&b.buckets) {
+                    bucket.set_cumulative_count(bucket.cumulative_count() + add);
+                }
+                h.set_bucket(buckets);
+                m.set_histogram(h);
+            }
+        }
+        families
+    }
+
+    /// The counters' and histograms' values, for lb's next image.
+    pub fn carry(&self) -> Carried {
+        use prometheus::proto::MetricType;
+        let mut out = Carried::default();
+        for f in self.gather() {
+            match f.get_field_type() {
+                MetricType::COUNTER => out.counters.extend(f.get_metric().iter().map(|m| {
+                    (
+                        f.name().to_owned(),
+                        m.get_label().iter().map(|l| l.value().to_owned()).collect(),
+                        m.get_counter().get_value() as u64,
+                    )
+                })),
+                MetricType::HISTOGRAM => out.histograms.extend(f.get_metric().iter().map(|m| {
+                    let h = m.get_histogram();
+                    CarriedHistogram {
+                        name: f.name().to_owned(),
+                        count: h.get_sample_count(),
+                        sum: h.get_sample_sum(),
+                        buckets: h
+                            .get_bucket()
+                            .iter()
+                            .map(|b| b.cumulative_count())
+                            .collect(),
+                    }
+                })),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Continues counting from what lb's previous image counted (series it did not have, or
+    /// that this image does not know, are left alone).
+    pub fn restore(&self, carried: &Carried) {
+        use prometheus::core::Collector;
+        let singles = [&self.accepted, &self.admin_refused];
+        let f = &self.families;
+        let per_slot = [&f.requests, &f.connections, &f.restarts, &f.moved];
+        let vecs = [
+            &self.reloads,
+            &self.failures,
+            &self.accept_errors,
+            &self.channel_dropped,
+            &self.proxy_errors,
+        ];
+        let name_of = |c: &dyn Collector| c.desc().first().map(|d| d.fq_name.clone());
+        for (name, labels, value) in &carried.counters {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            if let Some(c) = singles.iter().find(|c| name_of(**c).as_ref() == Some(name)) {
+                c.inc_by(*value);
+            } else if let Some(v) = per_slot
+                .iter()
+                .find(|v| name_of(**v).as_ref() == Some(name))
+            {
+                if let Some(slot) = labels.first().and_then(|s| s.parse::<usize>().ok()) {
+                    self.ensure_slots(slot + 1);
+                    if let Ok(c) = v.get_metric_with_label_values(&labels) {
+                        c.inc_by(*value);
+                    }
+                }
+            } else if let Some(v) = vecs.iter().find(|v| name_of(**v).as_ref() == Some(name))
+                && let Ok(c) = v.get_metric_with_label_values(&labels)
+            {
+                c.inc_by(*value);
+            }
+        }
+        *self.histogram_base.lock().expect("not poisoned") = carried.histograms.clone();
     }
 
     /// Slot `i`'s handles (its series are created if lb grew to it).
@@ -453,7 +573,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8192);
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
+            .encode(&self.gather(), &mut out)
             .expect("text encoding never fails");
         out
     }
@@ -481,6 +601,11 @@ pub struct Shared {
     pub table: Mutex<Vec<SlotView>>,
     /// The policy (for `/workers`).
     pub policy: Policy,
+    /// `true` while an in-place upgrade settles: the admin endpoint accepts nothing new and
+    /// closes its connections once their request in progress is answered.
+    admin_pause: tokio::sync::watch::Sender<bool>,
+    /// Admin connections open.
+    admin_open: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -496,7 +621,20 @@ impl Shared {
                 workers
             ]),
             policy,
+            admin_pause: tokio::sync::watch::Sender::new(false),
+            admin_open: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// Pauses (or resumes) the admin endpoint for an in-place upgrade: no new connection is
+    /// accepted (they wait in the backlog), open ones close after their request in progress.
+    pub fn pause_admin(&self, paused: bool) {
+        self.admin_pause.send_replace(paused);
+    }
+
+    /// Admin connections still open.
+    pub fn admin_open(&self) -> usize {
+        self.admin_open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Updates slot `slot`'s row.
@@ -585,8 +723,17 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Serves the admin endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let mut paused = shared.admin_pause.subscribe();
     loop {
-        let (stream, _) = match listener.accept().await {
+        // Paused for an in-place upgrade: connections wait in the backlog for the next image.
+        if paused.wait_for(|p| !*p).await.map(drop).is_err() {
+            return;
+        }
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = async { paused.wait_for(|p| *p).await.map(drop) } => continue,
+        };
+        let (stream, _) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of fds (counted by the main listener too): back off, do not spin or spam.
@@ -601,8 +748,13 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let shared = shared.clone();
+        shared
+            .admin_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut pause = shared.admin_pause.subscribe();
         tokio::spawn(async move {
             let _permit = permit;
+            let counted = shared.clone();
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &shared)) }
@@ -611,7 +763,18 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = conn.await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async { pause.wait_for(|p| *p).await.map(drop) } => {
+                    // Finish the request in progress (if any), then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            counted
+                .admin_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }

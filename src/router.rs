@@ -82,6 +82,26 @@ impl Link {
     }
 }
 
+/// What routing knows of a worker, carried across an in-place upgrade.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedLink {
+    /// The key of its server on lb's port: answered, not yet `listening`.
+    pub rr_pending: Option<String>,
+    /// The key connections go to as `newconn`s.
+    pub rr_key: Option<String>,
+    /// Its socket.io adapters' uids.
+    pub sio_uids: Vec<String>,
+    /// Last `activeConnections` it reported.
+    pub reported_active: u64,
+    /// ACKs since that report.
+    pub acked_since_report: u64,
+    /// It reports `activeConnections` itself.
+    pub reports_active: bool,
+    /// Last cumulative `totalRequests` it reported (so that its next report counts only what
+    /// is new).
+    pub reported_requests: u64,
+}
+
 /// At most one log line per [`LOG_EVERY`], carrying how many events it stands for.
 #[derive(Debug, Default)]
 struct LogLimit {
@@ -198,20 +218,53 @@ impl Router {
 
     /// A new worker's dispatch.
     pub fn attach(&mut self, id: WorkerId, dispatch: DispatchHandle) {
+        self.adopt(id, dispatch, CarriedLink::default());
+    }
+
+    /// A worker lb's previous image routed to (or a new one, with the default).
+    pub fn adopt(&mut self, id: WorkerId, dispatch: DispatchHandle, c: CarriedLink) {
+        if self.links.len() <= id.slot {
+            self.links.resize_with(id.slot + 1, Vec::new);
+        }
+        self.links[id.slot].retain(|l| l.id != id);
         self.links[id.slot].push(Link {
             id,
             dispatch,
             routable: true,
-            rr_pending: None,
-            rr_key: None,
-            sio_uids: Vec::new(),
+            rr_pending: c.rr_pending,
+            rr_key: c.rr_key,
+            sio_uids: c.sio_uids,
             exited: false,
             closed: false,
-            reported_active: 0,
-            acked_since_report: 0,
-            reports_active: false,
-            reported_requests: 0,
+            reported_active: c.reported_active,
+            acked_since_report: c.acked_since_report,
+            reports_active: c.reports_active,
+            reported_requests: c.reported_requests,
         });
+        self.update_active(id.slot);
+        self.flush_waiting();
+    }
+
+    /// What routing knows of worker `id`, for lb's next image.
+    pub fn carry(&self, id: WorkerId) -> Option<(DispatchHandle, CarriedLink)> {
+        let l = self.links.get(id.slot)?.iter().find(|l| l.id == id)?;
+        Some((
+            l.dispatch.clone(),
+            CarriedLink {
+                rr_pending: l.rr_pending.clone(),
+                rr_key: l.rr_key.clone(),
+                sio_uids: l.sio_uids.clone(),
+                reported_active: l.reported_active,
+                acked_since_report: l.acked_since_report,
+                reports_active: l.reports_active,
+                reported_requests: l.reported_requests,
+            },
+        ))
+    }
+
+    /// Nothing waits in lb and no handoff is unanswered (an in-place upgrade may go ahead).
+    pub fn quiescent(&self) -> bool {
+        self.waiting.is_empty() && self.links.iter().flatten().all(|l| l.pending() == 0)
     }
 
     /// The worker gets no new connections (its dispatch hands back what it holds).

@@ -122,6 +122,7 @@ pub fn spawn_worker(
         .env("NODE_CHANNEL_SERIALIZATION_MODE", "json")
         .env("LB_WORKER_ID", slot.to_string())
         .env_remove("NODE_UNIQUE_ID")
+        .env_remove(crate::upgrade::ENV)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0)

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::{self, MaybeUninit};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -338,6 +338,64 @@ pub fn accept_queue_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
     }
     // SAFETY: zero-initialised, then (partly) filled by the kernel: every bit pattern is valid.
     Ok(unsafe { info.assume_init() }.tcpi_unacked)
+}
+
+/// Takes ownership of fd `fd`, which lb's previous image passed across `exec` (an in-place
+/// upgrade, [`crate::upgrade`]): checks it is open and makes it close-on-exec again.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::other(format!(
+            "fd {fd} is not a file descriptor"
+        )));
+    }
+    // SAFETY: fcntl on an fd number only reads its flags; an fd that is not open is EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::other(format!(
+            "the state names fd {fd}, but it is not open"
+        )));
+    }
+    // SAFETY: lb's previous image left this fd open for this image to own; it is open (checked
+    // above) and nothing else in this process refers to it, so the OwnedFd is its only owner
+    // (the state document names each fd once, which `upgrade::State::validate` checks).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_inheritable(owned.as_fd(), false)?;
+    Ok(owned)
+}
+
+/// Clears (`true`) or sets (`false`) `FD_CLOEXEC` on `fd`: an fd is inherited across `exec`
+/// only while it is clear.
+pub fn set_inheritable(fd: BorrowedFd<'_>, inherit: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flags = if inherit {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
+/// [`set_inheritable`] for an fd this process owns through something that only gives its
+/// number (the listener and sockets owned by their tasks, during an in-place upgrade).
+pub fn set_inheritable_raw(fd: RawFd, inherit: bool) -> io::Result<()> {
+    // SAFETY: fcntl(F_GETFD/F_SETFD) reads and sets only the close-on-exec flag of the fd
+    // number; it touches no memory, and an fd that is not open is EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if inherit {
+        flags & !libc::FD_CLOEXEC
+    } else {
+        flags | libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -141,6 +141,20 @@ impl Inbox {
         Received::Open
     }
 
+    /// What an in-place upgrade carries: the start of a message not yet complete. `None` when
+    /// that cannot be carried faithfully (an fd arrived with it, or an over-long message is
+    /// being discarded); the caller then waits and asks again.
+    pub fn carry(&self) -> Option<Vec<u8>> {
+        if !self.fds.is_empty() || self.truncated {
+            return None;
+        }
+        match &self.decoder {
+            Framing::Lines(d) => d.pending_bytes(),
+            Framing::Frames(d) => d.pending_bytes(),
+        }
+        .map(<[u8]>::to_vec)
+    }
+
     /// Feeds bytes as if read (for tests and for callers that read themselves).
     pub fn extend(&mut self, bytes: &[u8]) {
         self.decoder.extend(bytes);

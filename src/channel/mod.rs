@@ -234,6 +234,12 @@ impl LineDecoder {
         self.buf.len() - self.start
     }
 
+    /// The start of a line received and not yet complete (`None` while discarding an over-long
+    /// one: its end is not wanted).
+    pub fn pending_bytes(&self) -> Option<&[u8]> {
+        (!self.discarding).then(|| &self.buf[self.start..])
+    }
+
     fn compact(&mut self) {
         if self.start > 0 {
             self.buf.drain(..self.start);

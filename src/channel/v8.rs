@@ -438,6 +438,12 @@ impl FrameDecoder {
         self.buf.len() - self.start
     }
 
+    /// The start of a frame received and not yet complete (`None` while skipping an over-long
+    /// one).
+    pub fn pending_bytes(&self) -> Option<&[u8]> {
+        (self.skipping == 0).then(|| &self.buf[self.start..])
+    }
+
     /// The next frame, if one is complete.
     pub fn next_frame(&mut self) -> Option<Frame<'_>> {
         let pending = &self.buf[self.start..];

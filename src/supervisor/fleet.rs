@@ -53,6 +53,23 @@ impl Worker {
     }
 }
 
+/// A ready worker carried across an in-place upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Adopted {
+    /// Its slot and generation.
+    pub id: WorkerId,
+    /// Its pid.
+    pub pid: u32,
+    /// When it started.
+    pub started: Instant,
+    /// Its last heartbeat.
+    pub last_heartbeat: Option<Instant>,
+    /// A Node cluster worker.
+    pub cluster: bool,
+    /// The slot's next generation.
+    pub next_generation: u64,
+}
+
 /// A spawn requested and not yet reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -154,6 +171,76 @@ impl Fleet {
         };
         fleet.tick(now);
         fleet
+    }
+
+    /// A fleet that goes on with the ready workers lb's previous image ran (an in-place
+    /// upgrade); slots without one get a worker now.
+    pub fn resume(cfg: FleetConfig, adopted: &[Adopted], now: Instant) -> Self {
+        let mut slots: Vec<Slot> = (0..cfg.workers)
+            .map(|_| Slot::new(cfg.crash_loop, now))
+            .collect();
+        for a in adopted {
+            let Some(s) = slots.get_mut(a.id.slot) else {
+                continue;
+            };
+            s.current = Some(Worker {
+                id: a.id,
+                pid: a.pid,
+                started: a.started,
+                phase: Phase::Ready,
+                last_heartbeat: a.last_heartbeat,
+                channel_closed: false,
+                cluster: a.cluster,
+                lost_channel: false,
+            });
+            s.next_generation = a.next_generation.max(a.id.generation + 1);
+            s.respawn = Respawn::Idle;
+        }
+        let mut fleet = Self {
+            cfg,
+            slots,
+            roll: None,
+            roll_outcome: None,
+            shutdown: None,
+            actions: Default::default(),
+        };
+        for slot in 0..fleet.slots.len() {
+            fleet.publish(slot);
+        }
+        fleet.tick(now);
+        fleet
+    }
+
+    /// Nothing is changing: no rolling restart or shutdown, and every slot has at most one
+    /// worker, ready (an in-place upgrade waits for this).
+    pub fn steady(&self) -> bool {
+        self.roll.is_none()
+            && self.shutdown.is_none()
+            && self.slots.len() == self.cfg.workers
+            && self.slots.iter().all(|s| {
+                s.incoming.is_none()
+                    && s.retiring.is_empty()
+                    && s.spawning.is_none()
+                    && s.current.as_ref().is_none_or(|w| w.phase == Phase::Ready)
+            })
+    }
+
+    /// The workers an in-place upgrade carries (call when [`Fleet::steady`]).
+    pub fn carry(&self) -> Vec<Adopted> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let w = s.current.as_ref()?;
+                Some(Adopted {
+                    id: w.id,
+                    pid: w.pid,
+                    started: w.started,
+                    last_heartbeat: w.last_heartbeat,
+                    cluster: w.cluster,
+                    next_generation: s.next_generation,
+                })
+            })
+            .collect()
     }
 
     /// The next thing to do.

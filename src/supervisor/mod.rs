@@ -13,4 +13,4 @@ pub mod fleet;
 pub mod shell;
 mod types;
 
-pub use fleet::{Action, Fleet, FleetConfig, Phase, Sig, SlotState, SlotView, WorkerId};
+pub use fleet::{Action, Adopted, Fleet, FleetConfig, Phase, Sig, SlotState, SlotView, WorkerId};

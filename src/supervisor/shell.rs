@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use crate::dispatch::{self, ClusterOut, Handoff, Report};
 use crate::listener::{AcceptError, Listener};
 use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, proxy, reaper, spawn, steering, systemd};
+use crate::{control, procfs, proxy, reaper, spawn, steering, systemd, upgrade};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -99,7 +100,46 @@ pub struct Master {
     next_steer_check: Option<Instant>,
     /// Each slot's worker's CPU ticks at the last check (progress, for kernel steering).
     steer_cpu: Vec<Option<u64>>,
+    /// How to re-execute lb in place (SIGHUP), if it can.
+    takeover: Option<Takeover>,
+    /// A reload was asked for and has not happened yet (it waits for a steady fleet).
+    reload_wanted: Option<&'static str>,
+    /// `lb reload` callers, answered once the preflight passed (or the reload failed).
+    reload_replies: Vec<(
+        oneshot::Sender<Result<serde_json::Value, String>>,
+        serde_json::Value,
+    )>,
+    /// A preflight (`lb check` of the binary at the start path) is running; it reports here.
+    preflight_running: bool,
+    preflight_tx: mpsc::UnboundedSender<(u32, Result<(), String>)>,
+    preflight_rx: mpsc::UnboundedReceiver<(u32, Result<(), String>)>,
+    /// "The reload waits for a steady fleet" was logged for the reload asked for.
+    reload_wait_logged: bool,
+    /// Settling before the exec: accepting stopped until this deadline at the latest.
+    settling_until: Option<Instant>,
+    /// Workers lb's previous image started: their exits are seen with `waitpid`.
+    adopted: Vec<(WorkerId, u32)>,
+    /// The state lb's previous image left, applied when `run` starts.
+    resume_state: Option<upgrade::State>,
 }
+
+/// What an in-place upgrade needs that the master does not otherwise hold.
+#[derive(Debug, Clone)]
+pub struct Takeover {
+    /// The path lb was started from (a new binary there takes effect).
+    pub exe: std::path::PathBuf,
+    /// lb's arguments.
+    pub args: Vec<std::ffi::OsString>,
+    /// The admin socket (owned by its task).
+    pub metrics_fd: Option<std::os::fd::RawFd>,
+    /// The control socket (owned by its task).
+    pub control_fd: Option<std::os::fd::RawFd>,
+}
+
+/// How long lb waits, before re-executing, for handoffs in flight to be answered.
+const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+/// How often a settling lb checks whether it may re-execute.
+const SETTLE_POLL: Duration = Duration::from_millis(1);
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
 const NEEDS_RESTART: [&str; 6] = [
@@ -145,6 +185,7 @@ impl Master {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (headers_tx, headers_rx) = mpsc::unbounded_channel();
+        let (preflight_tx, preflight_rx) = mpsc::unbounded_channel();
         let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
         Self {
             router: Router::new(&settings, shared.clone()),
@@ -176,7 +217,29 @@ impl Master {
             next_steer_check: None,
             steer_cpu: Vec::new(),
             reload_from: None,
+            takeover: None,
+            reload_wanted: None,
+            reload_replies: Vec::new(),
+            preflight_running: false,
+            preflight_tx,
+            preflight_rx,
+            reload_wait_logged: false,
+            settling_until: None,
+            adopted: Vec::new(),
+            resume_state: None,
         }
+    }
+
+    /// SIGHUP re-executes lb in place with `t` (else it reloads the configuration in place).
+    pub fn takeover(mut self, t: Takeover) -> Self {
+        self.takeover = Some(t);
+        self
+    }
+
+    /// Goes on from the state lb's previous image left (an in-place upgrade).
+    pub fn resume_from(mut self, state: upgrade::State) -> Self {
+        self.resume_state = Some(state);
+        self
     }
 
     /// Reload (SIGHUP, `lb reload`) re-reads the configuration from this command line.
@@ -252,6 +315,385 @@ impl Master {
         Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
     }
 
+    /// The bounds of a dispatch task.
+    fn limits(&self) -> dispatch::Limits {
+        dispatch::Limits {
+            window: self.settings.max_pending,
+            max_line: DEFAULT_MAX_LINE,
+            stall_timeout: self.settings.stall_timeout,
+            serialization: self.settings.serialization,
+        }
+    }
+
+    /// SIGHUP or `lb reload`: with an executable to re-execute (and master steering), an
+    /// in-place upgrade (DESIGN §10); otherwise the configuration is reloaded in place.
+    fn request_reload(
+        &mut self,
+        why: &'static str,
+        reply: Option<oneshot::Sender<Result<serde_json::Value, String>>>,
+    ) {
+        let answer = |reply: Option<oneshot::Sender<_>>, r| {
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        };
+        if self.fleet.shutting_down() {
+            tracing::info!("{why} during shutdown: ignored");
+            return answer(reply, Err("lb is shutting down".into()));
+        }
+        if self.takeover.is_none() || self.group.is_some() {
+            return answer(reply, self.reload(why));
+        }
+        // A configuration that does not parse fails here and now, as a start would.
+        let report = match self.diff_config() {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared.metrics.reload(false);
+                tracing::warn!("{why}: reload failed, running as before: {e}");
+                return answer(reply, Err(e));
+            }
+        };
+        if let Some(reply) = reply {
+            self.reload_replies.push((reply, report));
+        }
+        if self.reload_wanted.is_none() {
+            if let Some(n) = &self.notify {
+                n.reloading();
+            }
+            self.reload_wanted = Some(why);
+            self.reload_wait_logged = false;
+        }
+    }
+
+    /// What a reload would change: `{changed, restart_needed}`, or the configuration's error.
+    fn diff_config(&self) -> Result<serde_json::Value, String> {
+        let Some((run, command)) = &self.reload_from else {
+            return Err("no configuration to reload from".into());
+        };
+        let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
+        let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
+            .differences(&self.settings)
+            .into_iter()
+            .partition(|name| NEEDS_RESTART.contains(name));
+        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+    }
+
+    /// Moves a requested in-place upgrade on: preflight once the fleet is steady, then settle,
+    /// then re-execute.
+    async fn advance_reload(
+        &mut self,
+        why: &'static str,
+        listener_fd: Option<std::os::fd::RawFd>,
+        now: Instant,
+    ) {
+        if self.fleet.shutting_down() {
+            return self.reload_failed(why, "lb is shutting down".into());
+        }
+        if let Some(until) = self.settling_until {
+            if self.fleet.steady()
+                && self.router.quiescent()
+                && self.headers_pending == 0
+                && self.shared.admin_open() == 0
+            {
+                // `Err(None)`: not settled after all; tried again on the next pass, until the
+                // deadline.
+                if let Err(Some(e)) = self.take_over(listener_fd).await {
+                    self.reload_failed(why, e);
+                }
+            } else if now >= until {
+                self.reload_failed(
+                    why,
+                    format!("connections in flight were not settled within {SETTLE_LIMIT:?}"),
+                );
+            }
+            return;
+        }
+        if self.preflight_running {
+            return;
+        }
+        if !self.fleet.steady() {
+            if !self.reload_wait_logged {
+                self.reload_wait_logged = true;
+                tracing::info!(
+                    "{why}: the reload waits for the workers to settle (a rolling restart, a scale or a start in progress)"
+                );
+            }
+            return;
+        }
+        let Some(t) = &self.takeover else { return };
+        match upgrade::preflight(t.exe.clone(), &t.args) {
+            Ok((pid, done)) => {
+                // Reaped by its task, not as an orphan.
+                self.worker_pids.insert(pid);
+                self.preflight_running = true;
+                let tx = self.preflight_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send((pid, done.await));
+                });
+            }
+            Err(e) => self.reload_failed(why, e),
+        }
+    }
+
+    /// The preflight finished: settle and re-execute, or carry on as before.
+    fn preflight_done(&mut self, (pid, checked): (u32, Result<(), String>)) {
+        self.preflight_running = false;
+        self.worker_pids.remove(&pid);
+        let Some(why) = self.reload_wanted else {
+            return;
+        };
+        match checked {
+            Ok(()) => {
+                self.settling_until = Some(Instant::now() + SETTLE_LIMIT);
+                self.shared.pause_admin(true);
+                for (reply, report) in self.reload_replies.drain(..) {
+                    let _ = reply.send(Ok(report));
+                }
+            }
+            Err(e) => self.reload_failed(why, e),
+        }
+    }
+
+    /// The in-place upgrade did not happen: one line, counted, and lb carries on as it was.
+    fn reload_failed(&mut self, why: &str, e: String) {
+        tracing::warn!("{why}: reload failed, running as before: {e}");
+        self.shared.metrics.reload(false);
+        self.reload_wanted = None;
+        self.settling_until = None;
+        self.shared.pause_admin(false);
+        self.ready_notified = false; // READY=1 again after RELOADING=1
+        for (reply, _) in self.reload_replies.drain(..) {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+
+    /// Re-executes lb in place with the workers' channels; returns only if that did not
+    /// happen (every worker is then served as before): `Err(None)` if something was still in
+    /// flight after all (the caller tries again), `Err(Some(why))` if the exec failed.
+    async fn take_over(
+        &mut self,
+        listener_fd: Option<std::os::fd::RawFd>,
+    ) -> Result<(), Option<String>> {
+        let Some(t) = self.takeover.clone() else {
+            return Err(Some("lb cannot re-execute itself".into()));
+        };
+        let mut carried = Vec::new();
+        for a in self.fleet.carry() {
+            let Some((handle, _)) = self.router.carry(a.id) else {
+                continue;
+            };
+            match handle.surrender().await {
+                Some(s) => carried.push((a, s)),
+                None => {
+                    self.resume_workers(carried);
+                    return Err(None);
+                }
+            }
+        }
+        // What the workers reported before their tasks ended (ACKs, stats) is counted first, so
+        // that the counters carried are complete.
+        while let Ok(ev) = self.reports_rx.try_recv() {
+            self.on_dispatch(ev);
+        }
+        if !self.router.quiescent() || !self.fleet.steady() {
+            self.resume_workers(carried);
+            return Err(None);
+        }
+        let carried: Vec<_> = carried
+            .into_iter()
+            .filter_map(|(a, s)| Some((a, s, self.router.carry(a.id)?.1)))
+            .collect();
+        let now = Instant::now();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let state = upgrade::State {
+            format: upgrade::FORMAT,
+            version: crate::VERSION.to_owned(),
+            listener: listener_fd,
+            metrics: t.metrics_fd,
+            control: t.control_fd,
+            shared_listeners: self
+                .shared_listeners
+                .iter()
+                .map(|(k, s)| (k.clone(), s.as_raw_fd()))
+                .collect(),
+            next_unique_id: self.next_unique_id,
+            slots: self.fleet.active(),
+            argv: self.argv.clone(),
+            user: self.settings.user.as_ref().map(|u| u.name.clone()),
+            fixed: vec![(
+                "serialization".into(),
+                self.settings.serialization.as_str().into(),
+            )],
+            workers: carried
+                .iter()
+                .map(|(a, s, link)| upgrade::CarriedWorker {
+                    slot: a.id.slot,
+                    generation: a.id.generation,
+                    next_generation: a.next_generation,
+                    pid: a.pid,
+                    channel: s.channel.as_raw_fd(),
+                    age_ms: ms(now.saturating_duration_since(a.started)),
+                    heartbeat_age_ms: a
+                        .last_heartbeat
+                        .map(|h| ms(now.saturating_duration_since(h))),
+                    cluster: a.cluster,
+                    dispatch: s.carried.clone(),
+                    link: link.clone(),
+                })
+                .collect(),
+            counters: self.shared.metrics.carry(),
+        };
+        tracing::info!(
+            "re-executing {} in place with {} workers (lb {})",
+            t.exe.display(),
+            state.workers.len(),
+            crate::VERSION
+        );
+        let err = upgrade::exec(&t.exe, &t.args, &state);
+        self.resume_workers(carried.into_iter().map(|(a, s, _)| (a, s)).collect());
+        Err(Some(format!("cannot execute {}: {err}", t.exe.display())))
+    }
+
+    /// Serves surrendered channels again (the exec did not happen).
+    fn resume_workers(&mut self, carried: Vec<(super::Adopted, dispatch::Surrendered)>) {
+        for (a, s) in carried {
+            let link = self.router.carry(a.id).map(|(_, l)| l).unwrap_or_default();
+            let handle = dispatch::resume(
+                a.id,
+                s.channel,
+                self.reports_tx.clone(),
+                self.limits(),
+                s.carried,
+            );
+            self.router.adopt(a.id, handle, link);
+        }
+    }
+
+    /// The new image goes on from the state lb's previous image left: counters, workers and
+    /// their channels; then applies what the configuration changed.
+    fn resume(&mut self, state: upgrade::State) {
+        let now = Instant::now();
+        self.shared.metrics.restore(&state.counters);
+        self.next_unique_id = state.next_unique_id;
+        for (key, fd) in &state.shared_listeners {
+            match upgrade::adopt(*fd) {
+                Ok(fd) => {
+                    self.shared_listeners
+                        .insert(key.clone(), socket2::Socket::from(fd));
+                }
+                Err(e) => tracing::warn!("cannot take over the listener for {key}: {e}"),
+            }
+        }
+        if let Some((_, ser)) = state.fixed.iter().find(|(k, _)| k == "serialization")
+            && ser != self.settings.serialization.as_str()
+        {
+            tracing::warn!("serialization: not applied until lb is restarted");
+            self.settings.serialization = if ser == "advanced" {
+                crate::channel::Serialization::Advanced
+            } else {
+                crate::channel::Serialization::Json
+            };
+        }
+        let total = state.slots.max(1);
+        self.router.resize(total, total);
+        self.shared.resize(total);
+        let mut adopted = Vec::new();
+        for w in &state.workers {
+            let id = WorkerId {
+                slot: w.slot,
+                generation: w.generation,
+            };
+            let channel = match upgrade::channel(w.channel) {
+                Ok(c) if w.slot < total => c,
+                Ok(_) | Err(_) => {
+                    tracing::error!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        "cannot take over this worker's channel: stopping it"
+                    );
+                    spawn::signal_group(w.pid, Signal::SIGKILL);
+                    continue;
+                }
+            };
+            let handle = dispatch::resume(
+                id,
+                channel,
+                self.reports_tx.clone(),
+                self.limits(),
+                w.dispatch.clone(),
+            );
+            self.router.adopt(id, handle, w.link.clone());
+            self.worker_pids.insert(w.pid);
+            self.adopted.push((id, w.pid));
+            let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+            adopted.push(super::Adopted {
+                id,
+                pid: w.pid,
+                started: ago(w.age_ms),
+                last_heartbeat: w.heartbeat_age_ms.map(ago),
+                cluster: w.cluster,
+                next_generation: w.next_generation,
+            });
+        }
+        let running = Settings {
+            workers: total,
+            ..self.settings.clone()
+        };
+        self.fleet = Fleet::resume(fleet_config(&running, &self.argv), &adopted, now);
+        let mut applied = Vec::new();
+        if self.settings.workers != total {
+            self.fleet.scale(self.settings.workers, now);
+            applied.push(format!("workers {total} → {}", self.settings.workers));
+        }
+        let user = self.settings.user.as_ref().map(|u| u.name.clone());
+        if (state.argv != self.argv || state.user != user) && !adopted.is_empty() {
+            self.fleet.roll(now);
+            applied.push("worker command: rolling restart".into());
+        }
+        // Whatever exited during the switch.
+        self.check_adopted();
+        self.shared.metrics.reload(true);
+        tracing::info!(
+            "re-executed in place (lb {} → lb {}): {} workers carried over{}",
+            state.version,
+            crate::VERSION,
+            adopted.len(),
+            if applied.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", applied.join(", "))
+            }
+        );
+    }
+
+    /// Workers lb's previous image started are not tokio's children here: their exits are
+    /// collected by pid.
+    fn check_adopted(&mut self) {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        use std::os::unix::process::ExitStatusExt;
+        let mut i = 0;
+        while i < self.adopted.len() {
+            let (id, pid) = self.adopted[i];
+            let status = match waitpid(
+                nix::unistd::Pid::from_raw(pid as i32),
+                Some(WaitPidFlag::WNOHANG),
+            ) {
+                Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw(code << 8)),
+                Ok(WaitStatus::Signaled(_, sig, core)) => Some(ExitStatus::from_raw(
+                    sig as i32 | if core { 0x80 } else { 0 },
+                )),
+                Ok(_) => {
+                    i += 1;
+                    continue;
+                }
+                Err(_) => None,
+            };
+            self.adopted.swap_remove(i);
+            reaper::kill_group_leftovers(pid);
+            let _ = self.exits_tx.send((id, pid, status));
+        }
+    }
+
     /// Runs until a graceful shutdown completes, taking commands from the control socket.
     pub async fn run(
         mut self,
@@ -265,12 +707,19 @@ impl Master {
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut chld = signal(SignalKind::child())?;
+        // Signals that arrived while lb re-executed itself were blocked across the exec: they are
+        // delivered now that they are handled.
+        upgrade::unblock_signals();
+        let listener_fd = listener.as_ref().map(|l| l.fd().as_raw_fd());
         self.listen_addr = match (&listener, &group) {
             (Some(l), _) => l.local_addr().ok(),
             (None, Some(g)) => Some(g.local_addr()),
             (None, None) => None,
         };
         self.group = group;
+        if let Some(state) = self.resume_state.take() {
+            self.resume(state);
+        }
         let mut listener = listener;
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         self.apply();
@@ -310,6 +759,9 @@ impl Master {
             }
             self.notify_manager(now);
             self.steer(now);
+            if let Some(why) = self.reload_wanted {
+                self.advance_reload(why, listener_fd, now).await;
+            }
             if self.fleet.shutting_down() {
                 listener = None; // stop accepting: close the listening socket
                 if let Some(g) = &mut self.group {
@@ -326,6 +778,9 @@ impl Master {
                 self.next_ping,
                 self.next_watchdog,
                 self.next_steer_check,
+                // Settling: look again every millisecond (admin connections closing and the
+                // dispatch tasks' answers wake nothing else).
+                self.settling_until.map(|_| now + SETTLE_POLL),
             ]
             .into_iter()
             .flatten()
@@ -335,7 +790,10 @@ impl Master {
                 armed = deadline;
                 timer.as_mut().reset(armed.into());
             }
-            let accepting = listener.is_some() && self.accept_paused_until.is_none();
+            // Settling before an in-place upgrade: new connections wait in the backlog.
+            let accepting = listener.is_some()
+                && self.accept_paused_until.is_none()
+                && self.settling_until.is_none();
             // Kernel steering: the master empties the queues of slots outside the program.
             let down = match &self.group {
                 Some(g) if self.accept_paused_until.is_none() && !self.fleet.shutting_down() => {
@@ -351,6 +809,7 @@ impl Master {
                     while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev); }
                 }
                 Some((id, pid, status)) = self.exits_rx.recv() => self.on_exit(id, pid, status),
+                Some(checked) = self.preflight_rx.recv() => self.preflight_done(checked),
                 Some(done) = self.headers_rx.recv() => {
                     self.headers_pending -= 1;
                     self.header_done(done);
@@ -385,9 +844,7 @@ impl Master {
                         }
                     }
                     control::Command::Stop => self.begin_shutdown("lb stop"),
-                    control::Command::Reload(reply) => {
-                        let _ = reply.send(self.reload("lb reload"));
-                    }
+                    control::Command::Reload(reply) => self.request_reload("lb reload", Some(reply)),
                     control::Command::Scale(n, reply) => {
                         if self.fleet.shutting_down() {
                             let _ = reply.send(Err("lb is shutting down".into()));
@@ -399,11 +856,12 @@ impl Master {
                     }
                 },
                 _ = chld.recv() => {
+                    self.check_adopted();
                     reaper::reap_orphans(&self.worker_pids);
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP received: reloading the configuration");
-                    let _ = self.reload("SIGHUP");
+                    self.request_reload("SIGHUP", None);
                 }
                 () = &mut timer => {
                     // Fired: arm far ahead until the next pass computes the real deadline.
@@ -767,6 +1225,7 @@ impl Master {
             n.send(&format!("STOPPING=1\nSTATUS=shutting down ({why})"));
         }
         if !self.fleet.shutting_down() {
+            tracing::info!("{why}: graceful shutdown");
             // Hand what waits to a ready worker first (or close it): those workers get SIGTERM
             // only once they have answered.
             self.router.close();
@@ -790,6 +1249,7 @@ impl Master {
             self.fleet.on_rss(id, rss, now);
         }
         // In case a SIGCHLD was coalesced with one tokio consumed for a worker.
+        self.check_adopted();
         reaper::reap_orphans(&self.worker_pids);
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
@@ -908,13 +1368,7 @@ impl Master {
                 return self.fleet.spawn_failed(id, now);
             }
         };
-        let limits = dispatch::Limits {
-            window: self.settings.max_pending,
-            max_line: DEFAULT_MAX_LINE,
-            stall_timeout: self.settings.stall_timeout,
-            serialization: self.settings.serialization,
-        };
-        let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), limits);
+        let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), self.limits());
         self.router.attach(id, handle);
         let mut child = spawned.child;
         let exits = self.exits_tx.clone();

@@ -57,11 +57,26 @@ impl Lb {
     /// Like [`Lb::start_with`], with lb run by a wrapper that execs it (e.g. `prlimit ...`), so
     /// the pid is still lb's.
     pub fn start_via(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Lb {
+        Self::start_program(LB.as_ref(), wrapper, args, env)
+    }
+
+    /// Like [`Lb::start_with`], with the lb binary at `exe` (an in-place upgrade re-executes
+    /// the binary found there).
+    pub fn start_exe(exe: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Lb {
+        Self::start_program(exe, &[], args, env)
+    }
+
+    fn start_program(
+        exe: &std::path::Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Lb {
         let mut cmd = match wrapper.split_first() {
-            None => Command::new(LB),
+            None => Command::new(exe),
             Some((prog, rest)) => {
                 let mut c = Command::new(prog);
-                c.args(rest).arg(LB);
+                c.args(rest).arg(exe);
                 c
             }
         };
