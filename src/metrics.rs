@@ -720,6 +720,10 @@ impl Shared {
 /// connections to the admin port can never take the master's file descriptors.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// How long an admin connection accepted just before an in-place upgrade may take to send its
+/// first request before it is closed.
+const ADMIN_FIRST_REQUEST: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Serves the admin endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
@@ -730,8 +734,9 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             return;
         }
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             _ = async { paused.wait_for(|p| *p).await.map(drop) } => continue,
+            a = listener.accept() => a,
         };
         let (stream, _) = match accepted {
             Ok(c) => c,
@@ -755,8 +760,11 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let _permit = permit;
             let counted = shared.clone();
+            let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let served_in = served.clone();
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
+                served_in.store(true, std::sync::atomic::Ordering::Relaxed);
                 async move { Ok::<_, Infallible>(handle(&req, &shared)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -765,9 +773,17 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
+                // The connection first: a request already received is read and answered
+                // before a pause closes the connection.
+                biased;
                 _ = conn.as_mut() => {}
                 _ = async { pause.wait_for(|p| *p).await.map(drop) } => {
-                    // Finish the request in progress (if any), then close.
+                    // A connection just accepted may not have sent its request yet: it gets a
+                    // moment to. Then the request in progress (if any) is finished, and the
+                    // connection closed.
+                    if !served.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = tokio::time::timeout(ADMIN_FIRST_REQUEST, conn.as_mut()).await;
+                    }
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }

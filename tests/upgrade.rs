@@ -449,3 +449,52 @@ fn sighup_during_a_rolling_restart_waits_for_it_and_during_shutdown_is_ignored()
     drop(held);
     assert_eq!(lb.wait_exit(Duration::from_secs(20)), Some(0));
 }
+
+#[test]
+fn a_node_cluster_app_with_socket_io_keeps_its_clients_and_its_relay_across_reloads() {
+    use std::io::{BufRead, Write};
+    let lb = start_node(&["-w", "3"], &example("socketio-cluster.js"), &[]);
+    let pids = lb.wait_all_ready(3);
+    let mut client = std::process::Command::new("node")
+        .arg(fixture("sio-broadcast.js"))
+        .arg(format!("http://{}", lb.addr))
+        .args(["30", "60000"])
+        .env("NODE_PATH", node_modules())
+        .env("WAIT_FOR_GO", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(client.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "upgraded", "the clients did not all connect");
+    // 30 socket.io clients on WebSockets across 3 workers; lb re-executes twice.
+    sighup(&lb, "ok");
+    sighup(&lb, "ok");
+    assert_eq!(lb.wait_all_ready(3), pids);
+    // The broadcast still crosses workers (lb relays the adapter's messages) and reaches every
+    // client, none of which was disconnected.
+    client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let out = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["why"], "done", "{r}");
+    assert_eq!(r["received"], 30, "{r}");
+    assert_eq!(r["disconnected"], 0, "{r}");
+    assert_eq!(r["pids"].as_array().unwrap().len(), 3, "{r}");
+    // Requests after the reloads: routed to the same workers, counted once.
+    let before = lb
+        .metric("lb_worker_connections_total{worker=\"0\"}")
+        .unwrap();
+    for i in 0..5 {
+        let ip = ips_of(0, 3, 5)[i];
+        let (status, _) = http_get(lb.addr, "/socket.io/?EIO=4&transport=polling", Some(ip));
+        assert_eq!(status, 200);
+    }
+    // (ACKs are counted as they reach lb, possibly just after the responses.)
+    wait_for("the 5 connections counted", Duration::from_secs(5), || {
+        (lb.metric("lb_worker_connections_total{worker=\"0\"}")? == before + 5.0).then_some(())
+    });
+}
