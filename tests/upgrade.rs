@@ -266,6 +266,7 @@ fn three_sighups_one_onto_a_new_binary_keep_every_connection_pid_and_counter() {
         sockets.wait_more(1000);
     }
     let result = churn.stop();
+    let churned = result.requests;
     let failures = sockets.stop();
     result.assert_no_failures();
     assert!(
@@ -278,6 +279,18 @@ fn three_sighups_one_onto_a_new_binary_keep_every_connection_pid_and_counter() {
     assert_eq!(reloads(&lb, "ok"), 3.0);
     assert_eq!(reloads(&lb, "failed"), 0.0);
     assert_monotonic(&last, &counters(&lb.metrics_text()), "the end");
+    // Workers report cumulative request counts: each is counted once, not again by each new
+    // image (churn requests plus one upgrade request per WebSocket, at most).
+    let requests: f64 = (0..3)
+        .map(|i| {
+            lb.metric(&format!("lb_worker_requests_total{{worker=\"{i}\"}}"))
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        requests <= (churned + 1000) as f64,
+        "{requests} requests counted for {churned} churn requests and 1000 WebSockets"
+    );
     let version = new_version.rsplit(' ').next().unwrap();
     assert_eq!(
         lb.metric(&format!(

@@ -430,6 +430,8 @@ pub struct ChurnResult {
     pub failures: Vec<String>,
     /// The slots each client address was served by.
     pub seen: std::collections::HashMap<IpAddr, std::collections::HashSet<usize>>,
+    /// Requests made (answered or failed).
+    pub requests: usize,
 }
 
 impl Churn {
@@ -501,6 +503,7 @@ impl Churn {
             t.join().unwrap();
         }
         ChurnResult {
+            requests: self.done.load(std::sync::atomic::Ordering::Relaxed),
             failures: std::mem::take(&mut self.failures.lock().unwrap()),
             seen: std::mem::take(&mut self.seen.lock().unwrap()),
         }
