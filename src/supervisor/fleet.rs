@@ -158,19 +158,7 @@ pub struct Fleet {
 impl Fleet {
     /// A fleet whose slots all want a worker now.
     pub fn new(cfg: FleetConfig, now: Instant) -> Self {
-        let slots = (0..cfg.workers)
-            .map(|_| Slot::new(cfg.crash_loop, now))
-            .collect();
-        let mut fleet = Self {
-            cfg,
-            slots,
-            roll: None,
-            roll_outcome: None,
-            shutdown: None,
-            actions: Default::default(),
-        };
-        fleet.tick(now);
-        fleet
+        Self::resume(cfg, &[], now)
     }
 
     /// A fleet that goes on with the ready workers lb's previous image ran (an in-place
@@ -204,8 +192,9 @@ impl Fleet {
             shutdown: None,
             actions: Default::default(),
         };
-        for slot in 0..fleet.slots.len() {
-            fleet.publish(slot);
+        // The workers carried over are ready: routing and `/workers` learn it at once.
+        for a in adopted {
+            fleet.publish(a.id.slot);
         }
         fleet.tick(now);
         fleet

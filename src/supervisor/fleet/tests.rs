@@ -559,3 +559,37 @@ fn a_dropped_slot_is_never_published() {
     assert!(acts.contains(&Action::Resized(1)), "{acts:?}");
     assert!(!acts.contains(&Action::Publish(1)), "{acts:?}");
 }
+
+#[test]
+fn a_resumed_fleet_keeps_carried_workers_ready_and_starts_only_the_empty_slots() {
+    let now = Instant::now();
+    let carried = Adopted {
+        id: WorkerId {
+            slot: 0,
+            generation: 4,
+        },
+        pid: 77,
+        started: now - Duration::from_secs(60),
+        last_heartbeat: None,
+        cluster: false,
+        next_generation: 5,
+    };
+    let mut fleet = Fleet::resume(config(2), &[carried], now);
+    let acts: Vec<Action> = std::iter::from_fn(|| fleet.poll_action()).collect();
+    assert!(acts.contains(&Action::Publish(0)));
+    let spawns: Vec<WorkerId> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Spawn(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spawns.len(), 1, "{acts:?}");
+    assert_eq!(spawns[0].slot, 1);
+    let v = fleet.view(0);
+    assert_eq!(v.state, SlotState::Ready);
+    assert_eq!((v.pid, v.started), (Some(77), Some(carried.started)));
+    assert!(!fleet.steady(), "slot 1 is starting");
+    // Carried again at the next upgrade, generations continuing.
+    assert_eq!(fleet.carry(), vec![carried]);
+}
