@@ -511,3 +511,32 @@ fn a_node_cluster_app_with_socket_io_keeps_its_clients_and_its_relay_across_relo
         (lb.metric("lb_worker_connections_total{worker=\"0\"}")? == before + 5.0).then_some(())
     });
 }
+
+#[test]
+fn a_binary_refuses_a_state_format_it_does_not_read_in_one_line() {
+    // What the preflight asks the new binary: can you take over from format N?
+    let run = |format: &str| {
+        std::process::Command::new(LB)
+            .args([
+                "check",
+                "--takeover",
+                format,
+                "-w",
+                "1",
+                "-l",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = run("1");
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let out = run("99");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("state format is 99") && err.contains("reads format 1"),
+        "{err}"
+    );
+}
