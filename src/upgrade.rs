@@ -128,12 +128,11 @@ impl State {
         if fds.windows(2).any(|w| w[0] == w[1]) {
             return Err("the state names an fd twice".into());
         }
-        if self
-            .workers
-            .iter()
-            .any(|w| w.slot >= self.slots.max(1) * 64)
-        {
-            return Err("the state names an impossible slot".into());
+        if let Some(w) = self.workers.iter().find(|w| w.slot >= self.slots) {
+            return Err(format!(
+                "the state puts a worker in slot {} of {}",
+                w.slot, self.slots
+            ));
         }
         Ok(())
     }
@@ -305,11 +304,6 @@ pub fn exec(exe: &Path, args: &[OsString], state: &State) -> io::Error {
     err
 }
 
-/// An fd of the state document as a raw number, for [`State`].
-pub fn raw(fd: &impl AsRawFd) -> RawFd {
-    fd.as_raw_fd()
-}
-
 /// A listening socket from the state.
 pub fn listener(fd: RawFd) -> io::Result<std::net::TcpListener> {
     adopt(fd).map(std::net::TcpListener::from)
@@ -323,4 +317,67 @@ pub fn unix_listener(fd: RawFd) -> io::Result<std::os::unix::net::UnixListener> 
 /// A worker channel from the state.
 pub fn channel(fd: RawFd) -> io::Result<std::os::unix::net::UnixStream> {
     adopt(fd).map(std::os::unix::net::UnixStream::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    fn state() -> State {
+        State {
+            format: FORMAT,
+            version: "test".into(),
+            listener: Some(7),
+            metrics: None,
+            control: None,
+            shared_listeners: vec![("key".into(), 8)],
+            next_unique_id: 3,
+            slots: 2,
+            argv: vec!["lb".into(), "builtin-worker".into()],
+            user: None,
+            fixed: vec![("serialization".into(), "json".into())],
+            workers: vec![CarriedWorker {
+                slot: 1,
+                generation: 2,
+                next_generation: 3,
+                pid: 42,
+                channel: 9,
+                age_ms: 1000,
+                heartbeat_age_ms: Some(5),
+                cluster: true,
+                dispatch: dispatch::Carried {
+                    inbox: b"{\"cmd\":".to_vec(),
+                    rr_key: Some("4:::8000".into()),
+                    seq: 6,
+                },
+                link: CarriedLink::default(),
+            }],
+            counters: metrics::Carried::default(),
+        }
+    }
+
+    #[test]
+    fn the_state_document_round_trips_through_its_memfd() {
+        let s = state();
+        let fd = s.write().unwrap().into_raw_fd();
+        let back = read(&fd.to_string()).unwrap();
+        assert_eq!(back.workers[0].dispatch, s.workers[0].dispatch);
+        assert_eq!(back.fds(), vec![7, 8, 9]);
+        assert_eq!(back.next_unique_id, 3);
+    }
+
+    #[test]
+    fn a_state_it_cannot_trust_is_refused() {
+        let mut s = state();
+        s.format = FORMAT + 1;
+        assert!(s.validate().unwrap_err().contains("state format"));
+        let mut s = state();
+        s.workers[0].channel = 7; // the listener's fd
+        assert!(s.validate().unwrap_err().contains("twice"));
+        let mut s = state();
+        s.workers[0].slot = 2;
+        assert!(s.validate().unwrap_err().contains("slot 2 of 2"));
+        assert!(read("not a number").is_err());
+    }
 }
