@@ -273,7 +273,8 @@ class Soak:
                     slot, p = self.hello(body)
                     if pid is None:
                         pid = p
-                        self.check_sticky(t_req, self.t(), ip, slot)
+                        # lb routed the connection when it accepted it: any time since t_start.
+                        self.check_sticky(t_start, self.t(), ip, slot)
                     elif p != pid:
                         raise AssertionError(f"keep-alive connection moved from pid {pid} to {p}")
                     served += 1
@@ -477,7 +478,8 @@ class Soak:
                 counter = k.split("{")[0].endswith(("_total", "_count", "_sum", "_bucket"))
                 if counter and k in prev and v < prev[k]:
                     self.monotonic_breaks.append(f"{k} went {prev[k]:g} → {v:g} at {t:.1f}s")
-        self.scrapes.append((t, states, m))
+        # What a scrape shows is lb's state at some moment between t and now.
+        self.scrapes.append((t, states, m, self.t()))
         # While running, in flight = accepted − delivered − closed: never negative.
         gap = self.accounting_gap(m)
         if gap < 0:
@@ -717,37 +719,38 @@ class Soak:
 
     # ---- judging -----------------------------------------------------------------------------
 
-    def states_at(self, t):
-        """The scrapes just before and just after t."""
-        ts = [s[0] for s in self.scrapes]
-        i = bisect.bisect_left(ts, t)
-        return [self.scrapes[j][1] for j in (i - 1, i) if 0 <= j < len(self.scrapes)]
+    def around(self, t_from, t_to):
+        """Indices of the scrapes from the last one surely taken before t_from (it ended before)
+        to the first one surely taken after t_to (it started after), and all in between."""
+        ends = [s[3] for s in self.scrapes]
+        starts = [s[0] for s in self.scrapes]
+        lo = max(bisect.bisect_right(ends, t_from) - 1, 0)
+        hi = min(bisect.bisect_left(starts, t_to), len(self.scrapes) - 1)
+        return range(lo, hi + 1)
 
     def scrapes_around(self, t_from, t_to, slot):
-        """The scrapes just before and after [t_from, t_to]: (time, slot's pid and state, its
+        """The scrapes around [t_from, t_to]: (time, slot's pid and state, its
         lb_sticky_moved_total), to explain a stickiness miss."""
-        ts = [s[0] for s in self.scrapes]
-        i, j = bisect.bisect_left(ts, t_from) - 1, bisect.bisect_left(ts, t_to)
-        return [(f"{self.scrapes[k][0]:.2f}s", self.scrapes[k][1].get(slot),
+        return [(f"{self.scrapes[k][0]:.2f}-{self.scrapes[k][3]:.2f}s", self.scrapes[k][1].get(slot),
                  series(self.scrapes[k][2], "lb_sticky_moved_total", worker=slot))
-                for k in range(max(i, 0), min(j + 1, len(self.scrapes)))]
+                for k in self.around(t_from, t_to)]
 
     def slot_disturbed(self, slot, t_from, t_to):
         """Whether sticky may have sent a client of `slot` elsewhere in [t_from, t_to]: the slot
         was not ready in a scrape around that time, or its worker was stopped/killed/rolled."""
-        for states in self.states_at(t_from) + self.states_at(t_to):
-            if states.get(slot, (None, None))[1] != "ready":
+        ks = self.around(t_from, t_to)
+        if not ks:
+            return True
+        for k in ks:
+            if self.scrapes[k][1].get(slot, (None, None))[1] != "ready":
                 return True
-        pids = {s[slot][0] for s in self.states_at(t_from) + self.states_at(t_to) if slot in s}
+        pids = {self.scrapes[k][1][slot][0] for k in ks if slot in self.scrapes[k][1]}
         margin = self.a.stall_timeout + 1
         # lb itself reports when it passes over an up worker (at --max-pending, e.g. in a
         # burst or a flood after an accept pause, or it refused): its clients' next choice.
-        ts = [sc[0] for sc in self.scrapes]
-        i, j = bisect.bisect_left(ts, t_from) - 1, bisect.bisect_left(ts, t_to)
-        if 0 <= i and j < len(self.scrapes):
-            moved = lambda k: series(self.scrapes[k][2], "lb_sticky_moved_total", worker=slot)
-            if moved(j) > moved(i):
-                return True
+        moved = lambda k: series(self.scrapes[k][2], "lb_sticky_moved_total", worker=slot)
+        if moved(ks[-1]) > moved(ks[0]):
+            return True
         for pid, a, b in self.stopped:
             if pid in pids and a - margin <= t_to and b + 1 >= t_from:
                 return True
