@@ -540,3 +540,50 @@ fn a_binary_refuses_a_state_format_it_does_not_read_in_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_reload_while_a_worker_holds_a_handoff_unanswered_keeps_serving_and_goes_through_once_it_answers()
+ {
+    let lb = Lb::start(&["-w", "2"]);
+    let pids = lb.wait_all_ready(2);
+    // Slot 0's worker is stopped with a connection handed to it and not ACKed.
+    kill(pids[0], Signal::SIGSTOP);
+    let mut held = start_request(&lb, ips_of(0, 2, 1)[0]);
+    wait_for("the handoff in flight", Duration::from_secs(5), || {
+        (lb.metric("lb_accepted_connections_total")? >= 1.0).then_some(())
+    });
+    lb.signal(Signal::SIGHUP);
+    // lb cannot settle, so it does not re-execute; it keeps serving (slot 1's clients, and slot
+    // 0's once it is seen stalled), and says so.
+    wait_for(
+        "the settle given up for now",
+        Duration::from_secs(10),
+        || {
+            lb.log_text()
+                .contains("the reload waits for the workers to settle")
+                .then_some(())
+                .or_else(|| {
+                    lb.log_text()
+                        .contains("handoffs in flight not settled")
+                        .then_some(())
+                })
+        },
+    );
+    for ip in ips_of(1, 2, 5) {
+        assert_eq!(served_by(lb.addr, Some(ip)), (1, pids[1]));
+    }
+    assert_eq!(reloads(&lb, "ok"), 0.0);
+    // The worker resumes and answers: the held connection is served, and the reload happens.
+    kill(pids[0], Signal::SIGCONT);
+    let (status, body) = read_response(&mut held);
+    assert_eq!(status, 200);
+    assert_eq!(
+        slot_and_pid(std::str::from_utf8(&body).unwrap()),
+        (0, pids[0])
+    );
+    wait_for("the reload", Duration::from_secs(15), || {
+        (reloads(&lb, "ok") == 1.0).then_some(())
+    });
+    assert_eq!(reloads(&lb, "failed"), 0.0);
+    assert_eq!(lb.wait_all_ready(2), pids);
+}

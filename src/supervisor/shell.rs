@@ -117,6 +117,11 @@ pub struct Master {
     reload_wait_logged: bool,
     /// Settling before the exec: accepting stopped until this deadline at the latest.
     settling_until: Option<Instant>,
+    /// The preflight of the reload asked for passed.
+    checked: bool,
+    /// Settles tried for it, and when the next may start (accepting meanwhile).
+    settle_tries: u32,
+    settle_retry_at: Option<Instant>,
     /// Workers lb's previous image started: their exits are seen with `waitpid`.
     adopted: Vec<(WorkerId, u32)>,
     /// The state lb's previous image left, applied when `run` starts.
@@ -137,7 +142,11 @@ pub struct Takeover {
 }
 
 /// How long lb waits, before re-executing, for handoffs in flight to be answered.
-const SETTLE_LIMIT: Duration = Duration::from_secs(2);
+const SETTLE_LIMIT: Duration = Duration::from_millis(500);
+/// Settles an in-place upgrade tries (accepting again for [`SETTLE_RETRY`] between two) before
+/// the reload fails.
+const SETTLE_TRIES: u32 = 4;
+const SETTLE_RETRY: Duration = Duration::from_secs(1);
 /// How often a settling lb checks whether it may re-execute.
 const SETTLE_POLL: Duration = Duration::from_millis(1);
 
@@ -225,6 +234,9 @@ impl Master {
             preflight_rx,
             reload_wait_logged: false,
             settling_until: None,
+            checked: false,
+            settle_tries: 0,
+            settle_retry_at: None,
             adopted: Vec::new(),
             resume_state: None,
         }
@@ -400,15 +412,34 @@ impl Master {
                 if let Err(Some(e)) = self.take_over(listener_fd).await {
                     self.reload_failed(why, e);
                 }
-            } else if now >= until {
-                self.reload_failed(
-                    why,
-                    format!("connections in flight were not settled within {SETTLE_LIMIT:?}"),
-                );
+            } else if now >= until || !self.fleet.steady() {
+                // A worker that does not answer (stopped, busy) or one that changed state:
+                // accept again, and try later.
+                self.settling_until = None;
+                self.shared.pause_admin(false);
+                if self.settle_tries >= SETTLE_TRIES {
+                    self.reload_failed(
+                        why,
+                        format!(
+                            "connections in flight were not settled ({SETTLE_TRIES} tries of {SETTLE_LIMIT:?})"
+                        ),
+                    );
+                } else {
+                    tracing::info!(
+                        "{why}: handoffs in flight not settled; accepting again, the reload is tried again in {SETTLE_RETRY:?}"
+                    );
+                    self.settle_retry_at = Some(now + SETTLE_RETRY);
+                }
             }
             return;
         }
         if self.preflight_running {
+            return;
+        }
+        if self.checked {
+            if self.fleet.steady() && self.settle_retry_at.is_none_or(|t| now >= t) {
+                self.start_settle(now);
+            }
             return;
         }
         if !self.fleet.steady() {
@@ -444,8 +475,8 @@ impl Master {
         };
         match checked {
             Ok(()) => {
-                self.settling_until = Some(Instant::now() + SETTLE_LIMIT);
-                self.shared.pause_admin(true);
+                self.checked = true;
+                self.start_settle(Instant::now());
                 for (reply, report) in self.reload_replies.drain(..) {
                     let _ = reply.send(Ok(report));
                 }
@@ -454,12 +485,23 @@ impl Master {
         }
     }
 
+    /// Stops accepting until what is in flight is settled (then lb re-executes).
+    fn start_settle(&mut self, now: Instant) {
+        self.settle_tries += 1;
+        self.settle_retry_at = None;
+        self.settling_until = Some(now + SETTLE_LIMIT);
+        self.shared.pause_admin(true);
+    }
+
     /// The in-place upgrade did not happen: one line, counted, and lb carries on as it was.
     fn reload_failed(&mut self, why: &str, e: String) {
         tracing::warn!("{why}: reload failed, running as before: {e}");
         self.shared.metrics.reload(false);
         self.reload_wanted = None;
         self.settling_until = None;
+        self.checked = false;
+        self.settle_tries = 0;
+        self.settle_retry_at = None;
         self.shared.pause_admin(false);
         self.ready_notified = false; // READY=1 again after RELOADING=1
         for (reply, _) in self.reload_replies.drain(..) {
@@ -781,6 +823,7 @@ impl Master {
                 // Settling: look again every millisecond (admin connections closing and the
                 // dispatch tasks' answers wake nothing else).
                 self.settling_until.map(|_| now + SETTLE_POLL),
+                self.settle_retry_at,
             ]
             .into_iter()
             .flatten()
