@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,12 @@ pub fn bind_group(addr: SocketAddr, n: usize, backlog: u32) -> Result<Vec<Socket
     Ok(group)
 }
 
+/// A listener of the group registered with the runtime, through a duplicate of its fd (closing
+/// it deregisters it; the group keeps the socket).
+fn watch(s: &Socket) -> io::Result<Arc<Listener>> {
+    Listener::new(s.try_clone()?).map(Arc::new)
+}
+
 /// Waits until one of `listeners` may have a connection; returns its slot.
 pub async fn any_ready(listeners: &[(usize, Arc<Listener>)]) -> usize {
     let waits = listeners.iter().map(|(slot, l)| {
@@ -54,11 +60,18 @@ pub async fn any_ready(listeners: &[(usize, Arc<Listener>)]) -> usize {
 
 /// The master's side of kernel steering: the group's listeners (kept open while lb runs, so no
 /// socket ever leaves the group), the program attached, and per-slot accept-queue watch.
+///
+/// Only the listeners of slots outside the program are registered with the master's runtime
+/// (through a duplicate fd): a live slot's incoming connections must not wake the master, or
+/// it would pay an epoll wakeup per connection it never accepts.
 pub struct Group {
     addr: SocketAddr,
     backlog: u32,
     hash: StickyHash,
-    listeners: Vec<Arc<Listener>>,
+    sockets: Vec<Socket>,
+    /// Registered duplicates of the listeners the master accepts from (slots outside the
+    /// program).
+    watched: Vec<Option<Arc<Listener>>>,
     /// The live slots of the attached program (`None` before the first).
     live: Option<Vec<usize>>,
     /// Since when each slot's accept queue has been non-empty (at every check).
@@ -68,17 +81,22 @@ pub struct Group {
 impl Group {
     /// Registers the bound group with the runtime.
     pub fn new(sockets: Vec<Socket>, backlog: u32, hash: StickyHash) -> io::Result<Group> {
-        let listeners = sockets
-            .into_iter()
-            .map(|s| Listener::new(s).map(Arc::new))
+        let addr = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok()?.as_socket())
+            .ok_or_else(|| io::Error::other("no listener in the group"))?;
+        // Until the first program is attached every slot is outside it: the master accepts.
+        let watched = sockets
+            .iter()
+            .map(|s| watch(s).map(Some))
             .collect::<io::Result<Vec<_>>>()?;
-        let addr = listeners[0].local_addr()?;
         Ok(Group {
             addr,
             backlog,
             hash,
-            waiting_since: vec![None; listeners.len()],
-            listeners,
+            waiting_since: vec![None; sockets.len()],
+            sockets,
+            watched,
             live: None,
         })
     }
@@ -90,39 +108,49 @@ impl Group {
 
     /// Slot `slot`'s listener (what its worker accepts from), growing the group to reach it.
     pub fn listener(&mut self, slot: usize) -> io::Result<BorrowedFd<'_>> {
-        while self.listeners.len() <= slot {
+        while self.sockets.len() <= slot {
             let s = crate::listener::bind_with(self.addr, self.backlog, true)
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            self.listeners.push(Arc::new(Listener::new(s)?));
+            // Outside the program until the next one is attached.
+            self.watched.push(Some(watch(&s)?));
+            self.sockets.push(s);
             self.waiting_since.push(None);
         }
-        Ok(self.listeners[slot].fd())
+        Ok(self.sockets[slot].as_fd())
     }
 
-    /// Attaches the program for `live` if it differs from the one attached. `Ok(true)` if it did.
+    /// Attaches the program for `live` if it differs from the one attached (and watches the
+    /// listeners of the slots outside it). `Ok(true)` if it did.
     pub fn steer(&mut self, live: Vec<usize>) -> io::Result<bool> {
         if self.live.as_ref() == Some(&live) {
             return Ok(false);
         }
-        crate::sys::attach_reuseport_cbpf(self.listeners[0].fd(), &program(&self.hash, &live))?;
+        crate::sys::attach_reuseport_cbpf(self.sockets[0].as_fd(), &program(&self.hash, &live))?;
+        for (slot, s) in self.sockets.iter().enumerate() {
+            let w = &mut self.watched[slot];
+            match (live.contains(&slot), w.is_some()) {
+                (true, true) => *w = None,
+                (false, false) => *w = Some(watch(s)?),
+                _ => {}
+            }
+        }
         self.live = Some(live);
         Ok(true)
     }
 
     /// The slots outside the attached program, whose queues the master empties itself.
     pub fn down(&self) -> Vec<(usize, Arc<Listener>)> {
-        let live = self.live.as_deref().unwrap_or(&[]);
-        self.listeners
+        self.watched
             .iter()
             .enumerate()
-            .filter(|(i, _)| !live.contains(i))
-            .map(|(i, l)| (i, l.clone()))
+            .filter_map(|(i, l)| Some((i, l.clone()?)))
             .collect()
     }
 
-    /// Slot `slot`'s listener, for the master to accept from.
+    /// Slot `slot`'s listener, for the master to accept from (while the slot is outside the
+    /// program).
     pub fn get(&self, slot: usize) -> Option<Arc<Listener>> {
-        self.listeners.get(slot).cloned()
+        self.watched.get(slot).cloned().flatten()
     }
 
     /// Slot `slot`'s worker made progress (it used CPU): a queue it has not emptied yet is
@@ -139,9 +167,9 @@ impl Group {
     pub fn stuck(&mut self, now: Instant, limit: Duration) -> Vec<usize> {
         let live = self.live.clone().unwrap_or_default();
         let mut stuck = Vec::new();
-        for (slot, l) in self.listeners.iter().enumerate() {
-            let waiting =
-                live.contains(&slot) && crate::sys::accept_queue_len(l.fd()).is_ok_and(|n| n > 0);
+        for (slot, s) in self.sockets.iter().enumerate() {
+            let waiting = live.contains(&slot)
+                && crate::sys::accept_queue_len(s.as_fd()).is_ok_and(|n| n > 0);
             match (waiting, self.waiting_since[slot]) {
                 (false, _) => self.waiting_since[slot] = None,
                 (true, None) => self.waiting_since[slot] = Some(now),
@@ -157,7 +185,8 @@ impl Group {
 
     /// Closes the master's copies (at shutdown; workers still hold theirs until they exit).
     pub fn close(&mut self) {
-        self.listeners.clear();
+        self.watched.clear();
+        self.sockets.clear();
         self.live = None;
     }
 }
@@ -166,7 +195,7 @@ impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Group")
             .field("addr", &self.addr)
-            .field("slots", &self.listeners.len())
+            .field("slots", &self.sockets.len())
             .field("live", &self.live)
             .finish()
     }
