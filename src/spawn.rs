@@ -141,9 +141,9 @@ pub fn spawn_worker(
     let creds = user.map(|u| (u.uid, u.gid, u.groups.clone()));
     // The closure runs in the child between fork and exec; `child_fd` stays open in the parent
     // until after spawn returns, because `child_end` is dropped only below.
-    // SAFETY: the closure only makes async-signal-safe syscalls (setgroups, setgid, setuid, prctl,
-    // getppid, dup2, fcntl) on integers and a group list allocated before fork and captured by
-    // value: no allocation, no locks, no logging.
+    // The closure makes only setgroups, setgid, setuid, prctl, getppid, dup2 and fcntl calls on
+    // integers and a group list allocated before fork and captured by value.
+    // SAFETY: all async-signal-safe; no allocation, no locks, no logging after fork.
     unsafe {
         cmd.pre_exec(move || {
             // Drop to the worker user first: a credential change clears PR_SET_PDEATHSIG.

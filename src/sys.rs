@@ -355,9 +355,9 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
             "the state names fd {fd}, but it is not open"
         )));
     }
-    // SAFETY: lb's previous image left this fd open for this image to own; it is open (checked
-    // above) and nothing else in this process refers to it, so the OwnedFd is its only owner
-    // (the state document names each fd once, which `upgrade::State::validate` checks).
+    // lb's previous image left this fd open for this image to own, and the state document names
+    // each fd once (`upgrade::State::validate` checks).
+    // SAFETY: the fd is open (checked above) and nothing else here refers to it: sole owner.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     set_inheritable(owned.as_fd(), false)?;
     Ok(owned)

@@ -221,6 +221,20 @@ fn reloads(lb: &Lb, result: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Waits until one line of lb's log contains every one of `parts`.
+fn wait_log_line(lb: &Lb, parts: &[&str]) {
+    wait_for(
+        &format!("a log line with {parts:?}"),
+        Duration::from_secs(5),
+        || {
+            lb.log_text()
+                .lines()
+                .any(|l| parts.iter().all(|p| l.contains(p)))
+                .then_some(())
+        },
+    );
+}
+
 /// Sends SIGHUP and waits until lb counted the reload as `result`.
 fn sighup(lb: &Lb, result: &str) {
     let before = reloads(lb, result);
@@ -376,12 +390,7 @@ fn a_broken_config_or_binary_is_logged_counted_and_lb_carries_on_unchanged() {
     // A configuration that does not parse.
     std::fs::write(&cfg, "workers = \"many\"\n").unwrap();
     sighup(&lb, "failed");
-    wait_for("the failure logged", Duration::from_secs(5), || {
-        lb.log_text()
-            .lines()
-            .any(|l| l.contains("reload failed, running as before") && l.contains("many"))
-            .then_some(())
-    });
+    wait_log_line(&lb, &["reload failed, running as before", "many"]);
     // A binary that cannot start.
     std::fs::write(&cfg, "workers = 2\n").unwrap();
     let script = dir.join("broken.sh");
@@ -393,12 +402,7 @@ fn a_broken_config_or_binary_is_logged_counted_and_lb_carries_on_unchanged() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     install(&script, &exe);
     sighup(&lb, "failed");
-    wait_for("the broken binary logged", Duration::from_secs(5), || {
-        lb.log_text()
-            .lines()
-            .any(|l| l.contains("reload failed") && l.contains("this build is broken"))
-            .then_some(())
-    });
+    wait_log_line(&lb, &["reload failed", "this build is broken"]);
     assert_eq!(reloads(&lb, "failed"), 2.0);
     assert_eq!(reloads(&lb, "ok"), 0.0);
     assert!(alive(lb.pid()));
@@ -575,12 +579,7 @@ fn a_reload_while_a_worker_holds_a_handoff_unanswered_keeps_serving_and_goes_thr
     assert_eq!(reloads(&lb, "ok"), 0.0);
     // The worker resumes and answers: the held connection is served, and the reload happens.
     kill(pids[0], Signal::SIGCONT);
-    let (status, body) = read_response(&mut held);
-    assert_eq!(status, 200);
-    assert_eq!(
-        slot_and_pid(std::str::from_utf8(&body).unwrap()),
-        (0, pids[0])
-    );
+    assert_eq!(answered_by(&mut held), (0, pids[0]));
     wait_for("the reload", Duration::from_secs(15), || {
         (reloads(&lb, "ok") == 1.0).then_some(())
     });

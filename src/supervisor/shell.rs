@@ -279,16 +279,23 @@ impl Master {
         result
     }
 
-    fn try_reload(&mut self) -> Result<serde_json::Value, String> {
+    /// The configuration read again: the new settings, what changed that can be applied while
+    /// running, and what changed that needs a restart.
+    fn read_config(&self) -> Result<(Settings, Vec<&'static str>, Vec<&'static str>), String> {
         let Some((run, command)) = &self.reload_from else {
             return Err("no configuration to reload from".into());
         };
         let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
-        let old = &self.settings;
         let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
-            .differences(old)
+            .differences(&self.settings)
             .into_iter()
             .partition(|name| NEEDS_RESTART.contains(name));
+        Ok((new, changed, restart_needed))
+    }
+
+    fn try_reload(&mut self) -> Result<serde_json::Value, String> {
+        let (new, changed, restart_needed) = self.read_config()?;
+        let old = &self.settings;
         let argv = match &new.command {
             _ if !changed.contains(&"command") => self.argv.clone(),
             Some(c) => c.clone(),
@@ -379,14 +386,7 @@ impl Master {
 
     /// What a reload would change: `{changed, restart_needed}`, or the configuration's error.
     fn diff_config(&self) -> Result<serde_json::Value, String> {
-        let Some((run, command)) = &self.reload_from else {
-            return Err("no configuration to reload from".into());
-        };
-        let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
-        let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
-            .differences(&self.settings)
-            .into_iter()
-            .partition(|name| NEEDS_RESTART.contains(name));
+        let (_, changed, restart_needed) = self.read_config()?;
         Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
     }
 

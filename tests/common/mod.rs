@@ -360,6 +360,13 @@ pub fn slot_and_pid(body: &str) -> (usize, u32) {
 }
 
 /// Which slot served a fresh connection from `from`.
+/// Reads the answer on `stream`, checks it is a 200, and returns the (slot, pid) that served it.
+pub fn answered_by(stream: &mut TcpStream) -> (usize, u32) {
+    let (status, body) = read_response(stream);
+    assert_eq!(status, 200);
+    slot_and_pid(std::str::from_utf8(&body).unwrap())
+}
+
 pub fn served_by(addr: SocketAddr, from: Option<IpAddr>) -> (usize, u32) {
     let (status, body) = http_get(addr, "/", from);
     assert_eq!(status, 200, "{body}");
