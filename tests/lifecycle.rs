@@ -508,11 +508,21 @@ fn the_shutdown_timeout_kills_the_whole_process_group_of_a_stubborn_worker() {
 
 /// The parent pid of a live process.
 fn ppid_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 1)
+}
+
+/// The session id of a live process.
+fn session_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 3)
+}
+
+/// Field `n` (0 = state) of `/proc/PID/stat` after the command name.
+fn stat_field(pid: u32, n: usize) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')')
         .next()?
         .split_whitespace()
-        .nth(1)?
+        .nth(n)?
         .parse()
         .ok()
 }
@@ -550,9 +560,11 @@ fn what_a_worker_leaves_behind_is_reaped_and_killed_and_never_holds_up_a_restart
             *pids(&lb, "daemon ").first()?,
         ))
     });
-    // The daemon's parent exited at once: lb (the child subreaper) adopted it.
+    // The daemon's parent exited at once: lb (the child subreaper) adopted it. Its parent may exit
+    // before `setsid` has run, so wait for its own session too: until then it is still in the
+    // worker's process group, which goes down with the worker.
     wait_for("lb to adopt the daemon", Duration::from_secs(5), || {
-        (ppid_of(daemon) == Some(lb.pid())).then_some(())
+        (ppid_of(daemon) == Some(lb.pid()) && session_of(daemon) == Some(daemon)).then_some(())
     });
 
     kill(first, Signal::SIGKILL);
