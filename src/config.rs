@@ -262,7 +262,21 @@ macro_rules! options {
             /// Resolves settings from parsed command-line arguments (reading `--config` if
             /// given): flags over the file over the defaults.
             pub fn from_cli(run: &RunArgs, command: &[String]) -> Result<Self, ConfigError> {
-                let file = run.config.as_deref().map(File::load).transpose()?;
+                Self::from_cli_text(run, command, None)
+            }
+
+            /// [`Settings::from_cli`] with the config file's text already read (`text`), as an
+            /// in-place upgrade carries it; `None` reads the file.
+            pub fn from_cli_text(
+                run: &RunArgs,
+                command: &[String],
+                text: Option<&str>,
+            ) -> Result<Self, ConfigError> {
+                let file = match (run.config.as_deref(), text) {
+                    (Some(path), Some(text)) => Some(File::parse(path, text.to_owned())?),
+                    (Some(path), None) => Some(File::load(path)?),
+                    (None, _) => None,
+                };
                 let fk = file.as_ref().map(|f| &f.keys);
                 $(
                     let $name: $ty = match pick(
@@ -420,10 +434,10 @@ struct File {
 
 impl File {
     fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::parse(path, read_text(path)?)
+    }
+
+    fn parse(path: &Path, text: String) -> Result<Self, ConfigError> {
         let keys: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
             line: e.span().map_or(1, |s| line_of(&text, s.start)),
@@ -443,6 +457,14 @@ impl File {
             line_of(&self.text, v.span().start)
         )
     }
+}
+
+/// The text of a config file.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

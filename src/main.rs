@@ -120,7 +120,14 @@ fn main() -> ExitCode {
             run,
             command,
             takeover,
-        }) => match Settings::from_cli(&run, &command)
+        }) => match Settings::from_cli_text(
+            &run,
+            &command,
+            // The preflight of an in-place upgrade checks the text the next image will run with.
+            takeover
+                .and_then(|_| std::env::var(lb::upgrade::CONFIG_ENV).ok())
+                .as_deref(),
+        )
             .map_err(|e| e.to_string())
             .and_then(|s| user_allowed(&s).map(|()| s))
             .and_then(|s| match takeover {
@@ -150,10 +157,22 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        None => match Settings::from_cli(&cli.run, &cli.command) {
-            Ok(settings) => serve(settings, cli.run.clone(), cli.command.clone()),
-            Err(e) => fail(&e.to_string()),
-        },
+        None => {
+            // An in-place upgrade: lb's previous image left its sockets, workers and counters,
+            // and the config file's text its preflight checked (the file may have changed since).
+            let resumed = match lb::upgrade::take() {
+                Some(Ok(state)) => Some(state),
+                Some(Err(e)) => {
+                    return fail(&format!("cannot take over from lb's previous image: {e}"));
+                }
+                None => None,
+            };
+            let text = resumed.as_ref().and_then(|s| s.config.as_deref());
+            match Settings::from_cli_text(&cli.run, &cli.command, text) {
+                Ok(settings) => serve(settings, cli.run.clone(), cli.command.clone(), resumed),
+                Err(e) => fail(&e.to_string()),
+            }
+        }
     }
 }
 
@@ -247,7 +266,12 @@ fn resumed_sockets(state: &lb::upgrade::State) -> std::io::Result<lb::systemd::P
     Ok(lb::systemd::Passed { listener, metrics })
 }
 
-fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>) -> ExitCode {
+fn serve(
+    mut settings: Settings,
+    run: lb::config::RunArgs,
+    command: Vec<String>,
+    resumed: Option<lb::upgrade::State>,
+) -> ExitCode {
     if let Err(e) = user_allowed(&settings) {
         return fail(&e);
     }
@@ -271,12 +295,6 @@ fn serve(mut settings: Settings, run: lb::config::RunArgs, command: Vec<String>)
                 ));
             }
         },
-    };
-    // An in-place upgrade: lb's previous image left its sockets, workers and counters.
-    let resumed = match lb::upgrade::take() {
-        Some(Ok(state)) => Some(state),
-        Some(Err(e)) => return fail(&format!("cannot take over from lb's previous image: {e}")),
-        None => None,
     };
     // Sockets systemd passed (socket activation) are used instead of binding (after an in-place
     // upgrade they are in the state: LISTEN_FDS still describes the first image).

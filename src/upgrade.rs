@@ -43,6 +43,10 @@ pub const FORMAT: u32 = 1;
 /// The environment variable naming the state document's fd in the new image.
 pub const ENV: &str = "LB_UPGRADE_STATE";
 
+/// The environment variable that gives the preflight the config file's text to check (the
+/// text the next image will run with, whatever the file holds by then).
+pub const CONFIG_ENV: &str = "LB_UPGRADE_CONFIG";
+
 /// How long the preflight (`lb check`) may take.
 const PREFLIGHT_LIMIT: Duration = Duration::from_secs(10);
 
@@ -72,6 +76,10 @@ pub struct State {
     /// Settings that a reload cannot change, at their running values (`Settings` field name,
     /// value as the configuration file spells it).
     pub fixed: Vec<(String, String)>,
+    /// The config file's text as the preflight checked it (`None`: no config file). The next
+    /// image runs with it, not with what the file holds by then.
+    #[serde(default)]
+    pub config: Option<String>,
     /// The workers.
     pub workers: Vec<CarriedWorker>,
     /// Counter values.
@@ -183,13 +191,19 @@ pub fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
 pub fn preflight(
     exe: PathBuf,
     args: &[OsString],
+    config: Option<&str>,
 ) -> Result<(u32, impl Future<Output = Result<(), String>> + use<>), String> {
-    let child = tokio::process::Command::new(&exe)
-        .arg("check")
+    let mut cmd = tokio::process::Command::new(&exe);
+    cmd.arg("check")
         .arg("--takeover")
         .arg(FORMAT.to_string())
         .args(args)
-        .env_remove(ENV)
+        .env_remove(ENV);
+    match config {
+        Some(text) => cmd.env(CONFIG_ENV, text),
+        None => cmd.env_remove(CONFIG_ENV),
+    };
+    let child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -337,6 +351,7 @@ mod tests {
             argv: vec!["lb".into(), "builtin-worker".into()],
             user: None,
             fixed: vec![("serialization".into(), "json".into())],
+            config: Some("workers = 2\n".into()),
             workers: vec![CarriedWorker {
                 slot: 1,
                 generation: 2,

@@ -14,6 +14,9 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use nix::sys::signal::Signal;
 
+/// A config file's first lines: any free port for the listener and the admin endpoint.
+const PORT0: &str = "listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\n";
+
 /// A scratch directory of this test process.
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lb-upgrade-{name}-{}", std::process::id()));
@@ -380,19 +383,15 @@ fn a_broken_config_or_binary_is_logged_counted_and_lb_carries_on_unchanged() {
     let exe = dir.join("lb");
     install(Path::new(LB), &exe);
     let cfg = dir.join("lb.toml");
-    std::fs::write(&cfg, "workers = 2\n").unwrap();
-    let lb = Lb::start_exe(
-        &exe,
-        &["-c", cfg.to_str().unwrap(), "-l", "127.0.0.1:0"],
-        &[],
-    );
+    std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
+    let lb = Lb::start_exe(&exe, &["-c", cfg.to_str().unwrap()], &[]);
     let pids = lb.wait_all_ready(2);
     // A configuration that does not parse.
-    std::fs::write(&cfg, "workers = \"many\"\n").unwrap();
+    std::fs::write(&cfg, format!("{PORT0}workers = \"many\"\n")).unwrap();
     sighup(&lb, "failed");
     wait_log_line(&lb, &["reload failed, running as before", "many"]);
     // A binary that cannot start.
-    std::fs::write(&cfg, "workers = 2\n").unwrap();
+    std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
     let script = dir.join("broken.sh");
     std::fs::write(
         &script,
@@ -415,6 +414,123 @@ fn a_broken_config_or_binary_is_logged_counted_and_lb_carries_on_unchanged() {
     install(Path::new(LB), &exe);
     sighup(&lb, "ok");
     assert_eq!(lb.wait_all_ready(2), pids);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_config_file_changed_during_the_reload_does_not_reach_the_new_image() {
+    // The new image runs with the text the preflight checked, not with what the file holds by the
+    // time of the exec: an edit in between (here made by the binary at the start path as soon as
+    // its check passed) must not make the new image exit and take every worker with it.
+    let dir = scratch("race");
+    let exe = dir.join("lb");
+    let real = dir.join("lb.real");
+    install(Path::new(LB), &exe);
+    install(Path::new(LB), &real);
+    let cfg = dir.join("lb.toml");
+    std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
+    // The worker command is named: the built-in worker's would be the new image's own path,
+    // which the wrapper below changes (a changed worker command is a rolling restart).
+    let lb = Lb::start_exe(
+        &exe,
+        &["-c", cfg.to_str().unwrap(), "--", LB, "builtin-worker"],
+        &[],
+    );
+    let pids = lb.wait_all_ready(2);
+    let script = dir.join("edits-after-check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = check ]; then\n\
+             \x20 \"{real}\" \"$@\"; status=$?\n\
+             \x20 echo 'workers = \"many\"' > \"{cfg}\"\n\
+             \x20 exit $status\n\
+             fi\n\
+             exec \"{real}\" \"$@\"\n",
+            real = real.display(),
+            cfg = cfg.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    install(&script, &exe);
+    std::fs::write(&cfg, format!("{PORT0}workers = 3\n")).unwrap();
+    sighup(&lb, "ok");
+    assert!(alive(lb.pid()), "{}", lb.log_text());
+    let now = lb.wait_all_ready(3);
+    assert_eq!(now[..2], pids[..], "the workers were carried over");
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        "workers = \"many\"\n",
+        "the file was edited after the check"
+    );
+    // The file as it is now is what the next reload reads: refused, nothing changes.
+    sighup(&lb, "failed");
+    wait_log_line(&lb, &["reload failed, running as before", "many"]);
+    assert_eq!(lb.wait_all_ready(3), now);
+    for i in 0..6 {
+        let (slot, pid) = served_by(lb.addr, Some(client_ip(i)));
+        assert_eq!(pid, now[slot]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_config_file_changed_again_while_the_preflight_runs_is_checked_again() {
+    // The binary at the start path refuses `workers = 4` (as a new version might refuse a
+    // setting the running one accepts). Its first check (of `workers = 3`) waits until the test
+    // has changed the file to 4 and sent SIGHUP again: lb must check that text too, not carry it
+    // unchecked on the first check's word.
+    let dir = scratch("recheck");
+    let exe = dir.join("lb");
+    let real = dir.join("lb.real");
+    install(Path::new(LB), &exe);
+    install(Path::new(LB), &real);
+    let cfg = dir.join("lb.toml");
+    let (started, go) = (dir.join("check-started"), dir.join("go"));
+    std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
+    let lb = Lb::start_exe(
+        &exe,
+        &["-c", cfg.to_str().unwrap(), "--", LB, "builtin-worker"],
+        &[],
+    );
+    let pids = lb.wait_all_ready(2);
+    let script = dir.join("slow-check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = check ]; then\n\
+             \x20 case \"$LB_UPGRADE_CONFIG\" in *\"workers = 4\"*) echo 'lb: error: this build refuses 4 workers' >&2; exit 2;; esac\n\
+             \x20 touch \"{started}\"\n\
+             \x20 i=0; while [ ! -e \"{go}\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
+             fi\n\
+             exec \"{real}\" \"$@\"\n",
+            real = real.display(),
+            started = started.display(),
+            go = go.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    install(&script, &exe);
+    std::fs::write(&cfg, format!("{PORT0}workers = 3\n")).unwrap();
+    lb.signal(Signal::SIGHUP);
+    wait_for("the first check to start", Duration::from_secs(10), || {
+        started.exists().then_some(())
+    });
+    std::fs::write(&cfg, format!("{PORT0}workers = 4\n")).unwrap();
+    lb.signal(Signal::SIGHUP);
+    wait_log_line(&lb, &["changed again during the reload"]);
+    std::fs::write(&go, "").unwrap();
+    wait_for("the reload to fail", Duration::from_secs(20), || {
+        (reloads(&lb, "failed") == 1.0).then_some(())
+    });
+    wait_log_line(&lb, &["reload failed", "refuses 4 workers"]);
+    assert_eq!(reloads(&lb, "ok"), 0.0);
+    assert!(alive(lb.pid()));
+    assert_eq!(lb.wait_all_ready(2), pids, "nothing changed");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -119,6 +119,11 @@ pub struct Master {
     settling_until: Option<Instant>,
     /// The preflight of the reload asked for passed.
     checked: bool,
+    /// The config file's text the reload asked for runs with (read when it was asked for, checked
+    /// by the preflight, carried to the next image).
+    reload_text: Option<String>,
+    /// The file changed again while the preflight ran: its verdict is for an older text.
+    recheck: bool,
     /// Settles tried for it, and when the next may start (accepting meanwhile).
     settle_tries: u32,
     settle_retry_at: Option<Instant>,
@@ -235,6 +240,8 @@ impl Master {
             reload_wait_logged: false,
             settling_until: None,
             checked: false,
+            reload_text: None,
+            recheck: false,
             settle_tries: 0,
             settle_retry_at: None,
             adopted: Vec::new(),
@@ -279,13 +286,17 @@ impl Master {
         result
     }
 
-    /// The configuration read again: the new settings, what changed that can be applied while
-    /// running, and what changed that needs a restart.
-    fn read_config(&self) -> Result<(Settings, Vec<&'static str>, Vec<&'static str>), String> {
+    /// The configuration read again (from `text`, the config file's, if given): the new
+    /// settings, what changed that can be applied while running, and what changed that needs a
+    /// restart.
+    fn read_config(
+        &self,
+        text: Option<&str>,
+    ) -> Result<(Settings, Vec<&'static str>, Vec<&'static str>), String> {
         let Some((run, command)) = &self.reload_from else {
             return Err("no configuration to reload from".into());
         };
-        let new = Settings::from_cli(run, command).map_err(|e| e.to_string())?;
+        let new = Settings::from_cli_text(run, command, text).map_err(|e| e.to_string())?;
         let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
             .differences(&self.settings)
             .into_iter()
@@ -294,7 +305,7 @@ impl Master {
     }
 
     fn try_reload(&mut self) -> Result<serde_json::Value, String> {
-        let (new, changed, restart_needed) = self.read_config()?;
+        let (new, changed, restart_needed) = self.read_config(None)?;
         let old = &self.settings;
         let argv = match &new.command {
             _ if !changed.contains(&"command") => self.argv.clone(),
@@ -363,9 +374,20 @@ impl Master {
         if self.takeover.is_none() || self.group.is_some() {
             return answer(reply, self.reload(why));
         }
-        // A configuration that does not parse fails here and now, as a start would.
-        let report = match self.diff_config() {
-            Ok(r) => r,
+        // The config file is read once: the preflight checks that text and the next image runs
+        // with it, whatever the file holds by then. One that does not parse fails here and now,
+        // as a start would.
+        let report = match self.config_text().and_then(|text| {
+            let report = self.diff_config(text.as_deref())?;
+            Ok((text, report))
+        }) {
+            Ok((text, report)) => {
+                if self.reload_wanted.is_some() && text != self.reload_text {
+                    self.check_again();
+                }
+                self.reload_text = text;
+                report
+            }
             Err(e) => {
                 self.shared.metrics.reload(false);
                 tracing::warn!("{why}: reload failed, running as before: {e}");
@@ -385,9 +407,35 @@ impl Master {
     }
 
     /// What a reload would change: `{changed, restart_needed}`, or the configuration's error.
-    fn diff_config(&self) -> Result<serde_json::Value, String> {
-        let (_, changed, restart_needed) = self.read_config()?;
+    fn diff_config(&self, text: Option<&str>) -> Result<serde_json::Value, String> {
+        let (_, changed, restart_needed) = self.read_config(text)?;
         Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+    }
+
+    /// The config file's text (`None`: lb runs without one).
+    fn config_text(&self) -> Result<Option<String>, String> {
+        self.reload_from
+            .as_ref()
+            .and_then(|(run, _)| run.config.as_deref())
+            .map(crate::config::read_text)
+            .transpose()
+            .map_err(|e| e.to_string())
+    }
+
+    /// The config file changed again during a reload: the preflight checks the new text before
+    /// lb re-executes (a settle in progress stops; lb accepts meanwhile).
+    fn check_again(&mut self) {
+        tracing::info!("the config file changed again during the reload: it is checked again");
+        if self.preflight_running {
+            self.recheck = true;
+            return;
+        }
+        self.checked = false;
+        if self.settling_until.take().is_some() {
+            self.shared.pause_admin(false);
+        }
+        self.settle_tries = 0;
+        self.settle_retry_at = None;
     }
 
     /// Moves a requested in-place upgrade on: preflight once the fleet is steady, then settle,
@@ -452,7 +500,7 @@ impl Master {
             return;
         }
         let Some(t) = &self.takeover else { return };
-        match upgrade::preflight(t.exe.clone(), &t.args) {
+        match upgrade::preflight(t.exe.clone(), &t.args, self.reload_text.as_deref()) {
             Ok((pid, done)) => {
                 // Reaped by its task, not as an orphan.
                 self.worker_pids.insert(pid);
@@ -473,6 +521,9 @@ impl Master {
         let Some(why) = self.reload_wanted else {
             return;
         };
+        if std::mem::take(&mut self.recheck) {
+            return; // a verdict on an older text: the next pass checks the new one
+        }
         match checked {
             Ok(()) => {
                 self.checked = true;
@@ -500,6 +551,8 @@ impl Master {
         self.reload_wanted = None;
         self.settling_until = None;
         self.checked = false;
+        self.reload_text = None;
+        self.recheck = false;
         self.settle_tries = 0;
         self.settle_retry_at = None;
         self.shared.pause_admin(false);
@@ -566,6 +619,7 @@ impl Master {
                 "serialization".into(),
                 self.settings.serialization.as_str().into(),
             )],
+            config: self.reload_text.clone(),
             workers: carried
                 .iter()
                 .map(|(a, s, link)| upgrade::CarriedWorker {
