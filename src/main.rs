@@ -321,7 +321,10 @@ fn serve(
     }
     // Kernel steering: one SO_REUSEPORT listener per slot instead of one the master accepts on.
     let (socket, group) = match passed.listener {
-        Some(s) => (Some(s), None),
+        Some(s) => {
+            listener::no_delay(&s);
+            (Some(s), None)
+        }
         None if kernel => {
             match lb::steering::bind_group(settings.listen, settings.workers, settings.backlog) {
                 Ok(g) => (None, Some(g)),

@@ -42,6 +42,67 @@ fn one_client_s_new_connections_all_reach_one_worker_and_keep_alive_works() {
 }
 
 #[test]
+fn pipelined_requests_of_every_kind_are_answered_in_order_on_one_connection() {
+    // `GET /` is answered on the built-in worker's fast path, the rest by hyper from the bytes
+    // the fast path had already read: one write carrying all of them must get every answer, in
+    // order, and the connection must close after the one that asked for it.
+    use std::io::{Read, Write};
+    let lb = Lb::start(&["-w", "1"]);
+    lb.wait_all_ready(1);
+    let mut conn = connect(lb.addr, None);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(
+        b"GET / HTTP/1.1\r\nhost: a\r\n\r\n\
+          GET / HTTP/1.1\r\nhost: a\r\n\r\n\
+          POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello\
+          GET / HTTP/1.1\r\nhost: a\r\n\r\n\
+          GET /nope HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let mut answers = Vec::new();
+    let mut rest = raw.as_slice();
+    while !rest.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(n) = resp.parse(rest).unwrap() else {
+            panic!("a partial response: {:?}", String::from_utf8_lossy(rest));
+        };
+        let len: usize = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+            .expect("content-length");
+        answers.push((
+            resp.code.unwrap(),
+            String::from_utf8_lossy(&rest[n..n + len]).into_owned(),
+        ));
+        rest = &rest[n + len..];
+    }
+    let codes: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 404], "{answers:?}");
+    assert!(answers[0].1.starts_with("worker 0 pid "), "{answers:?}");
+    assert_eq!(answers[0].1, answers[3].1);
+    assert_eq!(answers[2].1, "hello");
+    // HTTP/1.0 is answered too (by hyper), and closed.
+    let mut conn = connect(lb.addr, None);
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(text.ends_with(&answers[0].1), "{text}");
+}
+
+#[test]
 fn websocket_echo_through_builtin_workers() {
     let lb = Lb::start(&["-w", "2"]);
     let url = format!("ws://{}/ws", lb.addr);

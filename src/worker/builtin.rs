@@ -159,9 +159,108 @@ async fn serve() -> Result<(), BuiltinError> {
     Ok(())
 }
 
-/// Serves one HTTP/1.1 connection (with upgrades) until it closes or a drain finishes it.
+/// The most a request head may take on the fast path; a larger one goes to hyper.
+const FAST_HEAD_LIMIT: usize = 16 * 1024;
+
+/// What the start of a connection's buffer holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// A complete `GET /` over HTTP/1.1 without a body or an upgrade: `len` bytes, and whether the
+    /// client asked to close.
+    Simple { len: usize, close: bool },
+    /// Not a complete head yet.
+    Partial,
+    /// Anything else (another route or method, a body, an upgrade, HTTP/1.0, a malformed head):
+    /// hyper answers it.
+    Other,
+}
+
+fn parse_head(buf: &[u8]) -> Head {
+    if buf.is_empty() {
+        return Head::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Other,
+    };
+    if req.method != Some("GET") || req.path != Some("/") || req.version != Some(1) {
+        return Head::Other;
+    }
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name;
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") || is("transfer-encoding") || is("upgrade") || is("expect") {
+            return Head::Other;
+        }
+        if is("connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Head::Other;
+                }
+            }
+        }
+    }
+    Head::Simple { len, close }
+}
+
+/// The `date` header's value, formatted once a second.
+fn http_date() -> [u8; 29] {
+    thread_local! {
+        static DATE: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let (at, text) = d.get();
+        if at == secs {
+            return text;
+        }
+        let mut text = [b' '; 29];
+        let s = httpdate::fmt_http_date(now);
+        let n = s.len().min(29);
+        text[..n].copy_from_slice(&s.as_bytes()[..n]);
+        d.set((secs, text));
+        text
+    })
+}
+
+/// The answer to `GET /`, as hyper would write it.
+fn hello_response(out: &mut Vec<u8>, body: &[u8], client: Option<&HeaderValue>, close: bool) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n");
+    if let Some(c) = client {
+        out.extend_from_slice(CLIENT_ADDR.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(c.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(body.len().to_string().as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    out.extend_from_slice(&http_date());
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body);
+}
+
+/// Serves one connection until it closes or a drain finishes it. `GET /` — what load balancers'
+/// health checks and benchmarks send — is answered on a fast path that parses the head and
+/// writes the response itself; from the first request that is anything else on, hyper serves
+/// the rest of the connection (HTTP/1.1 with bodies, upgrades and errors), starting with the
+/// bytes already read.
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     hello: Bytes,
     client: Option<HeaderValue>,
     counters: Arc<Counters>,
@@ -169,7 +268,82 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
     idle: IdleLimits,
 ) {
-    let _ = stream.set_nodelay(true);
+    use bytes::Buf;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // TCP_NODELAY comes with the socket: lb sets it on its listeners and accepted sockets
+    // inherit it.
+    let began = tokio::time::Instant::now();
+    let mut buf = bytes::BytesMut::with_capacity(2048);
+    let mut out = Vec::new();
+    let mut answered = 0u64;
+    let mut last_done = began;
+    // When this connection saw the drain begin.
+    let mut stopped = (*stop.borrow()).then_some(began);
+    loop {
+        // Requests already read (pipelined) are answered before reading more.
+        match parse_head(&buf) {
+            Head::Simple { len, close } => {
+                let close = close || stopped.is_some();
+                hello_response(&mut out, &hello, client.as_ref(), close);
+                buf.advance(len);
+                counters.request_done();
+                if stream.write_all(&out).await.is_err() || close {
+                    return;
+                }
+                answered += 1;
+                last_done = tokio::time::Instant::now();
+                continue;
+            }
+            Head::Other => break,
+            Head::Partial if buf.len() >= FAST_HEAD_LIMIT => break,
+            Head::Partial => {}
+        }
+        // As hyper's path does: a first request within the header timeout, the next ones within
+        // the keep-alive timeout; when draining, an idle kept-alive connection is closed and one
+        // that has sent nothing yet gets a short grace for its first request.
+        let mut deadline = if answered == 0 {
+            began + idle.header
+        } else {
+            last_done + idle.keepalive
+        };
+        if let Some(at) = stopped {
+            if answered == 0 {
+                deadline = deadline.min(at + FIRST_REQUEST_GRACE);
+            } else if buf.is_empty() {
+                return;
+            }
+        }
+        tokio::select! {
+            r = stream.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep_until(deadline) => return,
+            r = stop.changed(), if stopped.is_none() => {
+                if r.is_err() || *stop.borrow() {
+                    stopped = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+    let io = ClientIo {
+        read: buf.freeze(),
+        stream,
+    };
+    serve_hyper(io, hello, client, counters, http, stop, idle).await;
+}
+
+/// Serves the rest of a connection with hyper (HTTP/1.1 with upgrades) until it closes or a
+/// drain finishes it.
+async fn serve_hyper(
+    io: ClientIo,
+    hello: Bytes,
+    client: Option<HeaderValue>,
+    counters: Arc<Counters>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    mut stop: watch::Receiver<bool>,
+    idle: IdleLimits,
+) {
     let began = tokio::time::Instant::now();
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
@@ -219,7 +393,7 @@ async fn serve_connection(
         }
     };
     let served = http
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(served);
     tokio::select! {
@@ -241,6 +415,66 @@ async fn serve_connection(
     }
 }
 
+/// A client socket as hyper sees it: first the bytes the fast path already read, then the
+/// socket. Its write side is not shut down before it is closed: the close sends the FIN just
+/// the same, and a connection that ends (`Connection: close`, an idle timeout) costs one system
+/// call fewer.
+struct ClientIo {
+    read: Bytes,
+    stream: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 /// Runs the built-in HTTP server on its own listening socket, without lb (`SO_REUSEPORT`, so
 /// several can share a port). This is the *direct* baseline of the benchmarks.
 pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
@@ -255,6 +489,7 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
         )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
+        socket.set_tcp_nodelay(true)?;
         socket.bind(&addr.into())?;
         socket.listen(4096)?;
         socket.set_nonblocking(true)?;
@@ -263,6 +498,7 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
         let counters = Arc::new(Counters::default());
         let http = Arc::new(hyper::server::conn::http1::Builder::new());
         let (_stop_tx, stop_rx) = watch::channel(false);
+        let idle = IdleLimits::from_env();
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -278,13 +514,7 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
                 stop_rx.clone(),
             );
             tokio::spawn(serve_connection(
-                stream,
-                hello,
-                None,
-                counters,
-                http,
-                stop,
-                IdleLimits::from_env(),
+                stream, hello, None, counters, http, stop, idle,
             ));
         }
     })
@@ -386,4 +616,74 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
         HeaderValue::from_str(&accept).expect("base64 is a valid header"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_get_of_the_root_takes_the_fast_path() {
+        let simple = |close| move |len| Head::Simple { len, close };
+        for (req, want) in [
+            ("GET / HTTP/1.1\r\nhost: a\r\n\r\n", simple(false)(27)),
+            (
+                "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+                simple(true)(37),
+            ),
+            (
+                "GET / HTTP/1.1\r\nconnection: Keep-Alive\r\n\r\n",
+                simple(false)(42),
+            ),
+        ] {
+            assert_eq!(parse_head(req.as_bytes()), want, "{req:?}");
+        }
+        for partial in [
+            "",
+            "G",
+            "GET / HTTP/1.1\r\n",
+            "GET / HTTP/1.1\r\nhost: a\r\n",
+        ] {
+            assert_eq!(parse_head(partial.as_bytes()), Head::Partial, "{partial:?}");
+        }
+        for other in [
+            "GET /ws HTTP/1.1\r\n\r\n",
+            "HEAD / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\ncontent-length: 5\r\n\r\nhello",
+            "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n",
+            "\x16\x03\x01\x02\x00",
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            assert_eq!(parse_head(other.as_bytes()), Head::Other, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_fast_answer_is_a_valid_response() {
+        let mut out = Vec::new();
+        let client = HeaderValue::from_static("192.0.2.1:80");
+        hello_response(&mut out, b"worker 0 pid 1\n", Some(&client), true);
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut resp = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(n) = resp.parse(&out).unwrap() else {
+            panic!("incomplete: {:?}", String::from_utf8_lossy(&out));
+        };
+        assert_eq!(resp.code, Some(200));
+        let get = |k: &str| {
+            resp.headers
+                .iter()
+                .find(|h| h.name == k)
+                .map(|h| std::str::from_utf8(h.value).unwrap().to_owned())
+        };
+        assert_eq!(get("content-length").as_deref(), Some("15"));
+        assert_eq!(get("x-client-addr").as_deref(), Some("192.0.2.1:80"));
+        assert_eq!(get("connection").as_deref(), Some("close"));
+        let date = get("date").unwrap();
+        assert!(httpdate::parse_http_date(&date).is_ok(), "{date}");
+        assert_eq!(&out[n..], b"worker 0 pid 1\n");
+    }
 }
