@@ -195,6 +195,31 @@ fn kernel_steering_refuses_what_it_cannot_do_in_one_line() {
 }
 
 #[test]
+fn a_sticky_session_node_worker_is_replaced_with_a_line_that_says_to_use_master_steering() {
+    // It only takes handed-over connections, so it never accepts from its slot's listener: lb
+    // cannot know that at start-up (the same `node app.js` may be a cluster app), so it says so
+    // when the worker is not ready in time, and keeps running.
+    let lb = start_node(
+        &["-w", "1", "--steering", "kernel", "--ready-timeout", "1s"],
+        &example("server.js"),
+        &[],
+    );
+    wait_for(
+        "the worker stopped with the hint",
+        Duration::from_secs(15),
+        || {
+            lb.log_text()
+                .lines()
+                .any(|l| {
+                    l.contains("not ready after") && l.contains("run it with --steering master")
+                })
+                .then_some(())
+        },
+    );
+    assert!(alive(lb.pid()));
+}
+
+#[test]
 fn node_cluster_apps_accept_from_their_slots_listener_and_stay_sticky() {
     // The single-file cluster app: its listen() on lb's port gets the slot's own listener.
     let lb = start_node(

@@ -180,6 +180,13 @@ fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
         crash_loop: settings.crash_loop,
         settle_timeout: settings.stall_timeout,
         node_workers: is_node(argv),
+        ready_hint: if settings.steering == crate::config::Steering::Kernel && is_node(argv) {
+            " (under --steering kernel a Node worker is ready once it calls listen() on lb's port \
+             and takes its slot's listener; a sticky-session worker, which waits for handed-over \
+             connections, never does: run it with --steering master)"
+        } else {
+            ""
+        },
     }
 }
 

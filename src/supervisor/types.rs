@@ -190,6 +190,9 @@ pub struct FleetConfig {
     /// lb's port, sends a message of its own, or after [`NODE_READY_AFTER`] (not at spawn: its
     /// code may not have installed a `message` listener or called `listen()` yet).
     pub node_workers: bool,
+    /// Added to the log line of a worker stopped for not being ready in time: what readiness
+    /// takes here, when that is not obvious.
+    pub ready_hint: &'static str,
 }
 
 /// Without `--wait-ready`, the longest a Node worker that stays silent counts as starting.

@@ -235,6 +235,7 @@ fn http_date() -> [u8; 29] {
 
 /// The answer to `GET /`, as hyper would write it.
 fn hello_response(out: &mut Vec<u8>, body: &[u8], client: Option<&HeaderValue>, close: bool) {
+    use std::io::Write;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n");
     if let Some(c) = client {
@@ -246,9 +247,7 @@ fn hello_response(out: &mut Vec<u8>, body: &[u8], client: Option<&HeaderValue>, 
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(body.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\ndate: ");
+    let _ = write!(out, "content-length: {}\r\ndate: ", body.len());
     out.extend_from_slice(&http_date());
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);
@@ -274,7 +273,7 @@ async fn serve_connection(
     // inherit it.
     let began = tokio::time::Instant::now();
     let mut buf = bytes::BytesMut::with_capacity(2048);
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(256);
     let mut answered = 0u64;
     let mut last_done = began;
     // When this connection saw the drain begin.

@@ -16,6 +16,7 @@ fn config(workers: usize) -> FleetConfig {
         crash_loop: CrashLoop::default(),
         settle_timeout: Duration::from_secs(2),
         node_workers: false,
+        ready_hint: "",
     }
 }
 

@@ -122,8 +122,9 @@ impl Fleet {
                     tracing::warn!(
                         slot,
                         pid = w.pid,
-                        "worker not ready after {:?}; stopping it",
-                        cfg.ready_timeout
+                        "worker not ready after {:?}; stopping it{}",
+                        cfg.ready_timeout,
+                        cfg.ready_hint
                     );
                     kill.push(w.id);
                 }
