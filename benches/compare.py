@@ -395,6 +395,9 @@ def main():
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     selected = set(a.only.split(",")) if a.only else None
+    # SIGTERM (a timeout, a kill by pid) ends the run through `finally`, which stops every
+    # process it started instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cs = configs(selected, a.base_lb)
         print(f"configurations: {', '.join(c.name for c in cs)}", file=sys.stderr)

@@ -417,44 +417,52 @@ fn a_broken_config_or_binary_is_logged_counted_and_lb_carries_on_unchanged() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_config_file_changed_during_the_reload_does_not_reach_the_new_image() {
-    // The new image runs with the text the preflight checked, not with what the file holds by the
-    // time of the exec: an edit in between (here made by the binary at the start path as soon as
-    // its check passed) must not make the new image exit and take every worker with it.
-    let dir = scratch("race");
+/// lb started from a copy of its binary in a scratch directory, with a config file of
+/// `workers = 2` and a named worker command (the built-in worker's would be the start path, which
+/// the wrapper changes: a changed command is a rolling restart). Then the start path gets a shell
+/// script that runs `on_check` for `lb check` (with `$REAL` the real binary, `$CFG` the config
+/// file, `$DIR` the directory) and otherwise executes the real binary. Returns the directory, the
+/// config file, lb and its workers' pids.
+fn lb_behind_a_wrapper(name: &str, on_check: &str) -> (PathBuf, PathBuf, Lb, Vec<u32>) {
+    let dir = scratch(name);
     let exe = dir.join("lb");
     let real = dir.join("lb.real");
     install(Path::new(LB), &exe);
     install(Path::new(LB), &real);
     let cfg = dir.join("lb.toml");
     std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
-    // The worker command is named: the built-in worker's would be the new image's own path,
-    // which the wrapper below changes (a changed worker command is a rolling restart).
     let lb = Lb::start_exe(
         &exe,
         &["-c", cfg.to_str().unwrap(), "--", LB, "builtin-worker"],
         &[],
     );
     let pids = lb.wait_all_ready(2);
-    let script = dir.join("edits-after-check.sh");
+    let script = dir.join("wrapper.sh");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\n\
-             if [ \"$1\" = check ]; then\n\
-             \x20 \"{real}\" \"$@\"; status=$?\n\
-             \x20 echo 'workers = \"many\"' > \"{cfg}\"\n\
-             \x20 exit $status\n\
-             fi\n\
-             exec \"{real}\" \"$@\"\n",
-            real = real.display(),
-            cfg = cfg.display()
+            "#!/bin/sh\nREAL=\"{}\"; CFG=\"{}\"; DIR=\"{}\"\n\
+             if [ \"$1\" = check ]; then\n{on_check}\nfi\nexec \"$REAL\" \"$@\"\n",
+            real.display(),
+            cfg.display(),
+            dir.display()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     install(&script, &exe);
+    (dir, cfg, lb, pids)
+}
+
+#[test]
+fn a_config_file_changed_during_the_reload_does_not_reach_the_new_image() {
+    // The new image runs with the text the preflight checked, not with what the file holds by the
+    // time of the exec: an edit in between (here made by the binary at the start path as soon as
+    // its check passed) must not make the new image exit and take every worker with it.
+    let (dir, cfg, lb, pids) = lb_behind_a_wrapper(
+        "race",
+        "\"$REAL\" \"$@\"; status=$?\necho 'workers = \"many\"' > \"$CFG\"\nexit $status",
+    );
     std::fs::write(&cfg, format!("{PORT0}workers = 3\n")).unwrap();
     sighup(&lb, "ok");
     assert!(alive(lb.pid()), "{}", lb.log_text());
@@ -482,48 +490,22 @@ fn a_config_file_changed_again_while_the_preflight_runs_is_checked_again() {
     // setting the running one accepts). Its first check (of `workers = 3`) waits until the test
     // has changed the file to 4 and sent SIGHUP again: lb must check that text too, not carry it
     // unchecked on the first check's word.
-    let dir = scratch("recheck");
-    let exe = dir.join("lb");
-    let real = dir.join("lb.real");
-    install(Path::new(LB), &exe);
-    install(Path::new(LB), &real);
-    let cfg = dir.join("lb.toml");
-    let (started, go) = (dir.join("check-started"), dir.join("go"));
-    std::fs::write(&cfg, format!("{PORT0}workers = 2\n")).unwrap();
-    let lb = Lb::start_exe(
-        &exe,
-        &["-c", cfg.to_str().unwrap(), "--", LB, "builtin-worker"],
-        &[],
+    let (dir, cfg, lb, pids) = lb_behind_a_wrapper(
+        "recheck",
+        "case \"$LB_UPGRADE_CONFIG\" in *\"workers = 4\"*) \
+         echo 'lb: error: this build refuses 4 workers' >&2; exit 2;; esac\n\
+         touch \"$DIR/check-started\"\n\
+         i=0; while [ ! -e \"$DIR/go\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done",
     );
-    let pids = lb.wait_all_ready(2);
-    let script = dir.join("slow-check.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             if [ \"$1\" = check ]; then\n\
-             \x20 case \"$LB_UPGRADE_CONFIG\" in *\"workers = 4\"*) echo 'lb: error: this build refuses 4 workers' >&2; exit 2;; esac\n\
-             \x20 touch \"{started}\"\n\
-             \x20 i=0; while [ ! -e \"{go}\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
-             fi\n\
-             exec \"{real}\" \"$@\"\n",
-            real = real.display(),
-            started = started.display(),
-            go = go.display(),
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    install(&script, &exe);
     std::fs::write(&cfg, format!("{PORT0}workers = 3\n")).unwrap();
     lb.signal(Signal::SIGHUP);
     wait_for("the first check to start", Duration::from_secs(10), || {
-        started.exists().then_some(())
+        dir.join("check-started").exists().then_some(())
     });
     std::fs::write(&cfg, format!("{PORT0}workers = 4\n")).unwrap();
     lb.signal(Signal::SIGHUP);
     wait_log_line(&lb, &["changed again during the reload"]);
-    std::fs::write(&go, "").unwrap();
+    std::fs::write(dir.join("go"), "").unwrap();
     wait_for("the reload to fail", Duration::from_secs(20), || {
         (reloads(&lb, "failed") == 1.0).then_some(())
     });

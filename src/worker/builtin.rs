@@ -108,7 +108,9 @@ async fn serve() -> Result<(), BuiltinError> {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).max_buf_size(64 * 1024);
     let http = Arc::new(http);
-    let serve_one = |conn: super::Connection| {
+    // `handed`: lb passed the connection over (it may still hold its copy of the fd for a
+    // moment); otherwise this worker accepted it from its slot's listener.
+    let serve_one = |conn: super::Connection, handed: bool| {
         let (hello, http, stop) = (hello.clone(), http.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let counters = conn.guard.counters().clone();
@@ -116,7 +118,16 @@ async fn serve() -> Result<(), BuiltinError> {
             let client = conn
                 .client
                 .and_then(|a| HeaderValue::from_str(&a.to_string()).ok());
-            serve_connection(conn.stream, hello, client, counters, http, stop, idle).await;
+            let serving = Serving {
+                hello,
+                client,
+                counters,
+                http,
+                stop,
+                idle,
+                handed,
+            };
+            serve_connection(conn.stream, serving).await;
             drop(conn.guard);
         });
     };
@@ -125,14 +136,14 @@ async fn serve() -> Result<(), BuiltinError> {
     loop {
         tokio::select! {
             conn = worker.accept() => match conn {
-                Some(conn) => serve_one(conn),
+                Some(conn) => serve_one(conn, true),
                 None => break,
             },
             conn = async { listener.as_ref().expect("guarded").accept().await }, if listener.is_some() => {
                 // An accept error (a connection reset in the queue, out of fds) affects that
                 // connection only: keep accepting.
                 match conn {
-                    Ok(conn) => serve_one(conn),
+                    Ok(conn) => serve_one(conn, false),
                     // Out of fds: give closes a moment instead of spinning.
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 }
@@ -148,7 +159,7 @@ async fn serve() -> Result<(), BuiltinError> {
     let _ = stop_tx.send(true);
     worker.close();
     while let Some(conn) = worker.accept().await {
-        serve_one(conn);
+        serve_one(conn, true);
     }
     // Then wait for connections to finish their current request and close.
     drop(worker);
@@ -258,15 +269,7 @@ fn hello_response(out: &mut Vec<u8>, body: &[u8], client: Option<&HeaderValue>, 
 /// writes the response itself; from the first request that is anything else on, hyper serves
 /// the rest of the connection (HTTP/1.1 with bodies, upgrades and errors), starting with the
 /// bytes already read.
-async fn serve_connection(
-    mut stream: tokio::net::TcpStream,
-    hello: Bytes,
-    client: Option<HeaderValue>,
-    counters: Arc<Counters>,
-    http: Arc<hyper::server::conn::http1::Builder>,
-    mut stop: watch::Receiver<bool>,
-    idle: IdleLimits,
-) {
+async fn serve_connection(mut stream: tokio::net::TcpStream, mut serving: Serving) {
     use bytes::Buf;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // TCP_NODELAY comes with the socket: lb sets it on its listeners and accepted sockets
@@ -277,72 +280,96 @@ async fn serve_connection(
     let mut answered = 0u64;
     let mut last_done = began;
     // When this connection saw the drain begin.
-    let mut stopped = (*stop.borrow()).then_some(began);
-    loop {
+    let mut stopped = (*serving.stop.borrow()).then_some(began);
+    // `true`: hyper serves the rest; `false`: the connection ends here.
+    let to_hyper = loop {
         // Requests already read (pipelined) are answered before reading more.
         match parse_head(&buf) {
             Head::Simple { len, close } => {
                 let close = close || stopped.is_some();
-                hello_response(&mut out, &hello, client.as_ref(), close);
+                hello_response(&mut out, &serving.hello, serving.client.as_ref(), close);
                 buf.advance(len);
-                counters.request_done();
+                serving.counters.request_done();
                 if stream.write_all(&out).await.is_err() || close {
-                    return;
+                    break false;
                 }
                 answered += 1;
                 last_done = tokio::time::Instant::now();
                 continue;
             }
-            Head::Other => break,
-            Head::Partial if buf.len() >= FAST_HEAD_LIMIT => break,
+            Head::Other => break true,
+            Head::Partial if buf.len() >= FAST_HEAD_LIMIT => break true,
             Head::Partial => {}
         }
         // As hyper's path does: a first request within the header timeout, the next ones within
         // the keep-alive timeout; when draining, an idle kept-alive connection is closed and one
         // that has sent nothing yet gets a short grace for its first request.
         let mut deadline = if answered == 0 {
-            began + idle.header
+            began + serving.idle.header
         } else {
-            last_done + idle.keepalive
+            last_done + serving.idle.keepalive
         };
         if let Some(at) = stopped {
             if answered == 0 {
                 deadline = deadline.min(at + FIRST_REQUEST_GRACE);
             } else if buf.is_empty() {
-                return;
+                break false;
             }
         }
         tokio::select! {
             r = stream.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break false,
                 Ok(_) => {}
             },
-            () = tokio::time::sleep_until(deadline) => return,
-            r = stop.changed(), if stopped.is_none() => {
-                if r.is_err() || *stop.borrow() {
+            () = tokio::time::sleep_until(deadline) => break false,
+            r = serving.stop.changed(), if stopped.is_none() => {
+                if r.is_err() || *serving.stop.borrow() {
                     stopped = Some(tokio::time::Instant::now());
                 }
             }
         }
+    };
+    if !to_hyper {
+        if serving.handed {
+            let _ = stream.shutdown().await;
+        }
+        return;
     }
     let io = ClientIo {
         read: buf.freeze(),
         stream,
+        shutdown: serving.handed,
     };
-    serve_hyper(io, hello, client, counters, http, stop, idle).await;
+    serve_hyper(io, serving).await;
+}
+
+/// What serving one connection needs besides its socket.
+struct Serving {
+    /// The body of `GET /`.
+    hello: Bytes,
+    /// The client's address from a PROXY header, shown in `x-client-addr`.
+    client: Option<HeaderValue>,
+    counters: Arc<Counters>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    /// Becomes true when the worker drains.
+    stop: watch::Receiver<bool>,
+    idle: IdleLimits,
+    /// lb handed the connection over: see [`ClientIo`].
+    handed: bool,
 }
 
 /// Serves the rest of a connection with hyper (HTTP/1.1 with upgrades) until it closes or a
 /// drain finishes it.
-async fn serve_hyper(
-    io: ClientIo,
-    hello: Bytes,
-    client: Option<HeaderValue>,
-    counters: Arc<Counters>,
-    http: Arc<hyper::server::conn::http1::Builder>,
-    mut stop: watch::Receiver<bool>,
-    idle: IdleLimits,
-) {
+async fn serve_hyper(io: ClientIo, serving: Serving) {
+    let Serving {
+        hello,
+        client,
+        counters,
+        http,
+        mut stop,
+        idle,
+        ..
+    } = serving;
     let began = tokio::time::Instant::now();
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
@@ -415,12 +442,14 @@ async fn serve_hyper(
 }
 
 /// A client socket as hyper sees it: first the bytes the fast path already read, then the
-/// socket. Its write side is not shut down before it is closed: the close sends the FIN just
-/// the same, and a connection that ends (`Connection: close`, an idle timeout) costs one system
-/// call fewer.
+/// socket. A connection lb handed over may still be open in lb for a moment (it closes its copy
+/// when this worker's ACK arrives), so closing ours would not end it: its write side is shut
+/// down first (`shutdown`). One this worker accepted itself is ours alone: closing it sends the
+/// FIN, and the `shutdown(2)` is saved.
 struct ClientIo {
     read: Bytes,
     stream: tokio::net::TcpStream,
+    shutdown: bool,
 }
 
 impl tokio::io::AsyncRead for ClientIo {
@@ -467,10 +496,13 @@ impl tokio::io::AsyncWrite for ClientIo {
     }
 
     fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+        if !self.shutdown {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -506,15 +538,16 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
                     continue;
                 }
             };
-            let (hello, counters, http, stop) = (
-                hello.clone(),
-                counters.clone(),
-                http.clone(),
-                stop_rx.clone(),
-            );
-            tokio::spawn(serve_connection(
-                stream, hello, None, counters, http, stop, idle,
-            ));
+            let serving = Serving {
+                hello: hello.clone(),
+                client: None,
+                counters: counters.clone(),
+                http: http.clone(),
+                stop: stop_rx.clone(),
+                idle,
+                handed: false,
+            };
+            tokio::spawn(serve_connection(stream, serving));
         }
     })
 }
