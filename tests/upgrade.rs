@@ -495,7 +495,7 @@ fn a_config_file_changed_again_while_the_preflight_runs_is_checked_again() {
         "case \"$LB_UPGRADE_CONFIG\" in *\"workers = 4\"*) \
          echo 'lb: error: this build refuses 4 workers' >&2; exit 2;; esac\n\
          touch \"$DIR/check-started\"\n\
-         i=0; while [ ! -e \"$DIR/go\" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done",
+         i=0; while [ ! -e \"$DIR/go\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done",
     );
     std::fs::write(&cfg, format!("{PORT0}workers = 3\n")).unwrap();
     lb.signal(Signal::SIGHUP);
