@@ -437,12 +437,16 @@ impl Master {
             self.recheck = true;
             return;
         }
+        self.unsettle();
+    }
+
+    /// Back to before the preflight's verdict: no settle in progress or planned, accepting.
+    fn unsettle(&mut self) {
         self.checked = false;
-        if self.settling_until.take().is_some() {
-            self.shared.pause_admin(false);
-        }
+        self.settling_until = None;
         self.settle_tries = 0;
         self.settle_retry_at = None;
+        self.shared.pause_admin(false);
     }
 
     /// Moves a requested in-place upgrade on: preflight once the fleet is steady, then settle,
@@ -556,13 +560,9 @@ impl Master {
         tracing::warn!("{why}: reload failed, running as before: {e}");
         self.shared.metrics.reload(false);
         self.reload_wanted = None;
-        self.settling_until = None;
-        self.checked = false;
         self.reload_text = None;
         self.recheck = false;
-        self.settle_tries = 0;
-        self.settle_retry_at = None;
-        self.shared.pause_admin(false);
+        self.unsettle();
         self.ready_notified = false; // READY=1 again after RELOADING=1
         for (reply, _) in self.reload_replies.drain(..) {
             let _ = reply.send(Err(e.clone()));
