@@ -175,15 +175,7 @@ fn a_worker_that_breaks_the_handle_protocol_is_replaced() {
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
+    lb::procfs::cpu_ticks(pid).expect("the process is alive") as f64 / 100.0
 }
 
 #[test]

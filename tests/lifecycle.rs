@@ -508,23 +508,12 @@ fn the_shutdown_timeout_kills_the_whole_process_group_of_a_stubborn_worker() {
 
 /// The parent pid of a live process.
 fn ppid_of(pid: u32) -> Option<u32> {
-    stat_field(pid, 1)
+    stat_field(pid, 1)?.parse().ok()
 }
 
 /// The session id of a live process.
 fn session_of(pid: u32) -> Option<u32> {
-    stat_field(pid, 3)
-}
-
-/// Field `n` (0 = state) of `/proc/PID/stat` after the command name.
-fn stat_field(pid: u32, n: usize) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(n)?
-        .parse()
-        .ok()
+    stat_field(pid, 3)?.parse().ok()
 }
 
 #[test]

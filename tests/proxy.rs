@@ -202,19 +202,7 @@ fn bad_slow_and_silent_headers_are_closed_and_counted_while_good_clients_are_ser
     // A header that never completes, and 2,000 connections that send nothing.
     let mut never = connect(lb.addr, None);
     never.write_all(&header[..20]).unwrap();
-    let lb_cpu = |lb: &Lb| {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", lb.pid())).unwrap();
-        let f: Vec<u64> = stat
-            .rsplit(')')
-            .next()
-            .unwrap()
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        f[0] + f[1]
-    };
+    let lb_cpu = |lb: &Lb| lb::procfs::cpu_ticks(lb.pid()).expect("lb is alive");
     let cpu_before = lb_cpu(&lb);
     let silent: Vec<TcpStream> = (0..2000)
         .map(|i| connect(lb.addr, Some(client_ip(i))))

@@ -404,15 +404,19 @@ pub fn lb_route(ip: IpAddr, workers: usize, extra: &[&str]) -> usize {
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
+    stat_field(pid, 0).is_some_and(|state| !state.starts_with('Z'))
+}
+
+/// Field `n` of `/proc/PID/stat` counted after the command name (0 = state, 1 = ppid, 3 =
+/// session, 11/12 = user/system CPU ticks); `None` if the process is gone.
+pub fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state …`: comm may hold spaces and parentheses.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(n)
+        .map(str::to_owned)
 }
 
 pub fn kill(pid: u32, sig: Signal) {
