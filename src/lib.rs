@@ -44,6 +44,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod listener;
+pub mod loglimit;
 pub mod metrics;
 pub mod procfs;
 pub mod proxy;

@@ -282,6 +282,11 @@ fn serve(
         settings.user = None; // already that user
     }
     init_logging(settings.log_format);
+    if settings.proxy_trusted.is_some() && settings.proxy_protocol == lb::proxy::Mode::Off {
+        tracing::warn!(
+            "--proxy-trusted has no effect without --proxy-protocol strip|keep: no connection is asked for a PROXY header"
+        );
+    }
     if let Some(limit) = listener::raise_nofile_limit() {
         tracing::debug!("open-file limit: {limit}");
     }

@@ -22,6 +22,7 @@ use crate::balance::{Balancer, Policy, SlotLoad};
 use crate::channel::{SioMessage, WorkerMsg};
 use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{DispatchHandle, Handoff, Returned};
+use crate::loglimit::LogLimit;
 use crate::metrics::{Dropped, Failure, Shared, SlotMetrics};
 use crate::supervisor::{SlotState, SlotView, WorkerId};
 
@@ -100,36 +101,6 @@ pub struct CarriedLink {
     /// Last cumulative `totalRequests` it reported (so that its next report counts only what
     /// is new).
     pub reported_requests: u64,
-}
-
-/// At most one log line per [`LOG_EVERY`], carrying how many events it stands for.
-#[derive(Debug, Default)]
-struct LogLimit {
-    last: Option<Instant>,
-    pending: u64,
-}
-
-/// How often a repeated warning may be logged.
-const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl LogLimit {
-    /// One more event: `Some(count since the last line)` if a line may be logged now.
-    fn hit(&mut self, now: Instant) -> Option<u64> {
-        self.add(now, 1)
-    }
-
-    /// `n` more events.
-    fn add(&mut self, now: Instant, n: u64) -> Option<u64> {
-        self.pending += n;
-        if self
-            .last
-            .is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY)
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.pending))
-    }
 }
 
 /// Routing state of the master.

@@ -7,6 +7,12 @@
 //! does); the parent's copy of the child end is closed right after spawn so
 //! that the worker's death is seen as EOF.
 //!
+//! A worker gets exactly fds 0, 1, 2, the channel (3) and, with kernel steering, its slot's listener
+//! (4): every other descriptor is marked close-on-exec between fork and exec, whatever lb itself
+//! inherited without the flag (a shell's `exec 7</etc/shadow`, a supervisor's socket) — with
+//! `--user` that would hand root's files to an unprivileged process (PITFALLS §15). Node's
+//! `child_process.fork` passes only stdio and the channel too.
+//!
 //! Each worker leads its own process group (so grandchildren can be signalled too) and gets
 //! `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the master even if the master is SIGKILLed. The
 //! death signal is tied to the forking *thread*: the master spawns only from its single
@@ -139,10 +145,14 @@ pub fn spawn_worker(
     }
     // Everything the child needs, prepared before fork (no allocation after it).
     let creds = user.map(|u| (u.uid, u.gid, u.groups.clone()));
+    // The first fd the worker is not meant to get, and (for kernels without close_range) the
+    // highest fd lb has open now.
+    let first_private: libc::c_uint = if listener_fd.is_some() { 5 } else { 4 };
+    let highest_fd = highest_open_fd();
     // The closure runs in the child between fork and exec; `child_fd` stays open in the parent
     // until after spawn returns, because `child_end` is dropped only below.
-    // The closure makes only setgroups, setgid, setuid, prctl, getppid, dup2 and fcntl calls on
-    // integers and a group list allocated before fork and captured by value.
+    // The closure makes only setgroups, setgid, setuid, prctl, getppid, dup2, fcntl and
+    // close_range calls on integers and a group list allocated before fork and captured by value.
     // SAFETY: all async-signal-safe; no allocation, no locks, no logging after fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -185,6 +195,25 @@ pub fn spawn_worker(
             } else if libc::dup2(child_fd, CHANNEL_FD) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Nothing else crosses the exec: close-on-exec on everything above what is passed.
+            if libc::syscall(
+                libc::SYS_close_range,
+                first_private,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                // Linux < 5.11: one fcntl per fd that was open before fork.
+                for fd in first_private as i32..=highest_fd {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0
+                        && flags & libc::FD_CLOEXEC == 0
+                        && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             Ok(())
         });
     }
@@ -196,6 +225,18 @@ pub fn spawn_worker(
         pid,
         channel: parent_end,
     })
+}
+
+/// The highest fd number open in lb (read before fork, for the close_range fallback); fds opened
+/// after this are lb's own, all close-on-exec.
+fn highest_open_fd() -> i32 {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .max()
+                .unwrap_or(1024)
+        })
+        .unwrap_or(1024)
 }
 
 /// Sends `signal` to the worker's whole process group (falls back to the pid alone).

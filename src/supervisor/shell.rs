@@ -20,35 +20,26 @@ use nix::sys::signal::Signal;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
+mod accept;
+
 use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
 use crate::channel::cluster::ServerQuery;
 use crate::channel::{ClusterMsg, DEFAULT_MAX_LINE, WorkerMsg};
 use crate::config::{RunArgs, Settings};
-use crate::dispatch::{self, ClusterOut, Handoff, Report};
-use crate::listener::{AcceptError, Listener};
-use crate::metrics::{AcceptErrorKind, Dropped, Failure, Shared};
+use crate::dispatch::{self, ClusterOut, Report};
+use crate::listener::Listener;
+use crate::loglimit::LogLimit;
+use crate::metrics::{Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, proxy, reaper, spawn, steering, systemd, upgrade};
+use crate::{control, procfs, reaper, spawn, steering, systemd, upgrade};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// How long lb waits at exit for the descendants it killed to be reaped.
 const ORPHAN_KILL_LIMIT: Duration = Duration::from_secs(2);
-/// Pause of the accept loop after running out of fds or memory.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Accepts per wakeup before other work gets a turn.
-const ACCEPT_BATCH: usize = 64;
-/// At most one "accept failed" log line this often.
-const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// A worker process exited.
 type Exit = (WorkerId, u32, Option<ExitStatus>);
-
-/// A connection whose PROXY header lb waited for: the peer, and the header or why not.
-type HeaderDone = (
-    SocketAddr,
-    Result<(std::net::TcpStream, proxy::Header), proxy::Failure>,
-);
 
 /// The master process.
 pub struct Master {
@@ -62,8 +53,8 @@ pub struct Master {
     reports_rx: mpsc::UnboundedReceiver<dispatch::Event>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     exits_rx: mpsc::UnboundedReceiver<Exit>,
-    accept_paused_until: Option<Instant>,
-    last_exhausted_log: Option<Instant>,
+    /// The accept loop and the connections waiting for their first bytes.
+    acceptor: accept::Acceptor,
     /// lb's listening address (a cluster worker's `listen()` on its port attaches to it).
     listen_addr: Option<SocketAddr>,
     /// Listening sockets lb opened for cluster workers' `listen()` on other addresses, by
@@ -73,21 +64,13 @@ pub struct Master {
     next_unique_id: u64,
     /// When the next `--heartbeat-ping` goes out.
     next_ping: Option<Instant>,
-    /// Last time a malformed cluster message was logged (at most one line per 5 s).
-    last_malformed_log: Option<Instant>,
+    /// "malformed cluster message" lines.
+    malformed_log: LogLimit,
     /// The command line lb was started with, to read the configuration again on reload.
     reload_from: Option<(RunArgs, Vec<String>)>,
     /// Pids of the workers lb started and has not yet seen exit (every other child of lb is
     /// an orphaned descendant, see [`reaper`]).
     worker_pids: HashSet<u32>,
-    /// Connections waiting for their PROXY header report here.
-    headers_tx: mpsc::UnboundedSender<HeaderDone>,
-    headers_rx: mpsc::UnboundedReceiver<HeaderDone>,
-    /// How many connections are waiting for their PROXY header.
-    headers_pending: usize,
-    /// Last time a refused PROXY header was logged, and how many were refused since.
-    last_proxy_log: Option<Instant>,
-    proxy_refused_unlogged: u64,
     /// The service manager's notification socket (`NOTIFY_SOCKET`), if any.
     notify: Option<systemd::Notifier>,
     /// `READY=1` has been sent (once a worker is ready, and again after each reload).
@@ -205,7 +188,6 @@ impl Master {
     pub fn new(settings: Settings, argv: Vec<String>, shared: Arc<Shared>) -> Self {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-        let (headers_tx, headers_rx) = mpsc::unbounded_channel();
         let (preflight_tx, preflight_rx) = mpsc::unbounded_channel();
         let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
         Self {
@@ -218,19 +200,13 @@ impl Master {
             reports_rx,
             exits_tx,
             exits_rx,
-            accept_paused_until: None,
-            last_exhausted_log: None,
+            acceptor: accept::Acceptor::default(),
             listen_addr: None,
             shared_listeners: HashMap::new(),
             next_unique_id: 1,
             next_ping: None,
-            last_malformed_log: None,
+            malformed_log: LogLimit::default(),
             worker_pids: HashSet::new(),
-            headers_tx,
-            headers_rx,
-            headers_pending: 0,
-            last_proxy_log: None,
-            proxy_refused_unlogged: 0,
             notify: systemd::Notifier::from_env(),
             ready_notified: false,
             next_watchdog: None,
@@ -463,7 +439,7 @@ impl Master {
         if let Some(until) = self.settling_until {
             if self.fleet.steady()
                 && self.router.quiescent()
-                && self.headers_pending == 0
+                && self.acceptor.waiting() == 0
                 && self.shared.admin_open() == 0
             {
                 // `Err(None)`: not settled after all; tried again on the next pass, until the
@@ -833,9 +809,7 @@ impl Master {
         tokio::pin!(timer);
         loop {
             let now = Instant::now();
-            if self.accept_paused_until.is_some_and(|t| t <= now) {
-                self.accept_paused_until = None;
-            }
+            let paused = self.acceptor.paused(now);
             if now >= next_housekeeping {
                 self.housekeeping(now);
                 next_housekeeping = now + HOUSEKEEPING;
@@ -877,7 +851,7 @@ impl Master {
             let deadline = [
                 self.fleet.next_deadline(),
                 self.router.next_deadline(),
-                self.accept_paused_until,
+                self.acceptor.deadline(),
                 self.next_ping,
                 self.next_watchdog,
                 self.next_steer_check,
@@ -895,14 +869,10 @@ impl Master {
                 timer.as_mut().reset(armed.into());
             }
             // Settling before an in-place upgrade: new connections wait in the backlog.
-            let accepting = listener.is_some()
-                && self.accept_paused_until.is_none()
-                && self.settling_until.is_none();
+            let accepting = listener.is_some() && !paused && self.settling_until.is_none();
             // Kernel steering: the master empties the queues of slots outside the program.
             let down = match &self.group {
-                Some(g) if self.accept_paused_until.is_none() && !self.fleet.shutting_down() => {
-                    g.down()
-                }
+                Some(g) if !paused && !self.fleet.shutting_down() => g.down(),
                 _ => Vec::new(),
             };
             tokio::select! {
@@ -914,16 +884,16 @@ impl Master {
                 }
                 Some((id, pid, status)) = self.exits_rx.recv() => self.on_exit(id, pid, status),
                 Some(checked) = self.preflight_rx.recv() => self.preflight_done(checked),
-                Some(done) = self.headers_rx.recv() => {
-                    self.headers_pending -= 1;
-                    self.header_done(done);
+                Some(done) = self.acceptor.waited() => {
+                    let router = &mut self.router;
+                    self.acceptor.header_done(done, &self.shared.metrics, &mut |h| router.route(h, None));
                 }
                 ready = async { listener.as_ref().expect("guarded").ready().await }, if accepting => {
                     match ready {
                         Ok(mut guard) => self.accept_batch(&mut guard),
                         Err(e) => {
                             tracing::error!("listener failed: {e}");
-                            self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                            self.acceptor.pause(Instant::now());
                         }
                     }
                 }
@@ -984,45 +954,11 @@ impl Master {
         &mut self,
         guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, socket2::Socket>,
     ) {
-        for _ in 0..ACCEPT_BATCH {
-            let metrics = &self.shared.metrics;
-            match Listener::accept(guard) {
-                Ok((stream, peer)) => {
-                    metrics.accepted.inc();
-                    if self.settings.proxy_protocol != proxy::Mode::Off
-                        && proxy::trusted(&self.settings.proxy_trusted, peer.ip())
-                    {
-                        self.await_header(stream, peer);
-                    } else {
-                        self.router.route(Handoff::new(stream, peer), None);
-                    }
-                }
-                Err((AcceptError::WouldBlock, _)) => return,
-                Err((AcceptError::Transient, _)) => {
-                    metrics.accept_error(AcceptErrorKind::Transient)
-                }
-                Err((kind, e)) => {
-                    metrics.accept_error(if kind == AcceptError::Exhausted {
-                        AcceptErrorKind::Exhausted
-                    } else {
-                        AcceptErrorKind::Other
-                    });
-                    let now = Instant::now();
-                    if self
-                        .last_exhausted_log
-                        .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
-                    {
-                        self.last_exhausted_log = Some(now);
-                        let e = e.map(|e| e.to_string()).unwrap_or_default();
-                        tracing::warn!(
-                            "accept failed ({e}); pausing accepts for {ACCEPT_PAUSE:?} (logged at most every 5s)"
-                        );
-                    }
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-                    return;
-                }
-            }
-        }
+        let router = &mut self.router;
+        self.acceptor
+            .accept_batch(guard, &self.settings, &self.shared.metrics, &mut |h| {
+                router.route(h, None)
+            });
     }
 
     fn on_dispatch(&mut self, ev: dispatch::Event) {
@@ -1096,11 +1032,7 @@ impl Master {
             }
             ClusterMsg::Malformed(why) => {
                 self.shared.metrics.dropped(Dropped::Malformed);
-                if self
-                    .last_malformed_log
-                    .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
-                {
-                    self.last_malformed_log = Some(now);
+                if self.malformed_log.hit(now).is_some() {
                     tracing::warn!(
                         slot = id.slot,
                         "malformed cluster message from a worker ({why}); ignored (logged at most every 5s)"
@@ -1267,53 +1199,6 @@ impl Master {
         }
     }
 
-    /// A connection from a trusted source: route it once its PROXY header is in. Most headers
-    /// are there at accept; the others are awaited off the accept loop, each with a deadline.
-    fn await_header(&mut self, stream: std::net::TcpStream, peer: SocketAddr) {
-        let mode = self.settings.proxy_protocol;
-        match proxy::parse_now(&stream, mode) {
-            proxy::Now::Done(h) => self.header_done((peer, Ok((stream, h)))),
-            proxy::Now::Failed(f) => self.header_done((peer, Err(f))),
-            proxy::Now::Wait if self.headers_pending >= proxy::MAX_PENDING => {
-                self.header_done((peer, Err(proxy::Failure::Overflow)))
-            }
-            proxy::Now::Wait => {
-                self.headers_pending += 1;
-                let (tx, timeout) = (self.headers_tx.clone(), self.settings.proxy_timeout);
-                tokio::spawn(async move {
-                    let r = proxy::await_header(stream, mode, timeout).await;
-                    let _ = tx.send((peer, r));
-                });
-            }
-        }
-    }
-
-    /// Routes a connection whose header is in, or closes and counts one whose header failed.
-    fn header_done(&mut self, (peer, result): HeaderDone) {
-        match result {
-            Ok((stream, h)) => self
-                .router
-                .route(Handoff::proxied(stream, peer, h.client), None),
-            Err(reason) => {
-                self.shared.metrics.proxy_error(reason);
-                self.proxy_refused_unlogged += 1;
-                let now = Instant::now();
-                if self
-                    .last_proxy_log
-                    .is_none_or(|t| now - t > ACCEPT_LOG_EVERY)
-                {
-                    self.last_proxy_log = Some(now);
-                    tracing::warn!(
-                        %peer,
-                        "closed a connection whose PROXY header was {}; {} closed so far for a PROXY header since the last such line (see lb_proxy_header_errors_total)",
-                        proxy::describe(reason),
-                        std::mem::take(&mut self.proxy_refused_unlogged)
-                    );
-                }
-            }
-        }
-    }
-
     fn on_exit(&mut self, id: WorkerId, pid: u32, status: Option<ExitStatus>) {
         self.worker_pids.remove(&pid);
         let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
@@ -1329,7 +1214,7 @@ impl Master {
             n.send(&format!("STOPPING=1\nSTATUS=shutting down ({why})"));
         }
         if !self.fleet.shutting_down() {
-            tracing::info!("{why}: graceful shutdown");
+            // (The fleet logs the one "graceful shutdown" line, with its timeout.)
             // Hand what waits to a ready worker first (or close it): those workers get SIGTERM
             // only once they have answered.
             self.router.close();
