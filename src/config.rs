@@ -375,6 +375,15 @@ options! {
     proxy_trusted: Option<Vec<crate::proxy::Cidr>> = None, crate::proxy::parse_trusted, "CIDRS";
     /// A PROXY header not complete by then closes the connection [default: 3s]
     proxy_timeout: Duration = Duration::from_secs(3), parse_duration, "D";
+    /// The message a handed-over connection travels with: `sticky-session:connection` (Node's
+    /// cluster guide), `sticky:balance` (the sticky-session package), `socket.io`
+    /// (@socket.io/sticky's setupWorker; lb also routes a request carrying a session's `sid=` to
+    /// its worker), or any other string [default: sticky-session:connection]
+    handoff: crate::channel::HandoffMsg = crate::channel::HandoffMsg::Default,
+        crate::channel::HandoffMsg::parse, "MESSAGE";
+    /// With `--handoff socket.io`: how long lb waits for a connection's request line to look for
+    /// its `sid=` (peeking, never reading); `0s` turns that routing off [default: 1s]
+    peek_timeout: Duration = Duration::from_secs(1), parse_duration, "D";
     /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
     /// failed for the length of the window [default: 10/1m]
     crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";

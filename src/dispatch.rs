@@ -37,10 +37,10 @@ use tokio::sync::mpsc;
 
 use crate::channel::cluster::{self, ServerQuery};
 use crate::channel::{
-    ClusterMsg, FromWorker, HANDLE_ENVELOPE, HANDLE_NACK, Inbox, Incoming, Received,
-    SOCKET_COUNT_QUERY, Serialization, WorkerMsg,
+    ClusterMsg, FromWorker, HANDLE_NACK, HandoffMsg, Inbox, Incoming, Received, SOCKET_COUNT_QUERY,
+    Serialization, WorkerMsg,
 };
-use crate::supervisor::WorkerId;
+use crate::slot::WorkerId;
 use crate::sys;
 
 /// NACKs one worker may return for one connection before it is given to another worker
@@ -62,6 +62,8 @@ pub struct Handoff {
     pub nacks: u8,
     /// Workers it has been given to so far.
     pub dispatches: u8,
+    /// The socket.io session id its request line carries (peeked, `--handoff socket.io`).
+    pub sid: Option<Box<str>>,
 }
 
 impl Handoff {
@@ -74,6 +76,7 @@ impl Handoff {
             nacks: 0,
             dispatches: 0,
             client: None,
+            sid: None,
         }
     }
 
@@ -326,7 +329,7 @@ pub struct Event {
 }
 
 /// Bounds of one dispatch task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Handles in flight before waiting for answers (`--max-pending`; the router sends no more
     /// than that anyway).
@@ -337,6 +340,8 @@ pub struct Limits {
     pub stall_timeout: Duration,
     /// The channel's serialization.
     pub serialization: Serialization,
+    /// The message each connection travels with (`--handoff`).
+    pub handoff: crate::channel::HandoffMsg,
 }
 
 /// Runs the dispatch task for one worker until its channel closes and the master stops sending.
@@ -354,6 +359,7 @@ async fn run(
         max_line,
         stall_timeout,
         serialization,
+        handoff,
     } = limits;
     let (slot, generation) = (id.slot, id.generation);
     // Every connection that leaves this task's custody (ACKed or handed back) is uncounted here.
@@ -380,7 +386,7 @@ async fn run(
             return return_all_until_closed(&mut handoffs, send).await;
         }
     };
-    let mut d = Dispatcher::new(window.max(1), max_line, serialization);
+    let mut d = Dispatcher::new(window.max(1), max_line, serialization, handoff);
     d.inbox.extend(&carried.inbox);
     d.rr_key = carried.rr_key;
     d.seq = carried.seq;
@@ -559,13 +565,15 @@ struct Dispatcher {
     inbox: Inbox,
     /// The channel's serialization, and lb's constant messages in it.
     ser: Serialization,
+    /// What each connection travels with, and its envelope in `ser`.
+    handoff: HandoffMsg,
     envelope: Bytes,
     nack: Bytes,
     query: Bytes,
 }
 
 impl Dispatcher {
-    fn new(window: usize, max_line: usize, ser: Serialization) -> Self {
+    fn new(window: usize, max_line: usize, ser: Serialization, handoff: HandoffMsg) -> Self {
         Self {
             queue: VecDeque::new(),
             in_flight: VecDeque::new(),
@@ -587,7 +595,8 @@ impl Dispatcher {
             seq: 0,
             inbox: Inbox::with(ser, max_line, 64 * 1024),
             ser,
-            envelope: constant(ser, HANDLE_ENVELOPE),
+            envelope: Bytes::from(ser.reencode(handoff.envelope(None))),
+            handoff,
             nack: constant(ser, HANDLE_NACK),
             query: constant(ser, SOCKET_COUNT_QUERY),
         }
@@ -685,9 +694,7 @@ impl Dispatcher {
                 let env = self.ser.reencode(cluster::newconn_envelope(key, seq));
                 (Bytes::from(env), Some(seq))
             } else if let Some(client) = self.queue.front().and_then(|h| h.client) {
-                let env = self
-                    .ser
-                    .reencode(crate::channel::handle_envelope_for(client));
+                let env = self.ser.reencode(self.handoff.envelope(Some(client)));
                 (Bytes::from(env), None)
             } else {
                 (self.envelope.clone(), None) // a reference count, not a copy

@@ -41,6 +41,8 @@ pub struct SlotMetrics {
     /// Sticky clients of this slot sent elsewhere while its worker was up (at `--max-pending`,
     /// or it refused the connection).
     pub moved: IntCounter,
+    /// socket.io sessions the slot's worker owns (`@socket.io/sticky` notices).
+    pub sessions: IntGauge,
     /// `lb_worker_state{state}`: 1 for the slot's state, 0 for the others.
     pub states: Vec<(&'static str, IntGauge)>,
 }
@@ -69,6 +71,7 @@ struct SlotFamilies {
     restarts: IntCounterVec,
     memory: IntGaugeVec,
     moved: IntCounterVec,
+    sessions: IntGaugeVec,
     state: IntGaugeVec,
 }
 
@@ -87,6 +90,7 @@ impl SlotFamilies {
             restarts: self.restarts.with_label_values(&[&l]),
             memory: self.memory.with_label_values(&[&l]),
             moved: self.moved.with_label_values(&[&l]),
+            sessions: self.sessions.with_label_values(&[&l]),
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct Metrics {
     channel_dropped: IntCounterVec,
     /// Connections closed for their PROXY header, by reason.
     proxy_errors: IntCounterVec,
+    /// `lb_peeks_total{result}`.
+    peeks: IntCounterVec,
     /// Histogram values lb's previous image counted (an in-place upgrade), added when
     /// gathering.
     histogram_base: Mutex<Vec<CarriedHistogram>>,
@@ -239,6 +245,27 @@ labels! {
 }
 
 labels! {
+    /// `result` of `lb_peeks_total`: what lb found in a connection's first bytes (the
+    /// connection is routed either way).
+    PeekResult {
+        /// A request line with the `sid=` of a live session: routed to its worker.
+        Sid = "sid",
+        /// A request line without a known session.
+        NoSid = "none",
+        /// The first bytes are not an HTTP request line (TLS, another protocol).
+        NotHttp = "not_http",
+        /// Nothing (or not a whole request line) within `--peek-timeout`.
+        Timeout = "timeout",
+        /// A request line longer than lb looks at.
+        TooLong = "too_long",
+        /// The client closed before a whole request line.
+        Closed = "closed",
+        /// Still waiting when the wait set was full: routed as it was, to make room.
+        Evicted = "evicted",
+    }
+}
+
+labels! {
     /// `kind` of `lb_accept_errors_total`.
     AcceptErrorKind {
         /// Out of fds or memory: accepting pauses.
@@ -307,6 +334,10 @@ impl Metrics {
             "lb_sticky_moved_total",
             "Sticky clients of the slot sent to another slot while its worker was alive (stalled, at --max-pending unconfirmed handoffs, or it refused the connection).",
         );
+        let sessions = slot_vec_gauge(
+            "lb_worker_sessions",
+            "socket.io sessions the slot's worker owns (from @socket.io/sticky's sticky:connection and sticky:disconnection notices).",
+        );
         let families = SlotFamilies {
             requests,
             connections,
@@ -315,6 +346,7 @@ impl Metrics {
             restarts,
             memory,
             moved,
+            sessions,
             state,
         };
         let slots = RwLock::new((0..workers).map(|i| Arc::new(families.slot(i))).collect());
@@ -397,6 +429,15 @@ impl Metrics {
             "reason",
             ProxyFailure::ALL.iter().map(|r| r.as_str()),
         );
+        let peeks = labeled_counter(
+            &registry,
+            "lb_peeks_total",
+            "Connections whose first bytes lb peeked at (--handoff socket.io), by what it found: \
+             sid (routed to the session's worker), none (a request line without a known sid), \
+             not_http, timeout (nothing in --peek-timeout), too_long, closed.",
+            "result",
+            PeekResult::ALL.iter().map(|r| r.as_str()),
+        );
         let info = IntGaugeVec::new(
             Opts::new(
                 "lb_build_info",
@@ -421,6 +462,7 @@ impl Metrics {
             accept_errors,
             channel_dropped,
             proxy_errors,
+            peeks,
             histogram_base: Mutex::new(Vec::new()),
         }
     }
@@ -493,6 +535,7 @@ impl Metrics {
             &self.accept_errors,
             &self.channel_dropped,
             &self.proxy_errors,
+            &self.peeks,
         ];
         let name_of = |c: &dyn Collector| c.desc().first().map(|d| d.fq_name.clone());
         for (name, labels, value) in &carried.counters {
@@ -548,6 +591,11 @@ impl Metrics {
         self.failures
             .with_label_values(&[reason.as_str()])
             .inc_by(n);
+    }
+
+    /// Counts what a peek at a connection's first bytes found.
+    pub fn peeked(&self, result: PeekResult) {
+        self.peeks.with_label_values(&[result.as_str()]).inc();
     }
 
     /// Counts a connection closed for its PROXY header.

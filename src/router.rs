@@ -23,8 +23,10 @@ use crate::channel::{SioMessage, WorkerMsg};
 use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{DispatchHandle, Handoff, Returned};
 use crate::loglimit::LogLimit;
+use crate::metrics::PeekResult;
 use crate::metrics::{Dropped, Failure, Shared, SlotMetrics};
-use crate::supervisor::{SlotState, SlotView, WorkerId};
+use crate::sessions::Sessions;
+use crate::slot::{SlotState, SlotView, WorkerId};
 
 /// Workers a connection may be offered to before it is closed.
 const MAX_DISPATCHES: u8 = 8;
@@ -132,6 +134,11 @@ pub struct Router {
     /// Per-slot metric handles (looked up once: the ACK path takes no lock).
     slot_metrics: Vec<Arc<SlotMetrics>>,
     shared: Arc<Shared>,
+    /// `--handoff socket.io`: workers report sessions; least-connections counts them and a
+    /// request naming a session goes to its worker.
+    sio: bool,
+    /// The socket.io sessions each worker owns.
+    sessions: Sessions,
 }
 
 impl Router {
@@ -157,6 +164,8 @@ impl Router {
             active: n,
             slot_metrics: (0..n).map(|i| shared.metrics.slot(i)).collect(),
             shared,
+            sio: settings.handoff == crate::channel::HandoffMsg::SocketIo,
+            sessions: Sessions::default(),
         }
     }
 
@@ -171,6 +180,7 @@ impl Router {
         self.max_pending = settings.max_pending;
         self.max_queue = settings.max_queue;
         self.queue_timeout = settings.queue_timeout;
+        self.sio = settings.handoff == crate::channel::HandoffMsg::SocketIo;
     }
 
     /// `lb scale`: slots `0..active` take connections, the table has `total` slots.
@@ -255,6 +265,9 @@ impl Router {
             // A descendant may hold the channel open: the exit alone ends it.
             l.dispatch.exited();
         }
+        // Its socket.io sessions died with it.
+        self.sessions.forget(id);
+        self.update_sessions(id.slot);
         self.forget_gone(id.slot);
     }
 
@@ -378,8 +391,21 @@ impl Router {
                 self.shared.metrics.dropped(Dropped::Ignored)
             }
             WorkerMsg::SocketIo(m) => self.relay(id, m),
+            WorkerMsg::SessionOpened(sid) => {
+                if !self.sessions.opened(id, sid) && self.sessions.ignored == 1 {
+                    tracing::warn!(
+                        "{} socket.io sessions known: new ones are not routed by their sid until some end",
+                        crate::sessions::MAX_SESSIONS
+                    );
+                }
+                self.update_sessions(id.slot);
+            }
+            WorkerMsg::SessionClosed(sid) => {
+                self.sessions.closed(id, sid);
+                self.update_sessions(id.slot);
+            }
             WorkerMsg::SocketIoSticky => {}
-            WorkerMsg::Heartbeat | WorkerMsg::Ready => return false,
+            WorkerMsg::Heartbeat | WorkerMsg::Ready | WorkerMsg::Leaving => return false,
         }
         true
     }
@@ -486,6 +512,22 @@ impl Router {
             }
             return;
         }
+        if let Some(id) = self.session_owner(&h, exclude) {
+            self.shared.metrics.peeked(PeekResult::Sid);
+            h.dispatches += 1;
+            match self.link(id).map(|l| l.dispatch.send(h)) {
+                Some(Ok(())) => {}
+                Some(Err(h)) => {
+                    self.detach(id);
+                    self.route(h, Some(id.slot));
+                }
+                None => unreachable!("a session's owner has a link"),
+            }
+            return;
+        }
+        if h.sid.take().is_some() {
+            self.shared.metrics.peeked(PeekResult::NoSid);
+        }
         for slot in 0..self.active {
             self.loads[slot] = self.slot_load(slot, exclude);
         }
@@ -517,6 +559,10 @@ impl Router {
             }
         }
         let id = self.targets[slot].0.expect("an eligible slot has a worker");
+        if self.sio {
+            // Possibly a new session: counted from now (least-connections).
+            self.sessions.handed_new(id, Instant::now());
+        }
         h.dispatches += 1;
         let sent = self.link(id).map(|l| l.dispatch.send(h));
         match sent {
@@ -530,6 +576,20 @@ impl Router {
         }
     }
 
+    /// The live worker that owns the session a connection's request names, if it can take it
+    /// now (up, routable, below `--max-pending`, not excluded).
+    fn session_owner(&self, h: &Handoff, exclude: Option<usize>) -> Option<WorkerId> {
+        let id = self.sessions.owner(h.sid.as_deref()?)?;
+        let slot = id.slot;
+        let ok = slot < self.active
+            && Some(slot) != exclude
+            && self.targets[slot] == (Some(id), Target::Up)
+            && self.links[slot]
+                .iter()
+                .any(|l| l.id == id && l.routable && l.pending() < self.max_pending);
+        ok.then_some(id)
+    }
+
     /// What the policy sees of a slot.
     fn slot_load(&self, slot: usize, exclude: Option<usize>) -> SlotLoad {
         let (current, target) = self.targets[slot];
@@ -539,7 +599,12 @@ impl Router {
                 let pending = l.pending();
                 SlotLoad {
                     eligible: Some(slot) != exclude && pending < self.max_pending,
-                    load: l.active() + pending as u64,
+                    // socket.io workers: their sessions, new ones counted from their handoff.
+                    load: if self.sio {
+                        self.sessions.load(l.id)
+                    } else {
+                        l.active() + pending as u64
+                    },
                 }
             }
             _ => SlotLoad::default(),
@@ -599,6 +664,9 @@ impl Router {
 
     /// Closes connections that waited longer than `--queue-timeout`.
     pub fn expire(&mut self, now: Instant) {
+        if self.sio {
+            self.sessions.expire(now);
+        }
         let limit = self.queue_timeout;
         let mut expired = 0;
         while self
@@ -629,6 +697,14 @@ impl Router {
 
     fn link(&mut self, id: WorkerId) -> Option<&mut Link> {
         self.links.get_mut(id.slot)?.iter_mut().find(|l| l.id == id)
+    }
+
+    /// `lb_worker_sessions` of the slot: what its workers own.
+    fn update_sessions(&self, slot: usize) {
+        if let (Some(ls), Some(sm)) = (self.links.get(slot), self.slot_metrics.get(slot)) {
+            let n: usize = ls.iter().map(|l| self.sessions.count(l.id)).sum();
+            sm.sessions.set(n as i64);
+        }
     }
 
     fn update_active(&self, slot: usize) {

@@ -28,10 +28,18 @@ const SCM_MAX_FD: usize = 253;
 
 /// Registers an fd with the tokio reactor for the given interest.
 pub fn register<T: AsRawFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
-    // Callers pass owning types (`socket2::Socket`, `UnixStream`).
+    register_owned(inner, interest).map_err(|(_, e)| e)
+}
+
+/// [`register`], giving `inner` back if it cannot be registered (so a connection is not lost).
+pub fn register_owned<T: AsRawFd>(
+    inner: T,
+    interest: Interest,
+) -> Result<AsyncFd<T>, (T, io::Error)> {
+    // Callers pass owning types (`socket2::Socket`, `UnixStream`, `TcpStream`).
     // SAFETY: `inner` owns its fd, so it stays open and the same file, and `as_raw_fd` returns
     // it, until the AsyncFd is dropped or `into_inner` is called.
-    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts())
 }
 
 /// Accepts one connection with a single `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`.

@@ -34,19 +34,94 @@ pub use inbox::{Inbox, Incoming, Received};
 /// an unmodified Node worker how many of them are still open with [`SOCKET_COUNT_QUERY`].
 pub const HANDLE_ENVELOPE: &[u8] =
     b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"sticky-session:connection\",\"key\":\"lb\"}\n";
+/// The message a handed-over connection travels with (`--handoff`, DESIGN §12): what the
+/// worker's `process.on('message', (msg, socket))` sees as `msg`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HandoffMsg {
+    /// `'sticky-session:connection'`: Node's cluster guide, and lb's default.
+    #[default]
+    Default,
+    /// `{"type":"sticky:connection","data":""}`: `@socket.io/sticky`'s `setupWorker`. Its
+    /// primary sends the bytes it read as `data` for the worker to `unshift`; lb reads nothing,
+    /// so `data` is an empty string — which `socket.unshift` takes as a zero-length chunk in both
+    /// serializations (a `Buffer` would cross `json` as `{"type":"Buffer",…}`, which it rejects).
+    SocketIo,
+    /// Any other string (`sticky:balance` for the `sticky-session` package).
+    Named(String),
+}
+
+impl HandoffMsg {
+    /// Parses `--handoff`: `socket.io`, or the message string itself.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "socket.io" => Ok(Self::SocketIo),
+            HANDLE_MESSAGE => Ok(Self::Default),
+            "" => Err(
+                "the handoff message cannot be empty (e.g. sticky-session:connection, \
+                       sticky:balance, socket.io)"
+                    .into(),
+            ),
+            s if s.len() > 256 => Err(format!(
+                "a handoff message of {} bytes is not one a worker expects (at most 256)",
+                s.len()
+            )),
+            s if s.chars().any(char::is_control) => Err(format!(
+                "the handoff message {s:?} contains control characters"
+            )),
+            s => Ok(Self::Named(s.to_owned())),
+        }
+    }
+
+    /// What `--handoff` shows.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Default => HANDLE_MESSAGE,
+            Self::SocketIo => "socket.io",
+            Self::Named(s) => s,
+        }
+    }
+
+    /// The envelope's `msg`.
+    pub fn value(&self) -> Value {
+        match self {
+            Self::Default => Value::String(HANDLE_MESSAGE.into()),
+            Self::SocketIo => serde_json::json!({"type": "sticky:connection", "data": ""}),
+            Self::Named(s) => Value::String(s.clone()),
+        }
+    }
+
+    /// The whole `NODE_HANDLE` line (JSON, with its newline), with the client's address from a
+    /// PROXY header (`"client":"IP:PORT"`, read by lb-aware workers; Node ignores keys it does
+    /// not know).
+    pub fn envelope(&self, client: Option<SocketAddr>) -> Vec<u8> {
+        if *self == Self::Default && client.is_none() {
+            return HANDLE_ENVELOPE.to_vec();
+        }
+        let mut v = serde_json::json!({
+            "cmd": "NODE_HANDLE",
+            "type": "net.Socket",
+            "msg": self.value(),
+            "key": "lb",
+        });
+        if let Some(c) = client {
+            v["client"] = Value::String(c.to_string());
+        }
+        let mut out = serde_json::to_vec(&v).expect("serializes");
+        out.push(b'\n');
+        out
+    }
+}
+
+impl std::fmt::Display for HandoffMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// [`HANDLE_ENVELOPE`] with the client's address from a PROXY header (`"client":"IP:PORT"`):
 /// lb-aware workers read it; Node ignores keys it does not know.
 pub fn handle_envelope_for(client: SocketAddr) -> Vec<u8> {
-    let mut out = serde_json::to_vec(&serde_json::json!({
-        "cmd": "NODE_HANDLE",
-        "type": "net.Socket",
-        "msg": HANDLE_MESSAGE,
-        "key": "lb",
-        "client": client.to_string(),
-    }))
-    .expect("serializes");
-    out.push(b'\n');
-    out
+    HandoffMsg::Default.envelope(Some(client))
 }
 
 /// Asks a Node worker how many sockets received with [`HANDLE_ENVELOPE`] are open; it answers
@@ -291,9 +366,17 @@ pub enum WorkerMsg {
     Ready,
     /// A `@socket.io/cluster-adapter` message for the other workers (`"source":"_sio_adapter"`).
     SocketIo(SioMessage),
-    /// A `@socket.io/sticky` worker notice (`{"type":"sticky:…"}`): lb routes by client IP
-    /// already, so it needs none of them.
+    /// `{"type":"sticky:connection","data":SID}`: a `@socket.io/sticky` worker opened a
+    /// socket.io session.
+    SessionOpened(String),
+    /// `{"type":"sticky:disconnection","data":SID}`: that session ended.
+    SessionClosed(String),
+    /// Another `@socket.io/sticky` message (`{"type":"sticky:…"}`, the relaying primary's, which
+    /// lb never needs: it never reads the connection).
     SocketIoSticky,
+    /// `{"type":"close"}`: a `sticky-session` worker's app closed its server (no new
+    /// connections for it).
+    Leaving,
     /// Any other valid JSON value.
     Other,
     /// Not valid JSON (dropped).
@@ -337,6 +420,9 @@ impl WorkerMsg {
             | Self::Other
             | Self::Malformed
             | Self::SocketIo(_)
+            | Self::SessionOpened(_)
+            | Self::SessionClosed(_)
+            | Self::Leaving
             | Self::SocketIoSticky => {
                 unreachable!("not a message lb's workers send")
             }
@@ -412,11 +498,27 @@ impl FromWorker {
             (Some("heartbeat"), _) | (_, Some("heartbeat")) => Heartbeat,
             (_, Some("request")) => Request,
             (_, Some("ready")) | (Some("ready"), _) => Ready,
+            (_, Some(t @ ("sticky:connection" | "sticky:disconnection"))) => {
+                match map.get("data").and_then(Value::as_str) {
+                    Some(sid) if sid.len() <= MAX_SID => {
+                        if t == "sticky:connection" {
+                            SessionOpened(sid.to_owned())
+                        } else {
+                            SessionClosed(sid.to_owned())
+                        }
+                    }
+                    _ => Other,
+                }
+            }
             (_, Some(t)) if t.starts_with("sticky:") => SocketIoSticky,
+            (None, Some("close")) if map.len() == 1 => Leaving,
             _ => Other,
         })
     }
 }
+
+/// The longest session id lb keeps (socket.io's are 20 characters).
+pub const MAX_SID: usize = 64;
 
 /// A non-negative integer count (JSON numbers from JS may be floats like `3.0`).
 fn as_count(v: &Value) -> Option<u64> {

@@ -506,8 +506,10 @@ impl Fleet {
         }
     }
 
-    /// A cluster worker is leaving on its own (`exitedAfterDisconnect`): its exit is expected.
-    pub fn on_leaving(&mut self, id: WorkerId, now: Instant) {
+    /// A worker is leaving on its own — a cluster worker's `exitedAfterDisconnect`, or a
+    /// `sticky-session` worker whose app closed its server (`why`): it gets no new connections,
+    /// and its exit is expected.
+    pub fn on_leaving(&mut self, id: WorkerId, now: Instant, why: &str) {
         if let Some(w) = self.slots[id.slot].find(id.generation)
             && w.phase.is_live()
             && !w.phase.signalled()
@@ -515,7 +517,7 @@ impl Fleet {
             tracing::info!(
                 slot = id.slot,
                 pid = w.pid,
-                "worker is leaving (cluster disconnect)"
+                "worker is leaving ({why}): no new connections for it"
             );
             w.phase = Phase::Disconnecting { since: now };
             self.actions.push_back(Action::Detach(id));

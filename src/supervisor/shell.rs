@@ -139,13 +139,15 @@ const SETTLE_RETRY: Duration = Duration::from_secs(1);
 const SETTLE_POLL: Duration = Duration::from_millis(1);
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
-const NEEDS_RESTART: [&str; 6] = [
+const NEEDS_RESTART: [&str; 8] = [
     "listen",
     "metrics",
     "control",
     "backlog",
     "log_format",
     "serialization",
+    "steering",
+    "handoff",
 ];
 
 /// The lifecycle settings of `settings` for workers running `argv`.
@@ -311,6 +313,8 @@ impl Master {
             backlog: old.backlog,
             log_format: old.log_format,
             serialization: old.serialization,
+            steering: old.steering,
+            handoff: old.handoff.clone(),
             ..new
         };
         self.fleet.reconfigure(fleet_config(&applied, &argv));
@@ -335,6 +339,7 @@ impl Master {
             max_line: DEFAULT_MAX_LINE,
             stall_timeout: self.settings.stall_timeout,
             serialization: self.settings.serialization,
+            handoff: self.settings.handoff.clone(),
         }
     }
 
@@ -598,10 +603,13 @@ impl Master {
             slots: self.fleet.active(),
             argv: self.argv.clone(),
             user: self.settings.user.as_ref().map(|u| u.name.clone()),
-            fixed: vec![(
-                "serialization".into(),
-                self.settings.serialization.as_str().into(),
-            )],
+            fixed: vec![
+                (
+                    "serialization".into(),
+                    self.settings.serialization.as_str().into(),
+                ),
+                ("handoff".into(), self.settings.handoff.as_str().into()),
+            ],
             config: self.reload_text.clone(),
             workers: carried
                 .iter()
@@ -672,6 +680,15 @@ impl Master {
             } else {
                 crate::channel::Serialization::Json
             };
+        }
+        if let Some((_, h)) = state.fixed.iter().find(|(k, _)| k == "handoff")
+            && h != self.settings.handoff.as_str()
+        {
+            tracing::warn!("handoff: not applied until lb is restarted");
+            if let Ok(h) = crate::channel::HandoffMsg::parse(h) {
+                self.settings.handoff = h;
+                self.router.reconfigure(&self.settings);
+            }
         }
         let total = state.slots.max(1);
         self.router.resize(total, total);
@@ -886,7 +903,7 @@ impl Master {
                 Some(checked) = self.preflight_rx.recv() => self.preflight_done(checked),
                 Some(done) = self.acceptor.waited() => {
                     let router = &mut self.router;
-                    self.acceptor.header_done(done, &self.shared.metrics, &mut |h| router.route(h, None));
+                    self.acceptor.ready(done, &self.shared.metrics, &mut |h| router.route(h, None));
                 }
                 ready = async { listener.as_ref().expect("guarded").ready().await }, if accepting => {
                     match ready {
@@ -980,6 +997,9 @@ impl Master {
                     match m {
                         WorkerMsg::Heartbeat => self.fleet.on_heartbeat(id, now),
                         WorkerMsg::Ready => self.fleet.on_ready(id, now),
+                        WorkerMsg::Leaving => {
+                            self.fleet.on_leaving(id, now, "its app closed its server")
+                        }
                         _ => {}
                     }
                 }
@@ -1026,7 +1046,9 @@ impl Master {
                 }
             }
             ClusterMsg::Close { key } => self.router.rr_closed(id, &key),
-            ClusterMsg::ExitedAfterDisconnect { .. } => self.fleet.on_leaving(id, now),
+            ClusterMsg::ExitedAfterDisconnect { .. } => {
+                self.fleet.on_leaving(id, now, "cluster disconnect")
+            }
             ClusterMsg::NewconnReply { .. } | ClusterMsg::Other => {
                 self.shared.metrics.dropped(Dropped::Ignored)
             }

@@ -4,10 +4,12 @@
 //!   two), classifying errors: a transient one is counted, running out of fds or memory pauses
 //!   accepting for [`ACCEPT_PAUSE`] (a level-triggered listener would otherwise spin) and is
 //!   logged at most once per 5 s.
-//! - **Waiting for first bytes** (today the PROXY header; the peeked keys of DESIGN §12–13 join
-//!   the same set): most connections already carry what lb looks for when they are accepted and
-//!   never wait. The others wait off the accept loop in one bounded [`WaitSet`], each with its
-//!   own deadline. When the set is full, the **oldest** waiter is closed (counted `overflow`) to
+//! - **Waiting for first bytes**: the PROXY header (`--proxy-protocol`), then the request line
+//!   (`--handoff socket.io`: the session id a request names, [`crate::peek`]). Connections that
+//!   already carry what lb looks for when they are accepted never wait. The others wait off the
+//!   accept loop in one bounded [`WaitSet`], each with its own deadlines: a header not complete
+//!   in `--proxy-timeout` closes the connection; a request line not there in `--peek-timeout`
+//!   is simply routed by the policy. When the set is full, the **oldest** waiter is closed (counted `overflow`) to
 //!   make room: refusing the newcomer instead would let anyone who can open connections lock
 //!   every good client out by holding all the places (PITFALLS §16).
 
@@ -16,14 +18,15 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::channel::HandoffMsg;
 use crate::config::Settings;
 use crate::dispatch::Handoff;
 use crate::listener::{AcceptError, Listener};
 use crate::loglimit::LogLimit;
 use crate::metrics::{AcceptErrorKind, Metrics};
+use crate::peek::{self, Found};
 use crate::proxy;
 
 /// Pause of the accept loop after running out of fds or memory.
@@ -33,16 +36,30 @@ const ACCEPT_BATCH: usize = 64;
 
 /// A bounded set of tasks, each waiting for something about one connection; the oldest is
 /// evicted when a newcomer needs its place. Each task reports its outcome once, tagged with its
-/// id, unless it was evicted first.
+/// id. An evicted task is told so ([`Evict`] resolves) and ends at once with what it holds: it
+/// decides what becomes of its connection (closed, or routed as it is), and still reports.
 pub struct WaitSet<T> {
     /// The most that wait at once.
     cap: usize,
     /// The next task's id (ids only grow: the smallest is the oldest).
     next: u64,
-    /// The tasks still waiting, oldest first.
-    tasks: BTreeMap<u64, AbortHandle>,
+    /// The tasks still waiting (not evicted, not reported), oldest first.
+    tasks: BTreeMap<u64, oneshot::Sender<()>>,
     tx: mpsc::UnboundedSender<(u64, T)>,
     rx: mpsc::UnboundedReceiver<(u64, T)>,
+}
+
+/// Resolves when the waiter is evicted from its [`WaitSet`].
+pub struct Evict(oneshot::Receiver<()>);
+
+impl Evict {
+    /// Waits for the eviction (never, for a waiter that is not evicted).
+    pub async fn evicted(self) {
+        if self.0.await.is_err() {
+            // The set itself is gone (lb is exiting): nothing to make room for.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl<T: Send + 'static> WaitSet<T> {
@@ -68,29 +85,30 @@ impl<T: Send + 'static> WaitSet<T> {
         self.tasks.len() >= self.cap
     }
 
-    /// Closes the oldest waiter (dropping its future drops its connection); `false` if none
-    /// could be evicted. A task that has already finished is not evicted: its outcome is on its
-    /// way and is still delivered.
+    /// Tells the oldest waiter to give up its place; `false` if none was waiting. A task that
+    /// has already finished is skipped (its outcome is on its way).
     pub fn evict_oldest(&mut self) -> bool {
-        while let Some((_, task)) = self.tasks.pop_first() {
-            if !task.is_finished() {
-                task.abort();
+        while let Some((_, evict)) = self.tasks.pop_first() {
+            if evict.send(()).is_ok() {
                 return true;
             }
         }
         false
     }
 
-    /// Starts waiting with `wait`, whose output is reported by [`WaitSet::recv`]. The caller
-    /// makes room first ([`WaitSet::is_full`], [`WaitSet::evict_oldest`]).
-    pub fn spawn(&mut self, wait: impl Future<Output = T> + Send + 'static) {
+    /// Starts a waiter: `wait` gets its [`Evict`] and returns the future whose output
+    /// [`WaitSet::recv`] reports. The caller makes room first ([`WaitSet::is_full`],
+    /// [`WaitSet::evict_oldest`]).
+    pub fn spawn<F: Future<Output = T> + Send + 'static>(&mut self, wait: impl FnOnce(Evict) -> F) {
         let id = self.next;
         self.next += 1;
+        let (evict_tx, evict_rx) = oneshot::channel();
+        let fut = wait(Evict(evict_rx));
         let tx = self.tx.clone();
-        let task = tokio::spawn(async move {
-            let _ = tx.send((id, wait.await));
+        tokio::spawn(async move {
+            let _ = tx.send((id, fut.await));
         });
-        self.tasks.insert(id, task.abort_handle());
+        self.tasks.insert(id, evict_tx);
     }
 
     /// The next outcome (never `None`: the set holds a sender itself).
@@ -101,11 +119,71 @@ impl<T: Send + 'static> WaitSet<T> {
     }
 }
 
-/// A connection whose PROXY header lb waited for: the peer, and the header or why not.
-type HeaderDone = (
+/// A connection whose first bytes lb waited for: its peer, and what they said (the PROXY header
+/// if one was expected, what the request line gave if it was looked at) or why it is refused.
+type Waited = (
     SocketAddr,
-    Result<(TcpStream, proxy::Header), proxy::Failure>,
+    Result<(TcpStream, Option<proxy::Header>, Option<Found>), proxy::Failure>,
 );
+
+/// Where a waiting connection is.
+enum Stage {
+    /// Its PROXY header is not complete.
+    Header,
+    /// Its header (if any) is in; its request line is not.
+    Line(Option<proxy::Header>),
+}
+
+/// What lb looks for in connections' first bytes.
+#[derive(Clone, Copy)]
+struct Looks {
+    /// `--proxy-protocol` for this connection's source.
+    proxy: proxy::Mode,
+    proxy_timeout: Duration,
+    /// `--handoff socket.io`: the request line, for at most this long.
+    line: Option<Duration>,
+}
+
+impl Looks {
+    /// How many peeked bytes precede the request line: a header `keep` left in the stream.
+    fn skip(&self, header: Option<proxy::Header>) -> usize {
+        match (self.proxy, header) {
+            (proxy::Mode::Keep, Some(h)) => h.len,
+            _ => 0,
+        }
+    }
+}
+
+/// Waits for what a connection still lacks. Evicted while its PROXY header is incomplete, it
+/// is closed (`overflow`); while only its request line is missing, it is routed as it is.
+async fn first_bytes(
+    stream: TcpStream,
+    peer: SocketAddr,
+    stage: Stage,
+    looks: Looks,
+    evict: Evict,
+) -> Waited {
+    let mut evicted = std::pin::pin!(evict.evicted());
+    let (stream, header) = match stage {
+        Stage::Header => {
+            let header = proxy::await_header(stream, looks.proxy, looks.proxy_timeout);
+            let result = tokio::select! {
+                r = header => r,
+                () = &mut evicted => Err(proxy::Failure::Overflow),
+            };
+            match result {
+                Ok((s, h)) => (s, Some(h)),
+                Err(f) => return (peer, Err(f)),
+            }
+        }
+        Stage::Line(h) => (stream, h),
+    };
+    let Some(timeout) = looks.line else {
+        return (peer, Ok((stream, header, None)));
+    };
+    let (stream, found) = peek::wait(stream, looks.skip(header), timeout, evicted).await;
+    (peer, Ok((stream, header, Some(found))))
+}
 
 /// The accept loop's state.
 pub struct Acceptor {
@@ -113,8 +191,8 @@ pub struct Acceptor {
     paused_until: Option<Instant>,
     /// "accept failed" lines.
     exhausted_log: LogLimit,
-    /// Connections waiting for their PROXY header.
-    headers: WaitSet<HeaderDone>,
+    /// Connections waiting for their first bytes.
+    waiting: WaitSet<Waited>,
     /// "closed a connection whose PROXY header was …" lines.
     proxy_log: LogLimit,
 }
@@ -124,7 +202,7 @@ impl Default for Acceptor {
         Self {
             paused_until: None,
             exhausted_log: LogLimit::default(),
-            headers: WaitSet::new(proxy::MAX_PENDING),
+            waiting: WaitSet::new(proxy::MAX_PENDING),
             proxy_log: LogLimit::default(),
         }
     }
@@ -151,7 +229,7 @@ impl Acceptor {
 
     /// How many connections wait for their first bytes.
     pub fn waiting(&self) -> usize {
-        self.headers.len()
+        self.waiting.len()
     }
 
     /// Accepts what is queued (at most one batch); each connection goes to `route` now or once
@@ -167,13 +245,7 @@ impl Acceptor {
             match Listener::accept(guard) {
                 Ok((stream, peer)) => {
                     metrics.accepted.inc();
-                    if settings.proxy_protocol != proxy::Mode::Off
-                        && proxy::trusted(&settings.proxy_trusted, peer.ip())
-                    {
-                        self.await_header(stream, peer, settings, metrics, route);
-                    } else {
-                        route(Handoff::new(stream, peer));
-                    }
+                    self.admit(stream, peer, settings, metrics, route);
                 }
                 Err((AcceptError::WouldBlock, _)) => return,
                 Err((AcceptError::Transient, _)) => {
@@ -199,9 +271,9 @@ impl Acceptor {
         }
     }
 
-    /// A connection from a trusted source: route it once its PROXY header is in. Most headers
-    /// are there at accept; the others wait in the bounded set, each with a deadline.
-    fn await_header(
+    /// A new connection: routed now if lb looks for nothing in its first bytes or they are
+    /// already there, else once they are (or their deadline passed).
+    fn admit(
         &mut self,
         stream: TcpStream,
         peer: SocketAddr,
@@ -209,37 +281,73 @@ impl Acceptor {
         metrics: &Metrics,
         route: &mut impl FnMut(Handoff),
     ) {
-        let mode = settings.proxy_protocol;
-        match proxy::parse_now(&stream, mode) {
-            proxy::Now::Done(h) => self.header_done((peer, Ok((stream, h))), metrics, route),
-            proxy::Now::Failed(f) => self.header_done((peer, Err(f)), metrics, route),
-            proxy::Now::Wait => {
-                if self.headers.is_full() && self.headers.evict_oldest() {
-                    self.refused(None, proxy::Failure::Overflow, metrics);
-                }
-                let timeout = settings.proxy_timeout;
-                self.headers
-                    .spawn(async move { (peer, proxy::await_header(stream, mode, timeout).await) });
+        let looks = Looks {
+            proxy: if proxy::trusted(&settings.proxy_trusted, peer.ip()) {
+                settings.proxy_protocol
+            } else {
+                proxy::Mode::Off
+            },
+            proxy_timeout: settings.proxy_timeout,
+            line: (settings.handoff == HandoffMsg::SocketIo && !settings.peek_timeout.is_zero())
+                .then_some(settings.peek_timeout),
+        };
+        let mut header = None;
+        if looks.proxy != proxy::Mode::Off {
+            match proxy::parse_now(&stream, looks.proxy) {
+                proxy::Now::Done(h) => header = Some(h),
+                proxy::Now::Failed(f) => return self.refused(Some(peer), f, metrics),
+                proxy::Now::Wait => return self.wait(stream, peer, Stage::Header, looks),
             }
         }
+        let found = match looks.line {
+            None => None,
+            Some(_) => match peek::look_now(&stream, looks.skip(header)) {
+                Some(found) => Some(found),
+                None => return self.wait(stream, peer, Stage::Line(header), looks),
+            },
+        };
+        self.ready((peer, Ok((stream, header, found))), metrics, route);
+    }
+
+    /// Makes a place (evicting the oldest waiter if the set is full) and waits there.
+    fn wait(&mut self, stream: TcpStream, peer: SocketAddr, stage: Stage, looks: Looks) {
+        // The oldest waiter gives up its place: it reports (and is counted) as it ends.
+        if self.waiting.is_full() {
+            self.waiting.evict_oldest();
+        }
+        self.waiting
+            .spawn(move |evict| first_bytes(stream, peer, stage, looks, evict));
     }
 
     /// The next connection whose wait ended.
-    pub async fn waited(&mut self) -> Option<HeaderDone> {
-        self.headers.recv().await
+    pub async fn waited(&mut self) -> Option<Waited> {
+        self.waiting.recv().await
     }
 
-    /// Routes a connection whose header is in, or closes and counts one whose header failed.
-    pub fn header_done(
+    /// Routes a connection whose first bytes are in (or whose wait for its request line ended),
+    /// or closes and counts one whose PROXY header failed.
+    pub fn ready(
         &mut self,
-        (peer, result): HeaderDone,
+        (peer, result): Waited,
         metrics: &Metrics,
         route: &mut impl FnMut(Handoff),
     ) {
-        match result {
-            Ok((stream, h)) => route(Handoff::proxied(stream, peer, h.client)),
-            Err(reason) => self.refused(Some(peer), reason, metrics),
+        let (stream, header, found) = match result {
+            Ok(r) => r,
+            Err(reason) => return self.refused(Some(peer), reason, metrics),
+        };
+        let mut h = match header {
+            Some(header) => Handoff::proxied(stream, peer, header.client),
+            None => Handoff::new(stream, peer),
+        };
+        match found {
+            // The router counts whether the session is one it knows.
+            Some(Found::Line(Some(sid))) => h.sid = Some(sid),
+            Some(Found::Line(None)) => metrics.peeked(crate::metrics::PeekResult::NoSid),
+            Some(Found::Nothing(why)) => metrics.peeked(why),
+            None => {}
         }
+        route(h);
     }
 
     /// Counts (and now and then logs) a connection closed for its PROXY header.
@@ -261,32 +369,38 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_full_set_evicts_its_oldest_waiter_and_delivers_the_rest() {
+    async fn a_full_set_evicts_its_oldest_waiter_which_still_reports() {
         let mut set = WaitSet::new(2);
-        let (tx0, rx0) = tokio::sync::oneshot::channel::<()>();
-        let (tx1, rx1) = tokio::sync::oneshot::channel::<()>();
-        let (tx2, rx2) = tokio::sync::oneshot::channel::<()>();
-        set.spawn(async move { (0, rx0.await.is_ok()) });
-        set.spawn(async move { (1, rx1.await.is_ok()) });
+        let (tx1, rx1) = oneshot::channel::<()>();
+        let (tx2, rx2) = oneshot::channel::<()>();
+        let wait = |n: u8, rx: oneshot::Receiver<()>| {
+            move |evict: Evict| async move {
+                tokio::select! {
+                    _ = rx => (n, "done"),
+                    () = evict.evicted() => (n, "evicted"),
+                }
+            }
+        };
+        let (_tx0, rx0) = oneshot::channel::<()>();
+        set.spawn(wait(0, rx0));
+        set.spawn(wait(1, rx1));
         assert!(set.is_full());
         assert!(set.evict_oldest());
-        set.spawn(async move { (2, rx2.await.is_ok()) });
-        assert_eq!(set.len(), 2);
-        // The evicted waiter's future is dropped: its end of the channel closes.
-        tokio::task::yield_now().await;
-        assert!(tx0.send(()).is_err(), "the oldest waiter was dropped");
+        set.spawn(wait(2, rx2));
+        assert_eq!(set.len(), 2, "the evicted one has no place any more");
+        assert_eq!(set.recv().await, Some((0, "evicted")));
         tx2.send(()).unwrap();
-        assert_eq!(set.recv().await, Some((2, true)));
+        assert_eq!(set.recv().await, Some((2, "done")));
         tx1.send(()).unwrap();
-        assert_eq!(set.recv().await, Some((1, true)));
+        assert_eq!(set.recv().await, Some((1, "done")));
         assert_eq!(set.len(), 0);
         assert!(!set.evict_oldest(), "nothing left to evict");
     }
 
     #[tokio::test]
-    async fn a_waiter_that_already_finished_is_delivered_not_evicted() {
+    async fn a_waiter_that_already_finished_is_not_evicted() {
         let mut set = WaitSet::new(1);
-        set.spawn(async { "done" });
+        set.spawn(|_evict| async { "done" });
         tokio::task::yield_now().await; // it runs, sends and finishes
         assert!(!set.evict_oldest(), "a finished waiter is not evicted");
         assert_eq!(set.recv().await, Some("done"));
