@@ -52,12 +52,14 @@ pub mod proxy;
 pub mod reaper;
 pub mod router;
 pub mod sessions;
+pub mod silence;
 pub mod slot;
 pub mod spawn;
 pub mod steering;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;
+pub mod tcpdiag;
 pub mod upgrade;
 pub mod worker;
 

@@ -26,6 +26,7 @@ use crate::loglimit::LogLimit;
 use crate::metrics::PeekResult;
 use crate::metrics::{Dropped, Failure, Shared, SlotMetrics};
 use crate::sessions::Sessions;
+use crate::silence::Watch;
 use crate::slot::{SlotState, SlotView, WorkerId};
 
 /// Workers a connection may be offered to before it is closed.
@@ -47,6 +48,8 @@ enum Target {
 #[derive(Debug)]
 struct Link {
     id: WorkerId,
+    /// Whether it serves anyone at all ([`crate::silence`]).
+    watch: Watch,
     /// Its dispatch task (kept until the worker is gone: cluster messages still go through it).
     dispatch: DispatchHandle,
     /// May get new connections (false once the supervisor detached it or its channel closed).
@@ -72,6 +75,18 @@ struct Link {
 }
 
 impl Link {
+    /// Hands `h` to this worker's dispatch (noting the first few for [`crate::silence`]).
+    fn hand(&mut self, h: Handoff) -> Result<(), Handoff> {
+        let addrs = if self.watch.wants_sample() {
+            h.stream.local_addr().ok().zip(h.stream.peer_addr().ok())
+        } else {
+            None
+        };
+        self.dispatch.send(h)?;
+        self.watch.handed(addrs, Instant::now);
+        Ok(())
+    }
+
     fn active(&self) -> u64 {
         if self.exited {
             0
@@ -221,6 +236,7 @@ impl Router {
             acked_since_report: c.acked_since_report,
             reports_active: c.reports_active,
             reported_requests: c.reported_requests,
+            watch: Watch::default(),
         });
         self.update_active(id.slot);
         self.flush_waiting();
@@ -362,6 +378,7 @@ impl Router {
                 total_requests,
             } => {
                 let Some(l) = link else { return true };
+                l.watch.spoke();
                 if let Some(a) = active {
                     l.reported_active = *a;
                     l.acked_since_report = 0;
@@ -385,13 +402,21 @@ impl Router {
                 }
                 self.update_active(id.slot);
             }
-            WorkerMsg::Request => sm.requests.inc(),
+            WorkerMsg::Request => {
+                sm.requests.inc();
+                if let Some(l) = link {
+                    l.watch.spoke();
+                }
+            }
             WorkerMsg::Malformed => self.shared.metrics.dropped(Dropped::Malformed),
             WorkerMsg::Other | WorkerMsg::OtherInternal => {
                 self.shared.metrics.dropped(Dropped::Ignored)
             }
             WorkerMsg::SocketIo(m) => self.relay(id, m),
             WorkerMsg::SessionOpened(sid) => {
+                if let Some(l) = link {
+                    l.watch.spoke();
+                }
                 if !self.sessions.opened(id, sid) && self.sessions.ignored == 1 {
                     tracing::warn!(
                         "{} socket.io sessions known: new ones are not routed by their sid until some end",
@@ -440,6 +465,24 @@ impl Router {
                 l.dispatch.line(line.clone());
             }
         }
+    }
+
+    /// Workers due for the look of [`crate::silence`]: each with how many connections it was
+    /// handed and the (local, peer) addresses of the first few.
+    pub fn due_for_silence_check(
+        &mut self,
+        now: Instant,
+    ) -> Vec<(
+        WorkerId,
+        u64,
+        Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
+    )> {
+        self.links
+            .iter_mut()
+            .flatten()
+            .filter(|l| !l.exited && !l.closed)
+            .filter_map(|l| Some((l.id, l.watch.handed, l.watch.due(now)?)))
+            .collect()
     }
 
     /// Sends a line to every live worker (the heartbeat ping).
@@ -515,7 +558,7 @@ impl Router {
         if let Some(id) = self.session_owner(&h, exclude) {
             self.shared.metrics.peeked(PeekResult::Sid);
             h.dispatches += 1;
-            match self.link(id).map(|l| l.dispatch.send(h)) {
+            match self.link(id).map(|l| l.hand(h)) {
                 Some(Ok(())) => {}
                 Some(Err(h)) => {
                     self.detach(id);
@@ -564,7 +607,7 @@ impl Router {
             self.sessions.handed_new(id, Instant::now());
         }
         h.dispatches += 1;
-        let sent = self.link(id).map(|l| l.dispatch.send(h));
+        let sent = self.link(id).map(|l| l.hand(h));
         match sent {
             Some(Ok(())) => {}
             Some(Err(h)) => {

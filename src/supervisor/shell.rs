@@ -31,7 +31,7 @@ use crate::listener::Listener;
 use crate::loglimit::LogLimit;
 use crate::metrics::{Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, reaper, spawn, steering, systemd, upgrade};
+use crate::{control, procfs, reaper, silence, spawn, steering, systemd, upgrade};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -1264,8 +1264,41 @@ impl Master {
         reaper::reap_orphans(&self.worker_pids);
         // An unmodified Node worker counts the sockets we sent it: ask.
         self.router.query_socket_counts();
+        self.look_for_silent_workers(now);
 
         self.apply();
+    }
+
+    /// A worker that took connections and answers none of them (likely a sticky library that
+    /// expects another `--handoff`) is named once, [`silence::AFTER`] after its first handoff.
+    fn look_for_silent_workers(&mut self, now: Instant) {
+        let due = self.router.due_for_silence_check(now);
+        if due.is_empty() {
+            return;
+        }
+        let flows = match crate::tcpdiag::flows() {
+            Ok(f) => f,
+            Err(e) => {
+                return tracing::debug!("cannot ask the kernel about handed connections: {e}");
+            }
+        };
+        for (id, handed, sample) in due {
+            if !silence::serves_none(&sample, |k| flows.get(k).copied()) {
+                continue;
+            }
+            let pid = self.fleet.view(id.slot).pid.unwrap_or(0);
+            tracing::warn!(
+                slot = id.slot,
+                pid,
+                "worker {} took {handed} connection(s) and serves none: their clients sent \
+                 requests {:?} ago and got no byte back, and the worker reported nothing. Does it \
+                 expect another --handoff (sticky:balance for the sticky-session package, \
+                 socket.io for @socket.io/sticky)? It is given {:?}",
+                id.slot,
+                silence::AFTER,
+                self.settings.handoff.as_str()
+            );
+        }
     }
 
     /// Carries out what the fleet asks for.
