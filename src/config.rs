@@ -15,7 +15,6 @@ use toml::Spanned;
 
 use crate::balance::{DEFAULT_HASH_SEED, Policy};
 use crate::channel::Serialization;
-use crate::supervisor::backoff::CrashLoop;
 
 /// A settings error: always one line, naming the input.
 #[derive(Debug, thiserror::Error)]
@@ -397,8 +396,8 @@ options! {
         |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
     /// Run the workers as USER or USER:GROUP (with the user's groups and HOME); lb must run as root
     /// [default: lb's own user]
-    user: Option<crate::spawn::WorkerUser> = None,
-        |v| crate::spawn::WorkerUser::resolve(v).map(Some), "USER[:GROUP]";
+    user: Option<crate::user::WorkerUser> = None,
+        |v| crate::user::WorkerUser::resolve(v).map(Some), "USER[:GROUP]";
     /// text or json [default: text]
     log_format: LogFormat = LogFormat::Text,
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
@@ -692,6 +691,29 @@ fn parse_bool(s: &str) -> Result<bool, String> {
         "true" => Ok(true),
         "false" => Ok(false),
         _ => Err("expected true or false".into()),
+    }
+}
+
+/// Exits within [`CRASH_WINDOW`] that mark a slot failed (`--crash-loop`'s default).
+pub const CRASH_LOOP_EXITS: usize = 10;
+/// Window for counting exits (`--crash-loop`'s default).
+pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+
+/// The crash-loop guard: `exits` exits within `window` mark a slot failed for `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrashLoop {
+    /// Exits that make a crash loop.
+    pub exits: usize,
+    /// The window they must fall in (also the failed slot's cool-down).
+    pub window: Duration,
+}
+
+impl Default for CrashLoop {
+    fn default() -> Self {
+        Self {
+            exits: CRASH_LOOP_EXITS,
+            window: CRASH_WINDOW,
+        }
     }
 }
 

@@ -43,6 +43,7 @@ pub mod channel;
 pub mod config;
 pub mod control;
 pub mod dispatch;
+pub mod env;
 pub mod listener;
 pub mod loglimit;
 pub mod metrics;
@@ -61,6 +62,7 @@ pub mod sys;
 pub mod systemd;
 pub mod tcpdiag;
 pub mod upgrade;
+pub mod user;
 pub mod worker;
 
 /// lb's version: the package version, or `LB_VERSION` when set at build time (to tell builds

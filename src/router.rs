@@ -472,11 +472,7 @@ impl Router {
     pub fn due_for_silence_check(
         &mut self,
         now: Instant,
-    ) -> Vec<(
-        WorkerId,
-        u64,
-        Vec<(std::net::SocketAddr, std::net::SocketAddr)>,
-    )> {
+    ) -> Vec<(WorkerId, u64, Vec<crate::silence::Conn>)> {
         self.links
             .iter_mut()
             .flatten()

@@ -22,6 +22,9 @@ pub const AFTER: Duration = Duration::from_secs(10);
 /// Connections sampled per worker.
 pub const SAMPLE: usize = 16;
 
+/// A connection as the kernel's table keys it: (local, peer) address.
+pub type Conn = (SocketAddr, SocketAddr);
+
 /// One worker's record.
 #[derive(Debug, Default, Clone)]
 pub struct Watch {

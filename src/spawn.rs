@@ -24,69 +24,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 
-/// The fd number of the channel in the worker.
-pub const CHANNEL_FD: i32 = 3;
+use crate::env;
+pub use crate::env::{CHANNEL_FD, LISTEN_FD};
 
-/// The user and groups workers run as (`--user USER[:GROUP]`), resolved once at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerUser {
-    /// The user's name (for `USER`/`LOGNAME`).
-    pub name: String,
-    /// Its uid.
-    pub uid: libc::uid_t,
-    /// The primary group (the user's, or `:GROUP`).
-    pub gid: libc::gid_t,
-    /// Supplementary groups (the user's, from the group database).
-    pub groups: Vec<libc::gid_t>,
-    /// Its home directory (for `HOME`).
-    pub home: std::path::PathBuf,
-}
-
-impl WorkerUser {
-    /// Resolves `USER[:GROUP]` (names or numbers) from the user and group databases.
-    pub fn resolve(spec: &str) -> Result<Self, String> {
-        use nix::unistd::{Gid, Group, Uid, User, getgrouplist};
-        let (u, g) = match spec.split_once(':') {
-            Some((u, g)) => (u, Some(g)),
-            None => (spec, None),
-        };
-        let user = match u.parse::<u32>() {
-            Ok(n) => User::from_uid(Uid::from_raw(n)),
-            Err(_) => User::from_name(u),
-        }
-        .map_err(|e| format!("cannot look up user `{u}`: {e}"))?
-        .ok_or_else(|| format!("no such user `{u}`"))?;
-        let gid = match g {
-            None => user.gid,
-            Some(g) => match g.parse::<u32>() {
-                Ok(n) => Gid::from_raw(n),
-                Err(_) => {
-                    Group::from_name(g)
-                        .map_err(|e| format!("cannot look up group `{g}`: {e}"))?
-                        .ok_or_else(|| format!("no such group `{g}`"))?
-                        .gid
-                }
-            },
-        };
-        let cname = std::ffi::CString::new(user.name.clone())
-            .map_err(|_| format!("bad user name `{}`", user.name))?;
-        let mut groups: Vec<libc::gid_t> = getgrouplist(&cname, user.gid)
-            .map_err(|e| format!("cannot list the groups of `{}`: {e}", user.name))?
-            .into_iter()
-            .map(Gid::as_raw)
-            .collect();
-        if !groups.contains(&gid.as_raw()) {
-            groups.push(gid.as_raw());
-        }
-        Ok(Self {
-            name: user.name,
-            uid: user.uid.as_raw(),
-            gid: gid.as_raw(),
-            groups,
-            home: user.dir,
-        })
-    }
-}
+pub use crate::user::WorkerUser;
 
 /// A freshly spawned worker.
 #[derive(Debug)]
@@ -98,10 +39,6 @@ pub struct Spawned {
     /// The master's end of the channel (CLOEXEC, blocking mode untouched).
     pub channel: UnixStream,
 }
-
-/// The fd a worker finds its slot's listening socket on with `--steering kernel`
-/// (`LB_LISTEN_FD`).
-pub const LISTEN_FD: i32 = 4;
 
 /// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment, and
 /// with `listener` (kernel steering: the slot's listening socket) on fd 4.
@@ -124,19 +61,19 @@ pub fn spawn_worker(
         cmd.env_remove(var);
     }
     cmd.args(&argv[1..])
-        .env("NODE_CHANNEL_FD", CHANNEL_FD.to_string())
-        .env("NODE_CHANNEL_SERIALIZATION_MODE", "json")
-        .env("LB_WORKER_ID", slot.to_string())
-        .env_remove("NODE_UNIQUE_ID")
-        .env_remove(crate::upgrade::ENV)
+        .env(env::NODE_CHANNEL_FD, CHANNEL_FD.to_string())
+        .env(env::NODE_CHANNEL_SERIALIZATION_MODE, "json")
+        .env(env::LB_WORKER_ID, slot.to_string())
+        .env_remove(env::NODE_UNIQUE_ID)
+        .env_remove(env::LB_UPGRADE_STATE)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
     if listener_fd.is_some() {
-        cmd.env("LB_LISTEN_FD", LISTEN_FD.to_string());
+        cmd.env(env::LB_LISTEN_FD, LISTEN_FD.to_string());
     } else {
-        cmd.env_remove("LB_LISTEN_FD");
+        cmd.env_remove(env::LB_LISTEN_FD);
     }
     if let Some(u) = user {
         cmd.env("HOME", &u.home)

@@ -290,9 +290,23 @@ pub fn take_passed_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(out)
 }
 
+/// One classic BPF instruction (`struct sock_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct Insn {
+    /// Opcode.
+    pub code: u16,
+    /// Jump offset if true.
+    pub jt: u8,
+    /// Jump offset if false.
+    pub jf: u8,
+    /// Constant operand.
+    pub k: u32,
+}
+
 /// Attaches a classic BPF program that picks the socket of the `SO_REUSEPORT` group `fd`
 /// belongs to (`SO_ATTACH_REUSEPORT_CBPF`; replaces the previous one, for the whole group).
-pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, prog: &[crate::steering::Insn]) -> io::Result<()> {
+pub fn attach_reuseport_cbpf(fd: BorrowedFd<'_>, prog: &[Insn]) -> io::Result<()> {
     let filter: Vec<libc::sock_filter> = prog
         .iter()
         .map(|i| libc::sock_filter {

@@ -41,11 +41,11 @@ use crate::sys;
 pub const FORMAT: u32 = 1;
 
 /// The environment variable naming the state document's fd in the new image.
-pub const ENV: &str = "LB_UPGRADE_STATE";
+pub const ENV: &str = crate::env::LB_UPGRADE_STATE;
 
 /// The environment variable that gives the preflight the config file's text to check (the
 /// text the next image will run with, whatever the file holds by then).
-pub const CONFIG_ENV: &str = "LB_UPGRADE_CONFIG";
+pub const CONFIG_ENV: &str = crate::env::LB_UPGRADE_CONFIG;
 
 /// How long the preflight (`lb check`) may take.
 const PREFLIGHT_LIMIT: Duration = Duration::from_secs(10);

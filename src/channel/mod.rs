@@ -155,7 +155,7 @@ impl Serialization {
 
     /// The mode a worker was started with (from its environment; `json` if unset).
     pub fn from_env() -> Self {
-        match std::env::var("NODE_CHANNEL_SERIALIZATION_MODE").as_deref() {
+        match std::env::var(crate::env::NODE_CHANNEL_SERIALIZATION_MODE).as_deref() {
             Ok("advanced") => Self::Advanced,
             _ => Self::Json,
         }

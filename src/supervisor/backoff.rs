@@ -17,10 +17,7 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A worker that ran this long resets its slot's backoff.
 pub const HEALTHY_RUN: Duration = Duration::from_secs(60);
-/// Exits within [`CRASH_WINDOW`] that mark a slot failed.
-pub const CRASH_LOOP_EXITS: usize = 10;
-/// Window for counting exits.
-pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
+pub use crate::config::{CRASH_LOOP_EXITS, CRASH_WINDOW};
 /// How long a failed slot rests before it is tried again (by default: the crash window).
 pub const FAILED_COOLDOWN: Duration = CRASH_WINDOW;
 /// The shortest cool-down, whatever the configured window.
@@ -35,23 +32,7 @@ pub enum Next {
     Failed(Duration),
 }
 
-/// The crash-loop guard: `exits` exits within `window` mark a slot failed for `window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CrashLoop {
-    /// Exits that make a crash loop.
-    pub exits: usize,
-    /// The window they must fall in (also the failed slot's cool-down).
-    pub window: Duration,
-}
-
-impl Default for CrashLoop {
-    fn default() -> Self {
-        Self {
-            exits: CRASH_LOOP_EXITS,
-            window: CRASH_WINDOW,
-        }
-    }
-}
+pub use crate::config::CrashLoop;
 
 /// Per-slot restart state.
 #[derive(Debug, Clone, Default)]

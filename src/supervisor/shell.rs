@@ -31,7 +31,7 @@ use crate::listener::Listener;
 use crate::loglimit::LogLimit;
 use crate::metrics::{Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, procfs, reaper, silence, spawn, steering, systemd, upgrade};
+use crate::{control, env, procfs, reaper, silence, spawn, steering, systemd, upgrade};
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -1363,29 +1363,29 @@ impl Master {
         let beat_ms = beat.as_millis().max(10).to_string();
         let unique_id = self.next_unique_id;
         self.next_unique_id += 1;
-        let mut env = vec![
+        let mut vars = vec![
             (
-                "NODE_CHANNEL_SERIALIZATION_MODE",
+                env::NODE_CHANNEL_SERIALIZATION_MODE,
                 self.settings.serialization.as_str().to_owned(),
             ),
-            ("LB_HEARTBEAT_MS", beat_ms),
+            (env::LB_HEARTBEAT_MS, beat_ms),
             (
-                "LB_CLIENT_HEADER_TIMEOUT_MS",
+                env::LB_CLIENT_HEADER_TIMEOUT_MS,
                 self.settings.client_header_timeout.as_millis().to_string(),
             ),
             (
-                "LB_KEEPALIVE_TIMEOUT_MS",
+                env::LB_KEEPALIVE_TIMEOUT_MS,
                 self.settings.keepalive_timeout.as_millis().to_string(),
             ),
-            ("NODE_UNIQUE_ID", unique_id.to_string()),
+            (env::NODE_UNIQUE_ID, unique_id.to_string()),
         ];
         // The port to listen() on to be served through lb: `LB_PORT`, and `PORT` unless lb's
         // own environment sets one.
         if let Some(port) = self.listen_addr.map(|a| a.port().to_string()) {
-            if std::env::var_os("PORT").is_none() {
-                env.push(("PORT", port.clone()));
+            if std::env::var_os(env::PORT).is_none() {
+                vars.push((env::PORT, port.clone()));
             }
-            env.push(("LB_PORT", port));
+            vars.push((env::LB_PORT, port));
         }
         let listener = match self.group.as_mut().map(|g| g.listener(id.slot)) {
             Some(Ok(fd)) => Some(fd),
@@ -1398,7 +1398,7 @@ impl Master {
         let spawned = match spawn::spawn_worker(
             &self.argv,
             id.slot,
-            &env,
+            &vars,
             self.settings.user.as_ref(),
             listener,
         ) {

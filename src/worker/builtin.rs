@@ -68,8 +68,8 @@ impl IdleLimits {
             )
         };
         Self {
-            header: ms("LB_CLIENT_HEADER_TIMEOUT_MS", 60_000),
-            keepalive: ms("LB_KEEPALIVE_TIMEOUT_MS", 75_000),
+            header: ms(crate::env::LB_CLIENT_HEADER_TIMEOUT_MS, 60_000),
+            keepalive: ms(crate::env::LB_KEEPALIVE_TIMEOUT_MS, 75_000),
         }
     }
 }

@@ -151,7 +151,8 @@ impl Worker {
     ///
     /// Must be called inside a tokio runtime.
     pub fn from_env() -> Result<Self, WorkerError> {
-        let var = std::env::var("NODE_CHANNEL_FD").map_err(|_| WorkerError::NotUnderLb)?;
+        let var =
+            std::env::var(crate::env::NODE_CHANNEL_FD).map_err(|_| WorkerError::NotUnderLb)?;
         let fd: i32 = var
             .trim()
             .parse()
@@ -159,10 +160,10 @@ impl Worker {
         if fd < 0 {
             return Err(WorkerError::BadFd(var));
         }
-        let slot = std::env::var("LB_WORKER_ID")
+        let slot = std::env::var(crate::env::LB_WORKER_ID)
             .ok()
             .and_then(|s| s.parse().ok());
-        let heartbeat = std::env::var("LB_HEARTBEAT_MS")
+        let heartbeat = std::env::var(crate::env::LB_HEARTBEAT_MS)
             .ok()
             .and_then(|s| s.parse().ok())
             .map_or(Duration::from_secs(5), Duration::from_millis);
@@ -257,7 +258,7 @@ impl Worker {
     /// from alongside [`Worker::accept`] — the kernel sends this slot's sticky clients there.
     /// `Ok(None)` when lb steers in the master. Call once.
     pub fn listener(&self) -> Result<Option<SlotListener>, WorkerError> {
-        let Ok(var) = std::env::var("LB_LISTEN_FD") else {
+        let Ok(var) = std::env::var(crate::env::LB_LISTEN_FD) else {
             return Ok(None);
         };
         let fd: i32 = var
