@@ -1,0 +1,29 @@
+//! The service manager (systemd's `sd_notify`): `READY=1` once a worker is ready, and the
+//! watchdog.
+
+use std::time::Instant;
+
+use super::*;
+
+impl Master {
+    /// systemd: `READY=1` once a worker is ready (lb accepts from the start), and the watchdog.
+    pub(super) fn notify_manager(&mut self, now: Instant) {
+        let Some(n) = &self.notify else { return };
+        if !self.ready_notified && !self.fleet.shutting_down() && self.shared.any_ready() {
+            self.ready_notified = true;
+            let ready = (0..self.fleet.len())
+                .filter(|&i| self.shared.metrics.slot(i).up.get() > 0)
+                .count();
+            n.send(&format!(
+                "READY=1\nSTATUS=serving: {ready} of {} workers ready",
+                self.fleet.len()
+            ));
+        }
+        if let Some(every) = n.watchdog
+            && self.next_watchdog.is_none_or(|t| now >= t)
+        {
+            n.send("WATCHDOG=1");
+            self.next_watchdog = Some(now + every);
+        }
+    }
+}

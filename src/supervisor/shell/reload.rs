@@ -1,0 +1,265 @@
+//! Reloading (SIGHUP, `lb reload`; DESIGN §10): the configuration read again and what changed
+//! applied in place, or — with an executable to re-execute — the in-place upgrade, whose
+//! sequencing is the pure [`crate::supervisor::reload::Reload`]; this file carries out its steps
+//! (start the preflight, pause and resume accepting, exec, fail with one line).
+
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::supervisor::reload::{Facts, Phase, Reload, SETTLE_RETRY, Step};
+
+impl Master {
+    /// Re-reads the configuration and applies what can change while running: the worker
+    /// count (a scale), the worker command (a rolling restart), timeouts, limits, the policy and
+    /// seed. Addresses, the backlog, the log format and the serialization need a restart: they
+    /// are reported, not applied. On a bad configuration nothing changes.
+    pub(super) fn reload(&mut self, why: &str) -> Result<serde_json::Value, String> {
+        if let Some(n) = &self.notify {
+            n.reloading();
+        }
+        let result = self.try_reload();
+        // READY=1 again once a worker is ready (at once, unless the reload changed them all).
+        self.ready_notified = false;
+        self.shared.metrics.reload(result.is_ok());
+        match &result {
+            Ok(v) => tracing::info!("{why}: configuration reloaded: {v}"),
+            Err(e) => tracing::warn!("{why}: reload failed, running as before: {e}"),
+        }
+        result
+    }
+
+    /// The configuration read again (from `text`, the config file's, if given): the new
+    /// settings, what changed that can be applied while running, and what changed that needs a
+    /// restart.
+    pub(super) fn read_config(
+        &self,
+        text: Option<&str>,
+    ) -> Result<(Settings, Vec<&'static str>, Vec<&'static str>), String> {
+        let Some((run, command)) = &self.reload_from else {
+            return Err("no configuration to reload from".into());
+        };
+        let new = Settings::from_cli_text(run, command, text).map_err(|e| e.to_string())?;
+        let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
+            .differences(&self.settings)
+            .into_iter()
+            .partition(|name| NEEDS_RESTART.contains(name));
+        Ok((new, changed, restart_needed))
+    }
+
+    pub(super) fn try_reload(&mut self) -> Result<serde_json::Value, String> {
+        let (new, changed, restart_needed) = self.read_config(None)?;
+        let old = &self.settings;
+        let argv = match &new.command {
+            _ if !changed.contains(&"command") => self.argv.clone(),
+            Some(c) => c.clone(),
+            None => vec![
+                std::env::current_exe()
+                    .map_err(|e| format!("cannot find lb's own executable: {e}"))?
+                    .to_string_lossy()
+                    .into_owned(),
+                "builtin-worker".into(),
+            ],
+        };
+        let roll = changed.contains(&"command") || changed.contains(&"user");
+        let scale = changed.contains(&"workers").then_some(new.workers);
+        // What needs a restart keeps its running value.
+        let applied = Settings {
+            listen: old.listen,
+            metrics: old.metrics,
+            control: old.control.clone(),
+            backlog: old.backlog,
+            log_format: old.log_format,
+            serialization: old.serialization,
+            steering: old.steering,
+            handoff: old.handoff.clone(),
+            ..new
+        };
+        self.fleet.reconfigure(fleet_config(&applied, &argv));
+        self.router.reconfigure(&applied);
+        self.settings = applied;
+        self.argv = argv;
+        let now = Instant::now();
+        if let Some(n) = scale {
+            self.fleet.scale(n, now);
+        }
+        if roll {
+            self.fleet.roll(now);
+        }
+        self.apply();
+        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+    }
+
+    /// SIGHUP or `lb reload`: with an executable to re-execute (and master steering), an
+    /// in-place upgrade (DESIGN §10); otherwise the configuration is reloaded in place.
+    pub(super) fn request_reload(
+        &mut self,
+        why: &'static str,
+        reply: Option<oneshot::Sender<Result<serde_json::Value, String>>>,
+    ) {
+        let answer = |reply: Option<oneshot::Sender<_>>, r| {
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        };
+        if self.fleet.shutting_down() {
+            tracing::info!("{why} during shutdown: ignored");
+            return answer(reply, Err("lb is shutting down".into()));
+        }
+        if self.takeover.is_none() || self.group.is_some() {
+            return answer(reply, self.reload(why));
+        }
+        // The config file is read once: the preflight checks that text and the next image runs
+        // with it, whatever the file holds by then. One that does not parse fails here and now,
+        // as a start would.
+        let (text, report) = match self.config_text().and_then(|text| {
+            let report = self.diff_config(text.as_deref())?;
+            Ok((text, report))
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared.metrics.reload(false);
+                tracing::warn!("{why}: reload failed, running as before: {e}");
+                return answer(reply, Err(e));
+            }
+        };
+        if let Some(reply) = reply {
+            self.reload_replies.push((reply, report));
+        }
+        match &mut self.reload {
+            Some(r) => {
+                if r.again(text) {
+                    tracing::info!(
+                        "the config file changed again during the reload: it is checked again"
+                    );
+                }
+            }
+            None => {
+                if let Some(n) = &self.notify {
+                    n.reloading();
+                }
+                self.reload = Some(Reload::new(why, text));
+            }
+        }
+    }
+
+    /// What a reload would change: `{changed, restart_needed}`, or the configuration's error.
+    pub(super) fn diff_config(&self, text: Option<&str>) -> Result<serde_json::Value, String> {
+        let (_, changed, restart_needed) = self.read_config(text)?;
+        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+    }
+
+    /// The config file's text (`None`: lb runs without one).
+    pub(super) fn config_text(&self) -> Result<Option<String>, String> {
+        self.reload_from
+            .as_ref()
+            .and_then(|(run, _)| run.config.as_deref())
+            .map(crate::config::read_text)
+            .transpose()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether accepting is paused for an upgrade's settle.
+    pub(super) fn settling(&self) -> bool {
+        self.reload
+            .as_ref()
+            .is_some_and(|r| matches!(r.phase, Phase::Settling { .. }))
+    }
+
+    /// Carries out what the upgrade in progress asks for now (its sequencing is the pure
+    /// [`Reload`]).
+    pub(super) async fn drive_reload(
+        &mut self,
+        listener_fd: Option<std::os::fd::RawFd>,
+        now: Instant,
+    ) {
+        let Some(r) = &mut self.reload else { return };
+        let why = r.why;
+        if self.fleet.shutting_down() {
+            r.abandon();
+        }
+        loop {
+            let facts = Facts {
+                steady: self.fleet.steady(),
+                quiet: self.router.quiescent()
+                    && self.acceptor.waiting() == 0
+                    && self.shared.admin_open() == 0,
+                preflight_busy: self.preflight_running,
+            };
+            let Some(step) = self.reload.as_mut().and_then(|r| r.poll(now, facts)) else {
+                return;
+            };
+            match step {
+                Step::Waiting => tracing::info!(
+                    "{why}: the reload waits for the workers to settle (a rolling restart, a scale or a start in progress)"
+                ),
+                Step::Preflight => self.start_preflight(),
+                Step::Pause => self.shared.pause_admin(true),
+                Step::Resume => self.shared.pause_admin(false),
+                Step::Retry => tracing::info!(
+                    "{why}: handoffs in flight not settled; accepting again, the reload is tried again in {SETTLE_RETRY:?}"
+                ),
+                Step::Exec => {
+                    // `Err(None)`: not settled after all; tried again on the next pass, until the
+                    // settle's deadline.
+                    if let Err(Some(e)) = self.take_over(listener_fd).await
+                        && let Some(r) = &mut self.reload
+                    {
+                        r.exec_failed(e);
+                        continue;
+                    }
+                    return;
+                }
+                Step::Failed(e) => return self.reload_failed(why, e),
+            }
+        }
+    }
+
+    /// Runs `lb check --takeover` of the binary at the start path with the reload's text.
+    fn start_preflight(&mut self) {
+        let Some(t) = &self.takeover else { return };
+        let text = self.reload.as_ref().and_then(|r| r.text.as_deref());
+        match upgrade::preflight(t.exe.clone(), &t.args, text) {
+            Ok((pid, done)) => {
+                // Reaped by its task, not as an orphan.
+                self.worker_pids.insert(pid);
+                self.preflight_running = true;
+                let tx = self.preflight_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send((pid, done.await));
+                });
+            }
+            Err(e) => {
+                if let Some(r) = &mut self.reload {
+                    r.preflight_done(Err(e));
+                }
+            }
+        }
+    }
+
+    /// The preflight finished: its verdict goes to the reload (the `lb reload` callers are
+    /// answered when it is on the text they asked for).
+    pub(super) fn preflight_done(&mut self, (pid, checked): (u32, Result<(), String>)) {
+        self.preflight_running = false;
+        self.worker_pids.remove(&pid);
+        let Some(r) = &mut self.reload else { return };
+        if let Some(Ok(())) = r.preflight_done(checked) {
+            for (reply, report) in self.reload_replies.drain(..) {
+                let _ = reply.send(Ok(report));
+            }
+        }
+    }
+
+    /// The in-place upgrade did not happen: one line, counted, and lb carries on as it was.
+    pub(super) fn reload_failed(&mut self, why: &str, e: String) {
+        tracing::warn!("{why}: reload failed, running as before: {e}");
+        self.shared.metrics.reload(false);
+        self.reload = None;
+        self.shared.pause_admin(false);
+        self.ready_notified = false; // READY=1 again after RELOADING=1
+        for (reply, _) in self.reload_replies.drain(..) {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! Starting workers with the environment contract ([`crate::env`]), seeing them exit, and the
+//! look at workers that serve nobody ([`crate::silence`]).
+
+use std::process::ExitStatus;
+use std::time::Instant;
+
+use super::*;
+
+impl Master {
+    pub(super) fn spawn(&mut self, id: WorkerId, now: Instant) {
+        // Workers built on lb::worker beat three times per heartbeat timeout (with kernel
+        // steering, twice per stall timeout: a beat is how a stalled worker says it is back).
+        let mut beat = self.settings.heartbeat_timeout / 3;
+        if self.group.is_some() {
+            beat = beat.min(self.settings.stall_timeout / 2);
+        }
+        let beat_ms = beat.as_millis().max(10).to_string();
+        let unique_id = self.next_unique_id;
+        self.next_unique_id += 1;
+        let mut vars = vec![
+            (
+                env::NODE_CHANNEL_SERIALIZATION_MODE,
+                self.settings.serialization.as_str().to_owned(),
+            ),
+            (env::LB_HEARTBEAT_MS, beat_ms),
+            (
+                env::LB_CLIENT_HEADER_TIMEOUT_MS,
+                self.settings.client_header_timeout.as_millis().to_string(),
+            ),
+            (
+                env::LB_KEEPALIVE_TIMEOUT_MS,
+                self.settings.keepalive_timeout.as_millis().to_string(),
+            ),
+            (env::NODE_UNIQUE_ID, unique_id.to_string()),
+        ];
+        // The port to listen() on to be served through lb: `LB_PORT`, and `PORT` unless lb's
+        // own environment sets one.
+        if let Some(port) = self.listen_addr.map(|a| a.port().to_string()) {
+            if std::env::var_os(env::PORT).is_none() {
+                vars.push((env::PORT, port.clone()));
+            }
+            vars.push((env::LB_PORT, port));
+        }
+        let listener = match self.group.as_mut().map(|g| g.listener(id.slot)) {
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => {
+                tracing::error!(slot = id.slot, "cannot open the slot's listener: {e}");
+                return self.fleet.spawn_failed(id, now);
+            }
+            None => None,
+        };
+        let spawned = match spawn::spawn_worker(
+            &self.argv,
+            id.slot,
+            &vars,
+            self.settings.user.as_ref(),
+            listener,
+        ) {
+            Ok(sp) => sp,
+            Err(e) => {
+                tracing::error!(
+                    slot = id.slot,
+                    "cannot start worker `{}`: {e}",
+                    self.argv[0]
+                );
+                return self.fleet.spawn_failed(id, now);
+            }
+        };
+        let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), self.limits());
+        self.router.attach(id, handle);
+        let mut child = spawned.child;
+        let exits = self.exits_tx.clone();
+        let pid = spawned.pid;
+        self.worker_pids.insert(pid);
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            // The worker's own children die with it (they are in its process group).
+            reaper::kill_group_leftovers(pid);
+            let _ = exits.send((id, pid, status));
+        });
+        self.fleet.spawned(id, spawned.pid, now);
+    }
+    pub(super) fn on_exit(&mut self, id: WorkerId, pid: u32, status: Option<ExitStatus>) {
+        self.worker_pids.remove(&pid);
+        let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
+        self.fleet.on_exit(id, &how, Instant::now());
+        self.router.exited(id);
+        self.apply();
+    }
+
+    /// A worker that took connections and answers none of them (likely a sticky library that
+    /// expects another `--handoff`) is named once, [`silence::AFTER`] after its first handoff.
+    pub(super) fn look_for_silent_workers(&mut self, now: Instant) {
+        let due = self.router.due_for_silence_check(now);
+        if due.is_empty() {
+            return;
+        }
+        let flows = match crate::tcpdiag::flows() {
+            Ok(f) => f,
+            Err(e) => {
+                return tracing::debug!("cannot ask the kernel about handed connections: {e}");
+            }
+        };
+        for (id, handed, sample) in due {
+            if !silence::serves_none(&sample, |k| flows.get(k).copied()) {
+                continue;
+            }
+            let pid = self.fleet.view(id.slot).pid.unwrap_or(0);
+            tracing::warn!(
+                slot = id.slot,
+                pid,
+                "worker {} took {handed} connection(s) and serves none: their clients sent \
+                 requests {:?} ago and got no byte back, and the worker reported nothing. Does it \
+                 expect another --handoff (sticky:balance for the sticky-session package, \
+                 socket.io for @socket.io/sticky)? It is given {:?}",
+                id.slot,
+                silence::AFTER,
+                self.settings.handoff.as_str()
+            );
+        }
+    }
+}
+
+pub(super) fn describe_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (_, Some(sig)) => format!(
+            "killed by signal {}",
+            Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string())
+        ),
+        _ => s.to_string(),
+    }
+}
