@@ -1,9 +1,11 @@
-//! The control socket: how `lb status`, `lb roll` and `lb stop` talk to a running lb.
+//! The control socket: how `lb status`, `lb roll`, `lb scale`, `lb reload` and `lb stop` talk to
+//! a running lb.
 //!
 //! A Unix stream socket (`--control PATH`, default [`default_path`]), mode 0600: file
-//! permissions are the access control. Protocol: the client writes one JSON line
-//! `{"cmd":"status"|"roll"|"reload"|"stop"}` or `{"cmd":"scale","workers":N}`; lb answers with one JSON line, `{"ok":true,…}` or
-//! `{"ok":false,"error":"…"}`, and closes. `status` is answered from the admin state (it never
+//! permissions are the access control. Protocol: the client writes one JSON line, a
+//! [`Request`] (`{"cmd":"status"|"roll"|"reload"|"stop"}` or `{"cmd":"scale","workers":N}`, the
+//! same type serialized by the client and parsed by the server); lb answers with one JSON line,
+//! `{"ok":true,…}` or `{"ok":false,"error":"…"}`, and closes. `status` is answered from the admin state (it never
 //! waits on the master loop or a worker); `roll` answers when the rolling restart has finished
 //! (or stopped); `stop` answers once the graceful shutdown has begun.
 //!
@@ -74,6 +76,28 @@ pub fn default_path() -> PathBuf {
         PathBuf::from(format!("/tmp/lb-{uid}/lb.sock"))
     }
 }
+
+/// What a client asks a running lb (one JSON line, tagged by `cmd`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The slot table (answered from the admin state, never by the master loop).
+    Status,
+    /// A rolling restart; answered when it has ended.
+    Roll,
+    /// Re-read the configuration; answered with what changed.
+    Reload,
+    /// Change the number of worker slots.
+    Scale {
+        /// The new count (1..=1024).
+        workers: usize,
+    },
+    /// A graceful shutdown; answered once it has begun.
+    Stop,
+}
+
+/// The verbs [`Request`] knows, for the error about one it does not.
+const VERBS: &str = "status, roll, scale, reload, stop";
 
 /// A command for the master loop.
 #[derive(Debug)]
@@ -165,81 +189,66 @@ async fn answer(
     w.write_all(&out).await
 }
 
+/// Parses a request line: the [`Request`], or the error line to answer.
+fn parse(line: &str) -> Result<Request, String> {
+    serde_json::from_str::<Request>(line).map_err(|_| {
+        let v = serde_json::from_str::<Value>(line).ok();
+        match v
+            .as_ref()
+            .and_then(|v| v.get("cmd"))
+            .and_then(Value::as_str)
+        {
+            Some("scale") => "scale needs \"workers\": a number from 1 to 1024".to_string(),
+            Some(other) => format!("unknown command `{other}` ({VERBS})"),
+            None => "expected one JSON line like {\"cmd\":\"status\"}".to_string(),
+        }
+    })
+}
+
+/// Passes a command to the master loop and waits for its answer.
+async fn ask<T>(
+    commands: &mpsc::UnboundedSender<Command>,
+    cmd: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+) -> Result<T, String> {
+    let (tx, rx) = oneshot::channel();
+    commands
+        .send(cmd(tx))
+        .map_err(|_| "lb is shutting down".to_string())?;
+    rx.await.map_err(|_| "lb is shutting down".to_string())?
+}
+
 async fn handle(
     request: &str,
     shared: &Shared,
     commands: &mpsc::UnboundedSender<Command>,
 ) -> Value {
-    let cmd = serde_json::from_str::<Value>(request)
-        .ok()
-        .and_then(|v| v.get("cmd").and_then(Value::as_str).map(str::to_owned));
-    match cmd.as_deref() {
-        Some("status") => {
-            let status: Value = serde_json::from_slice(&shared.workers_json()).expect("valid JSON");
-            json!({"ok": true, "status": status})
+    let status =
+        || -> Value { serde_json::from_slice(&shared.workers_json()).expect("valid JSON") };
+    let answer = match parse(request) {
+        Err(e) => Err(e),
+        Ok(Request::Status) => Ok(json!({"ok": true, "status": status()})),
+        Ok(Request::Roll) => ask(commands, Command::Roll)
+            .await
+            .map(|()| json!({"ok": true, "status": status()})),
+        Ok(Request::Scale { workers }) if !(1..=1024).contains(&workers) => {
+            Err("scale needs \"workers\": a number from 1 to 1024".into())
         }
-        Some("roll") => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Roll(tx)).is_err() {
-                return json!({"ok": false, "error": "lb is shutting down"});
-            }
-            match rx.await {
-                Ok(Ok(())) => {
-                    let status: Value =
-                        serde_json::from_slice(&shared.workers_json()).expect("valid JSON");
-                    json!({"ok": true, "status": status})
-                }
-                Ok(Err(e)) => json!({"ok": false, "error": e}),
-                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
-            }
-        }
-        Some("scale") => {
-            let n = serde_json::from_str::<Value>(request)
-                .ok()
-                .and_then(|v| v.get("workers").and_then(Value::as_u64))
-                .filter(|n| (1..=1024).contains(n));
-            let Some(n) = n else {
-                return json!({"ok": false, "error": "scale needs \"workers\": a number from 1 to 1024"});
-            };
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Scale(n as usize, tx)).is_err() {
-                return json!({"ok": false, "error": "lb is shutting down"});
-            }
-            match rx.await {
-                Ok(Ok(())) => json!({"ok": true, "workers": n}),
-                Ok(Err(e)) => json!({"ok": false, "error": e}),
-                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
-            }
-        }
-        Some("reload") => {
-            let (tx, rx) = oneshot::channel();
-            if commands.send(Command::Reload(tx)).is_err() {
-                return json!({"ok": false, "error": "lb is shutting down"});
-            }
-            match rx.await {
-                Ok(Ok(v)) => json!({"ok": true, "reload": v}),
-                Ok(Err(e)) => json!({"ok": false, "error": e}),
-                Err(_) => json!({"ok": false, "error": "lb is shutting down"}),
-            }
-        }
-        Some("stop") => {
+        Ok(Request::Scale { workers }) => ask(commands, |tx| Command::Scale(workers, tx))
+            .await
+            .map(|()| json!({"ok": true, "workers": workers})),
+        Ok(Request::Reload) => ask(commands, Command::Reload)
+            .await
+            .map(|v| json!({"ok": true, "reload": v})),
+        Ok(Request::Stop) => {
             let _ = commands.send(Command::Stop);
-            json!({"ok": true})
+            Ok(json!({"ok": true}))
         }
-        Some(other) => {
-            json!({"ok": false, "error": format!("unknown command `{other}` (status, roll, scale, reload, stop)")})
-        }
-        None => json!({"ok": false, "error": "expected one JSON line like {\"cmd\":\"status\"}"}),
-    }
-}
-
-/// Sends `cmd` to the lb on `path` and returns its answer (`ok: true`), waiting up to `wait`.
-pub fn request(path: &Path, cmd: &str, wait: Duration) -> Result<Value, ControlError> {
-    send(path, &json!({ "cmd": cmd }), wait)
+    };
+    answer.unwrap_or_else(|e| json!({"ok": false, "error": e}))
 }
 
 /// Sends one request object and returns the answer (`ok: true`).
-pub fn send(path: &Path, req: &Value, wait: Duration) -> Result<Value, ControlError> {
+pub fn send(path: &Path, req: &Request, wait: Duration) -> Result<Value, ControlError> {
     use std::io::{BufRead, Write};
     let not_running = |source| ControlError::NotRunning {
         path: path.to_owned(),
@@ -253,7 +262,8 @@ pub fn send(path: &Path, req: &Value, wait: Duration) -> Result<Value, ControlEr
         }
     })?;
     s.set_read_timeout(Some(wait)).map_err(not_running)?;
-    writeln!(s, "{req}").map_err(not_running)?;
+    let line = serde_json::to_string(req).expect("serializes");
+    writeln!(s, "{line}").map_err(not_running)?;
     let mut line = String::new();
     std::io::BufReader::new(s)
         .read_line(&mut line)
@@ -339,6 +349,33 @@ fn humane_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_cross_as_one_tagged_json_line_and_bad_ones_get_one_error_line() {
+        for (req, line) in [
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (Request::Roll, r#"{"cmd":"roll"}"#),
+            (Request::Reload, r#"{"cmd":"reload"}"#),
+            (Request::Stop, r#"{"cmd":"stop"}"#),
+            (
+                Request::Scale { workers: 4 },
+                r#"{"cmd":"scale","workers":4}"#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&req).unwrap(), line);
+            assert_eq!(parse(line), Ok(req));
+        }
+        assert_eq!(
+            parse(r#"{"cmd":"dance"}"#),
+            Err(format!("unknown command `dance` ({VERBS})"))
+        );
+        assert!(parse(r#"{"cmd":"scale"}"#).unwrap_err().contains("workers"));
+        assert!(
+            parse("status")
+                .unwrap_err()
+                .starts_with("expected one JSON line")
+        );
+    }
 
     #[test]
     fn the_table_has_a_row_per_worker() {

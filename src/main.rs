@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }) => status(control, json, watch),
         Some(Sub::Roll { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
-            match lb::control::request(&path, "roll", std::time::Duration::from_secs(3600)) {
+            match lb::control::send(&path, &lb::control::Request::Roll, std::time::Duration::from_secs(3600)) {
                 Ok(v) => {
                     println!("rolling restart complete");
                     print!("{}", lb::control::status_table(&v["status"], color()));
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&format!("invalid worker count `{workers}`: {e}")),
             };
             let path = control.unwrap_or_else(lb::control::default_path);
-            let req = serde_json::json!({"cmd": "scale", "workers": n});
+            let req = lb::control::Request::Scale { workers: n };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(30)) {
                 Ok(_) => {
                     println!("scaling to {n} workers");
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         }
         Some(Sub::Reload { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
-            match lb::control::request(&path, "reload", std::time::Duration::from_secs(30)) {
+            match lb::control::send(&path, &lb::control::Request::Reload, std::time::Duration::from_secs(30)) {
                 Ok(v) => {
                     let r = &v["reload"];
                     let list = |k: &str| {
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
         }
         Some(Sub::Stop { control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
-            match lb::control::request(&path, "stop", std::time::Duration::from_secs(10)) {
+            match lb::control::send(&path, &lb::control::Request::Stop, std::time::Duration::from_secs(10)) {
                 Ok(_) => {
                     println!("graceful shutdown started");
                     ExitCode::SUCCESS
@@ -186,7 +186,11 @@ fn color() -> bool {
 fn status(control: Option<std::path::PathBuf>, json: bool, watch: bool) -> ExitCode {
     let path = control.unwrap_or_else(lb::control::default_path);
     loop {
-        match lb::control::request(&path, "status", std::time::Duration::from_secs(5)) {
+        match lb::control::send(
+            &path,
+            &lb::control::Request::Status,
+            std::time::Duration::from_secs(5),
+        ) {
             Ok(v) if json => println!("{}", v["status"]),
             Ok(v) => {
                 if watch && color() {

@@ -22,10 +22,12 @@ use tokio::sync::{mpsc, oneshot};
 
 mod accept;
 mod cluster;
+mod commands;
 mod kernel;
 mod notify;
 mod reload;
 mod takeover;
+mod timers;
 pub use takeover::Takeover;
 mod workers;
 
@@ -39,6 +41,7 @@ use crate::loglimit::LogLimit;
 use crate::metrics::{Dropped, Failure, Shared};
 use crate::router::Router;
 use crate::{control, env, procfs, reaper, silence, spawn, steering, systemd, upgrade};
+use timers::Timer;
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -69,8 +72,8 @@ pub struct Master {
     shared_listeners: HashMap<String, socket2::Socket>,
     /// The next `NODE_UNIQUE_ID` (1, 2, 3…, never reused, like `cluster.worker.id`).
     next_unique_id: u64,
-    /// When the next `--heartbeat-ping` goes out.
-    next_ping: Option<Instant>,
+    /// The shell's periodic timers (housekeeping, ping, watchdog, steering check).
+    timers: timers::Timers,
     /// "malformed cluster message" lines.
     malformed_log: LogLimit,
     /// The command line lb was started with, to read the configuration again on reload.
@@ -82,18 +85,16 @@ pub struct Master {
     notify: Option<systemd::Notifier>,
     /// `READY=1` has been sent (once a worker is ready, and again after each reload).
     ready_notified: bool,
-    /// When the next `WATCHDOG=1` is due.
-    next_watchdog: Option<Instant>,
     /// `--steering kernel`: the per-slot listeners and the program steering them.
     group: Option<steering::Group>,
-    /// When kernel steering next looks for slots that stopped accepting.
-    next_steer_check: Option<Instant>,
     /// Each slot's worker's CPU ticks at the last check (progress, for kernel steering).
     steer_cpu: Vec<Option<u64>>,
     /// How to re-execute lb in place (SIGHUP), if it can.
     takeover: Option<Takeover>,
     /// The in-place upgrade in progress (SIGHUP, `lb reload`).
     reload: Option<crate::supervisor::reload::Reload>,
+    /// `lb roll` callers, answered when the roll has ended.
+    roll_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     /// `lb reload` callers, answered once the preflight passed (or the reload failed).
     reload_replies: Vec<(
         oneshot::Sender<Result<serde_json::Value, String>>,
@@ -177,20 +178,19 @@ impl Master {
             listen_addr: None,
             shared_listeners: HashMap::new(),
             next_unique_id: 1,
-            next_ping: None,
+            timers: timers::Timers::default(),
             malformed_log: LogLimit::default(),
             worker_pids: HashSet::new(),
             notify: systemd::Notifier::from_env(),
             ready_notified: false,
-            next_watchdog: None,
             group: None,
-            next_steer_check: None,
             steer_cpu: Vec::new(),
             reload_from: None,
             takeover: None,
             reload_replies: Vec::new(),
             preflight_running: false,
             reload: None,
+            roll_waiters: Vec::new(),
             preflight_tx,
             preflight_rx,
             adopted: Vec::new(),
@@ -234,7 +234,6 @@ impl Master {
         group: Option<steering::Group>,
         mut commands: Option<mpsc::UnboundedReceiver<control::Command>>,
     ) -> std::io::Result<()> {
-        let mut roll_waiters: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
@@ -254,40 +253,32 @@ impl Master {
             self.resume(state);
         }
         let mut listener = listener;
-        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        self.timers
+            .set(Timer::Housekeeping, Instant::now() + HOUSEKEEPING);
         self.apply();
         // One timer for every deadline, reset only when the earliest deadline changes (the hot
         // path — accept, hand off, ACK — then touches no timer at all).
-        let mut armed = next_housekeeping;
+        let mut armed = Instant::now() + HOUSEKEEPING;
         let timer = tokio::time::sleep_until(armed.into());
         tokio::pin!(timer);
         loop {
             let now = Instant::now();
             let paused = self.acceptor.paused(now);
-            if now >= next_housekeeping {
+            if self.timers.due(Timer::Housekeeping, now) {
                 self.housekeeping(now);
-                next_housekeeping = now + HOUSEKEEPING;
+                self.timers.set(Timer::Housekeeping, now + HOUSEKEEPING);
             }
             if let Some(every) = self.settings.heartbeat_ping
-                && self.next_ping.is_none_or(|t| now >= t)
+                && self.timers.due(Timer::Ping, now)
             {
-                self.next_ping = Some(now + every);
+                self.timers.set(Timer::Ping, now + every);
                 let ping = self.settings.serialization.encode_line(PING).into_owned();
                 self.router.broadcast(&ping.into());
             }
             self.fleet.tick(now);
             self.router.expire(now);
             self.apply();
-            if !roll_waiters.is_empty() && !self.fleet.rolling() {
-                let outcome = self
-                    .fleet
-                    .roll_outcome()
-                    .cloned()
-                    .unwrap_or_else(|| Err("no rolling restart ran".into()));
-                for w in roll_waiters.drain(..) {
-                    let _ = w.send(outcome.clone());
-                }
-            }
+            self.answer_roll_waiters();
             self.notify_manager(now);
             self.steer(now);
             self.drive_reload(listener_fd, now).await;
@@ -304,14 +295,12 @@ impl Master {
                 self.fleet.next_deadline(),
                 self.router.next_deadline(),
                 self.acceptor.deadline(),
-                self.next_ping,
-                self.next_watchdog,
-                self.next_steer_check,
+                self.timers.next(),
                 self.reload.as_ref().and_then(|r| r.poll_timeout(now)),
             ]
             .into_iter()
             .flatten()
-            .fold(next_housekeeping, Instant::min)
+            .fold(now + HOUSEKEEPING, Instant::min)
             .max(now);
             if deadline != armed {
                 armed = deadline;
@@ -327,11 +316,14 @@ impl Master {
             tokio::select! {
                 biased;
                 Some(ev) = self.reports_rx.recv() => {
-                    self.on_dispatch(ev);
+                    let now = Instant::now();
+                    self.on_dispatch(ev, now);
                     // Drain what else is queued before going back to accepting.
-                    while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev); }
+                    while let Ok(ev) = self.reports_rx.try_recv() { self.on_dispatch(ev, now); }
                 }
-                Some((id, pid, status)) = self.exits_rx.recv() => self.on_exit(id, pid, status),
+                Some((id, pid, status)) = self.exits_rx.recv() => {
+                    self.on_exit(id, pid, status, Instant::now())
+                }
                 Some(checked) = self.preflight_rx.recv() => self.preflight_done(checked),
                 Some(done) = self.acceptor.waited() => {
                     let router = &mut self.router;
@@ -353,31 +345,12 @@ impl Master {
                         self.accept_batch(&mut guard);
                     }
                 }
-                _ = term.recv() => self.begin_shutdown("SIGTERM"),
-                _ = int.recv() => self.begin_shutdown("SIGINT"),
-                _ = usr2.recv() => self.fleet.roll(Instant::now()),
-                Some(cmd) = async { commands.as_mut().expect("guarded").recv().await }, if commands.is_some() => match cmd {
-                    control::Command::Roll(reply) => {
-                        if self.fleet.shutting_down() {
-                            let _ = reply.send(Err("lb is shutting down".into()));
-                        } else {
-                            self.fleet.roll(Instant::now());
-                            self.apply();
-                            roll_waiters.push(reply);
-                        }
-                    }
-                    control::Command::Stop => self.begin_shutdown("lb stop"),
-                    control::Command::Reload(reply) => self.request_reload("lb reload", Some(reply)),
-                    control::Command::Scale(n, reply) => {
-                        if self.fleet.shutting_down() {
-                            let _ = reply.send(Err("lb is shutting down".into()));
-                        } else {
-                            self.fleet.scale(n, Instant::now());
-                            self.apply();
-                            let _ = reply.send(Ok(()));
-                        }
-                    }
-                },
+                _ = term.recv() => self.begin_shutdown("SIGTERM", Instant::now()),
+                _ = int.recv() => self.begin_shutdown("SIGINT", Instant::now()),
+                _ = usr2.recv() => self.fleet.roll("SIGUSR2", Instant::now()),
+                Some(cmd) = async { commands.as_mut().expect("guarded").recv().await }, if commands.is_some() => {
+                    self.on_command(cmd, Instant::now());
+                }
                 _ = chld.recv() => {
                     self.check_adopted();
                     reaper::reap_orphans(&self.worker_pids);
@@ -410,21 +383,20 @@ impl Master {
             });
     }
 
-    fn on_dispatch(&mut self, ev: dispatch::Event) {
+    fn on_dispatch(&mut self, ev: dispatch::Event, now: Instant) {
         let dispatch::Event { id, report } = ev;
         let metrics = &self.shared.metrics;
         match report {
             Report::Acked { accepted } => {
                 self.router.acked(id, accepted);
-                self.settle(id);
+                self.settle(id, now);
             }
             Report::Nacked => metrics.failure(Failure::Nack, 1),
             Report::Returned(conns, why) => {
                 self.router.returned(id, conns, why);
-                self.settle(id);
+                self.settle(id, now);
             }
             Report::Message(m) => {
-                let now = Instant::now();
                 if !self.router.message(id, &m) {
                     match m {
                         WorkerMsg::Heartbeat => self.fleet.on_heartbeat(id, now),
@@ -445,13 +417,13 @@ impl Master {
             Report::Recovered => self.fleet.on_recovered(id),
             Report::Desync => {
                 metrics.dropped(Dropped::Desync);
-                self.fleet.on_desync(id, Instant::now());
+                self.fleet.on_desync(id, now);
             }
             Report::TooLong => metrics.dropped(Dropped::TooLong),
             Report::StrayFd => metrics.dropped(Dropped::StrayFd),
-            Report::Cluster(m) => self.on_cluster(id, m),
+            Report::Cluster(m) => self.on_cluster(id, m, now),
             Report::Closed => {
-                self.fleet.on_channel_closed(id, Instant::now());
+                self.fleet.on_channel_closed(id, now);
                 self.router.closed(id);
             }
         }
@@ -459,13 +431,13 @@ impl Master {
     }
 
     /// During a shutdown, a worker spared SIGTERM gets it once its handoffs are answered.
-    fn settle(&mut self, id: WorkerId) {
+    fn settle(&mut self, id: WorkerId, now: Instant) {
         if self.fleet.shutting_down() && !self.router.busy(id) {
-            self.fleet.on_settled(id, Instant::now());
+            self.fleet.on_settled(id, now);
         }
     }
 
-    fn begin_shutdown(&mut self, why: &str) {
+    fn begin_shutdown(&mut self, why: &str, now: Instant) {
         if let Some(n) = &self.notify
             && !self.fleet.shutting_down()
         {
@@ -478,8 +450,7 @@ impl Master {
             self.router.close();
         }
         let router = &self.router;
-        self.fleet
-            .shutdown(why, Instant::now(), |id| router.busy(id));
+        self.fleet.shutdown(why, now, |id| router.busy(id));
         self.apply();
     }
 

@@ -29,16 +29,17 @@ impl Roll {
 }
 
 impl Fleet {
-    /// SIGUSR2: replace every slot's worker, one slot at a time.
-    pub fn roll(&mut self, now: Instant) {
+    /// Replace every slot's worker, one slot at a time (`why`: SIGUSR2, `lb roll`, a reload that
+    /// changed the worker command, for the log).
+    pub fn roll(&mut self, why: &str, now: Instant) {
         if self.shutdown.is_some() {
             return;
         }
         if self.roll.is_some() {
-            tracing::info!("SIGUSR2: a rolling restart is already in progress");
+            tracing::info!("{why}: a rolling restart is already in progress");
             return;
         }
-        tracing::info!("SIGUSR2: rolling restart of {} workers", self.cfg.workers);
+        tracing::info!("{why}: rolling restart of {} workers", self.cfg.workers);
         self.advance_roll(0, now);
     }
 

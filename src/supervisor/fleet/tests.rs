@@ -241,7 +241,7 @@ fn a_worker_that_cannot_be_spawned_is_retried_with_backoff() {
 fn a_rolling_restart_without_wait_ready_replaces_one_slot_at_a_time() {
     let (mut h, _) = Harness::new(config(3));
     let old: Vec<WorkerId> = (0..3).map(|s| h.current(s)).collect();
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     let acts = h.run();
     // Only slot 0 is replaced now: its new worker takes over and the old one drains.
     assert_eq!(spawns(&acts), [id(0, 1)]);
@@ -263,7 +263,7 @@ fn a_rolling_restart_without_wait_ready_replaces_one_slot_at_a_time() {
     h.fleet.on_alive(id(2, 1), h.now);
     assert!(h.run().is_empty());
     // The roll is over: a second SIGUSR2 starts a new one.
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     assert_eq!(spawns(&h.run()), [id(0, 2)]);
 }
 
@@ -273,7 +273,7 @@ fn a_rolling_restart_with_wait_ready_moves_on_when_the_new_worker_is_ready() {
         wait_ready: true,
         ..config(2)
     });
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     let acts = h.run();
     assert_eq!(spawns(&acts), [id(0, 1)]);
     assert!(
@@ -295,7 +295,7 @@ fn a_roll_whose_new_worker_never_gets_ready_keeps_the_old_one_and_stops() {
         ready_timeout: Duration::from_secs(1),
         ..config(2)
     });
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     h.run();
     let acts = h.until_deadline();
     assert_eq!(signals(&acts), [(id(0, 1), Sig::Kill)]);
@@ -313,13 +313,13 @@ fn a_roll_stops_if_the_new_worker_exits_or_cannot_start() {
         wait_ready: true,
         ..config(2)
     });
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     h.run();
     let acts = h.exit(id(0, 1));
     assert!(spawns(&acts).is_empty() && signals(&acts).is_empty());
     assert_eq!(h.current(0), id(0, 0));
     h.fail_spawns = true;
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     let acts = h.run();
     assert_eq!(spawns(&acts).len(), 1);
     assert!(signals(&acts).is_empty());
@@ -547,7 +547,7 @@ fn scaling_up_adds_slots_and_scaling_down_drains_and_drops_the_last_ones() {
     assert!(spawns(&h.advance(Duration::from_secs(60))).is_empty());
     assert_eq!(h.current(0), id(0, 0));
     // A roll now only covers the one slot.
-    h.fleet.roll(h.now);
+    h.fleet.roll("SIGUSR2", h.now);
     assert_eq!(spawns(&h.run()), [id(0, 1)]);
 }
 

@@ -8,8 +8,7 @@ use super::*;
 
 impl Master {
     /// A message of Node's cluster protocol, answered as Node's primary does.
-    pub(super) fn on_cluster(&mut self, id: WorkerId, m: ClusterMsg) {
-        let now = Instant::now();
+    pub(super) fn on_cluster(&mut self, id: WorkerId, m: ClusterMsg, now: Instant) {
         match m {
             ClusterMsg::Online => self.fleet.on_cluster_online(id),
             ClusterMsg::QueryServer(q) => self.query_server(id, q),

@@ -16,8 +16,9 @@ impl Master {
             return;
         }
         let stall = self.settings.stall_timeout;
-        if self.next_steer_check.is_none_or(|t| now >= t) {
-            self.next_steer_check = Some(
+        if self.timers.due(Timer::SteerCheck, now) {
+            self.timers.set(
+                Timer::SteerCheck,
                 now + (stall / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
             );
             // A worker that used CPU since the last check is working through its queue.

@@ -20,10 +20,10 @@ impl Master {
             ));
         }
         if let Some(every) = n.watchdog
-            && self.next_watchdog.is_none_or(|t| now >= t)
+            && self.timers.due(Timer::Watchdog, now)
         {
             n.send("WATCHDOG=1");
-            self.next_watchdog = Some(now + every);
+            self.timers.set(Timer::Watchdog, now + every);
         }
     }
 }

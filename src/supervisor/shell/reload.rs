@@ -85,7 +85,7 @@ impl Master {
             self.fleet.scale(n, now);
         }
         if roll {
-            self.fleet.roll(now);
+            self.fleet.roll("reload (the worker command changed)", now);
         }
         self.apply();
         Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))

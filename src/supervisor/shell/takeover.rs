@@ -51,7 +51,7 @@ impl Master {
         // What the workers reported before their tasks ended (ACKs, stats) is counted first, so
         // that the counters carried are complete.
         while let Ok(ev) = self.reports_rx.try_recv() {
-            self.on_dispatch(ev);
+            self.on_dispatch(ev, Instant::now());
         }
         if !self.router.quiescent() || !self.fleet.steady() {
             self.resume_workers(carried);
@@ -221,7 +221,7 @@ impl Master {
         }
         let user = self.settings.user.as_ref().map(|u| u.name.clone());
         if (state.argv != self.argv || state.user != user) && !adopted.is_empty() {
-            self.fleet.roll(now);
+            self.fleet.roll("reload (the worker command changed)", now);
             applied.push("worker command: rolling restart".into());
         }
         // Whatever exited during the switch.

@@ -80,10 +80,16 @@ impl Master {
         });
         self.fleet.spawned(id, spawned.pid, now);
     }
-    pub(super) fn on_exit(&mut self, id: WorkerId, pid: u32, status: Option<ExitStatus>) {
+    pub(super) fn on_exit(
+        &mut self,
+        id: WorkerId,
+        pid: u32,
+        status: Option<ExitStatus>,
+        now: Instant,
+    ) {
         self.worker_pids.remove(&pid);
         let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
-        self.fleet.on_exit(id, &how, Instant::now());
+        self.fleet.on_exit(id, &how, now);
         self.router.exited(id);
         self.apply();
     }
