@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod fleet;
+pub mod plan;
 pub mod reload;
 pub mod shell;
 mod types;

@@ -110,18 +110,6 @@ pub struct Master {
     resume_state: Option<upgrade::State>,
 }
 
-/// Settings a reload cannot apply to a running lb: reported, kept at their running value.
-const NEEDS_RESTART: [&str; 8] = [
-    "listen",
-    "metrics",
-    "control",
-    "backlog",
-    "log_format",
-    "serialization",
-    "steering",
-    "handoff",
-];
-
 /// The lifecycle settings of `settings` for workers running `argv`.
 fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
     FleetConfig {

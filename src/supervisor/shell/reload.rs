@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::*;
+use crate::supervisor::plan;
 use crate::supervisor::reload::{Facts, Phase, Reload, SETTLE_RETRY, Step};
 
 impl Master {
@@ -41,10 +42,7 @@ impl Master {
             return Err("no configuration to reload from".into());
         };
         let new = Settings::from_cli_text(run, command, text).map_err(|e| e.to_string())?;
-        let (restart_needed, changed): (Vec<&str>, Vec<&str>) = new
-            .differences(&self.settings)
-            .into_iter()
-            .partition(|name| NEEDS_RESTART.contains(name));
+        let (changed, restart_needed) = plan::split(new.differences(&self.settings));
         Ok((new, changed, restart_needed))
     }
 
@@ -62,29 +60,29 @@ impl Master {
                 "builtin-worker".into(),
             ],
         };
-        let roll = changed.contains(&"command") || changed.contains(&"user");
-        let scale = changed.contains(&"workers").then_some(new.workers);
+        let changes = plan::plan(
+            plan::Workers {
+                count: old.workers,
+                argv: &self.argv,
+                user: old.user.as_ref().map(|u| u.name.as_str()),
+            },
+            plan::Workers {
+                count: new.workers,
+                argv: &argv,
+                user: new.user.as_ref().map(|u| u.name.as_str()),
+            },
+        );
         // What needs a restart keeps its running value.
-        let applied = Settings {
-            listen: old.listen,
-            metrics: old.metrics,
-            control: old.control.clone(),
-            backlog: old.backlog,
-            log_format: old.log_format,
-            serialization: old.serialization,
-            steering: old.steering,
-            handoff: old.handoff.clone(),
-            ..new
-        };
+        let applied = plan::keep_running(old, new);
         self.fleet.reconfigure(fleet_config(&applied, &argv));
         self.router.reconfigure(&applied);
         self.settings = applied;
         self.argv = argv;
         let now = Instant::now();
-        if let Some(n) = scale {
+        if let Some(n) = changes.scale {
             self.fleet.scale(n, now);
         }
-        if roll {
+        if changes.roll {
             self.fleet.roll("reload (the worker command changed)", now);
         }
         self.apply();

@@ -214,13 +214,24 @@ impl Master {
             ..self.settings.clone()
         };
         self.fleet = Fleet::resume(fleet_config(&running, &self.argv), &adopted, now);
+        let changes = crate::supervisor::plan::plan(
+            crate::supervisor::plan::Workers {
+                count: total,
+                argv: &state.argv,
+                user: state.user.as_deref(),
+            },
+            crate::supervisor::plan::Workers {
+                count: self.settings.workers,
+                argv: &self.argv,
+                user: self.settings.user.as_ref().map(|u| u.name.as_str()),
+            },
+        );
         let mut applied = Vec::new();
-        if self.settings.workers != total {
-            self.fleet.scale(self.settings.workers, now);
-            applied.push(format!("workers {total} → {}", self.settings.workers));
+        if let Some(n) = changes.scale {
+            self.fleet.scale(n, now);
+            applied.push(format!("workers {total} → {n}"));
         }
-        let user = self.settings.user.as_ref().map(|u| u.name.clone());
-        if (state.argv != self.argv || state.user != user) && !adopted.is_empty() {
+        if changes.roll && !adopted.is_empty() {
             self.fleet.roll("reload (the worker command changed)", now);
             applied.push("worker command: rolling restart".into());
         }
