@@ -753,3 +753,6 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
