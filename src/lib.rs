@@ -13,9 +13,13 @@
 //!
 //! - [`listener`] — the public socket: socket2 bind with a real backlog, `accept4` with
 //!   `SOCK_NONBLOCK | SOCK_CLOEXEC`, classified accept errors.
+//! - [`proxy`] — PROXY protocol v1/v2 headers, peeked (and consumed with `strip`).
+//! - [`peek`] — a connection's request line, peeked for the socket.io `sid` it names.
+//! - [`steering`] — kernel steering: per-slot `SO_REUSEPORT` listeners and the cBPF program.
 //! - [`balance`] — the policies, pure functions with no I/O.
 //! - [`router`] — where each connection goes: per-slot targets, load accounting, the bounded wait
-//!   queue; reads a narrow per-slot view, never a worker record.
+//!   queue; reads a narrow per-slot view, never a worker record. [`sessions`] — socket.io
+//!   sessions per worker (sid routing, their load).
 //! - [`dispatch`] — one task per worker: sends handles, matches ACK/NACK FIFO, retries NACKs,
 //!   detects stalls, hands back every connection a worker did not take.
 //! - [`sys`] — the raw syscalls (`sendmsg`/`recvmsg` with `SCM_RIGHTS`, `accept4`); one of the two
@@ -29,11 +33,19 @@
 //! - [`supervisor`] — the workers' lifecycle: a pure state machine (`fleet`: spawn, readiness,
 //!   backoff, heartbeats, memory, rolling restart, graceful shutdown) and the single-threaded
 //!   async shell that owns all state and carries out what it decides (`shell`).
-//! - [`procfs`] — worker memory from `/proc`.
-//! - [`spawn`] — starting a worker with its channel on fd 3 (the other `unsafe` module).
+//! - [`upgrade`] — the in-place upgrade's state document and exec; [`systemd`] — socket
+//!   activation and `sd_notify`; [`reaper`] — orphans as PID 1 or subreaper.
+//! - [`silence`] and [`tcpdiag`] — naming a worker that serves nobody (the kernel's byte counts).
+//! - [`procfs`] — worker memory and CPU from `/proc`.
+//! - [`spawn`] — starting a worker with its channel on fd 3 and nothing else inherited (the
+//!   other `unsafe` module).
 //! - [`metrics`] — Prometheus metrics and the admin endpoint.
 //! - [`config`] — command line and TOML config file.
-//! - [`control`] — the control socket behind `lb status`, `lb roll`, `lb stop`.
+//! - [`control`] — the control socket behind `lb status`, `roll`, `scale`, `reload`, `stop`.
+//!
+//! Vocabulary at the bottom (leaf modules every layer may name): [`slot`] (worker ids, slot
+//! states and views), [`env`](mod@env) (the master ↔ child environment and fd contract), [`user`]
+//! (`--user`), [`loglimit`] (rate-limited warnings).
 #![deny(unsafe_code)]
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]

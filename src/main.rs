@@ -445,7 +445,7 @@ fn serve(
         lb::reaper::become_subreaper();
         let mut master = Master::new(settings, argv, shared).reload_from(run, command);
         if let Some(t) = takeover {
-            master = master.takeover(t);
+            master = master.with_takeover(t);
         }
         if let Some(state) = resumed {
             master = master.resume_from(state);

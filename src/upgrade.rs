@@ -1,8 +1,8 @@
-//! In-place upgrade on SIGHUP (DESIGN §10): lb re-executes itself, from the path it was started
+//! In-place upgrade (SIGHUP, `lb reload`, `systemctl reload`; DESIGN §10): lb re-executes itself, from the path it was started
 //! from, in the same pid, and the new image carries on with the same listener, workers, channels
 //! and counters.
 //!
-//! The sequence, driven by the master ([`crate::supervisor::shell`]):
+//! The sequence, decided by [`crate::supervisor::reload`] and carried out by the master's shell:
 //!
 //! 1. **Preflight**: `<start path> check --takeover FORMAT <lb's arguments>` must exit 0. It
 //!    validates the configuration as a start would, and the new binary says whether it reads

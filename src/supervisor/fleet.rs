@@ -484,7 +484,7 @@ impl Fleet {
             self.actions.push_back(Action::Restarted(id.slot));
             tracing::info!(slot = id.slot, pid, "replacement worker ready");
             if self.roll == Some(Roll::Starting(id.slot)) {
-                self.roll = Some(Roll::Settling {
+                self.roll = Some(Roll::AwaitingSign {
                     id,
                     until: now + ROLL_SETTLE,
                 });
@@ -535,7 +535,7 @@ impl Fleet {
         {
             self.on_ready(id, now);
         }
-        if let Some(Roll::Settling { id: r, .. }) = self.roll
+        if let Some(Roll::AwaitingSign { id: r, .. }) = self.roll
             && r == id
         {
             self.advance_roll(id.slot + 1, now);

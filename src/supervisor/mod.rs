@@ -4,9 +4,12 @@
 //!   driven by events and the time, handing back [`Action`]s. No tokio, no syscalls; unit-tested
 //!   with a fake clock. The rolling-restart sequencer and the shutdown choreography live here.
 //! - [`backoff`] — when a slot gets a new worker after an exit (pure).
+//! - [`reload`] — the in-place upgrade's sequencing (preflight, settle, exec, retries, a second
+//!   SIGHUP), pure like the fleet; [`plan`] — what a reload changes (one list of restart-only
+//!   settings, one scale/roll decision).
 //! - [`shell`] — the master's one task: selects on accepts, dispatch reports, process exits,
-//!   signals and one timer; feeds the core and the [`crate::router`]; carries out actions
-//!   (spawn, signal a process group, detach, publish, count).
+//!   commands, signals and one timer; feeds the cores and the [`crate::router`]; carries out
+//!   their actions (spawn, signal a process group, detach, publish, count, exec).
 
 pub mod backoff;
 pub mod fleet;

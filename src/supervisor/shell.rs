@@ -1,10 +1,22 @@
 //! The master's async shell: one task on one thread that owns all state and does the I/O.
 //!
-//! It selects on four sources — the listener, dispatch reports, worker exits, signals — plus
-//! one timer, and does nothing but translate: accepted connections and handed-back ones go to the
-//! [`Router`]; lifecycle facts go to the [`Fleet`]; the fleet's [`Action`]s are carried out here
-//! (spawn, signal a process group, detach, publish a slot's view, count a restart). There are no
-//! locks on the data path; the admin endpoint reads [`Shared`].
+//! [`Master::run`] selects on its sources — the listener (and kernel steering's per-slot
+//! listeners), connections done waiting for their first bytes, dispatch reports, worker exits,
+//! preflight verdicts, control commands, signals — plus one timer (the minimum of every
+//! deadline), and does nothing but translate: connections go to the [`Router`]; lifecycle facts
+//! go to the [`Fleet`]; the fleet's [`Action`]s and the reload's steps are carried out. There are
+//! no locks on the data path; the admin endpoint reads [`Shared`].
+//!
+//! Each concern is a child module (one `impl Master` each):
+//! - `accept` — the acceptor: batches, EMFILE pause, the bounded wait set for first bytes
+//!   (PROXY headers, socket.io sids), rate-limited logs;
+//! - `reload` — reloading and carrying out the in-place upgrade's [`crate::supervisor::reload`]
+//!   steps; `takeover` — the exec and, in the new image, resuming and adopted workers' exits;
+//! - `commands` — the control socket's verbs and `lb roll` callers;
+//! - `cluster` — Node's primary: `queryServer`, shared listeners;
+//! - `kernel` — kernel steering's program and stall watch;
+//! - `workers` — spawning with the environment contract, exits, silent workers;
+//! - `notify` — systemd; `timers` — the periodic timer table.
 //!
 //! The master spawns workers only from this thread, which lives as long as the process, so
 //! `PR_SET_PDEATHSIG` fires only when the master dies (PITFALLS §6).
@@ -123,7 +135,7 @@ fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
         heartbeat_timeout: settings.heartbeat_timeout,
         max_memory: settings.max_memory,
         crash_loop: settings.crash_loop,
-        settle_timeout: settings.stall_timeout,
+        hold_timeout: settings.stall_timeout,
         node_workers: is_node(argv),
         ready_hint: if settings.steering == crate::config::Steering::Kernel && is_node(argv) {
             " (under --steering kernel a Node worker is ready once it calls listen() on lb's port \
@@ -187,7 +199,7 @@ impl Master {
     }
 
     /// SIGHUP re-executes lb in place with `t` (else it reloads the configuration in place).
-    pub fn takeover(mut self, t: Takeover) -> Self {
+    pub fn with_takeover(mut self, t: Takeover) -> Self {
         self.takeover = Some(t);
         self
     }
@@ -377,12 +389,12 @@ impl Master {
         match report {
             Report::Acked { accepted } => {
                 self.router.acked(id, accepted);
-                self.settle(id, now);
+                self.release_when_answered(id, now);
             }
             Report::Nacked => metrics.failure(Failure::Nack, 1),
             Report::Returned(conns, why) => {
                 self.router.returned(id, conns, why);
-                self.settle(id, now);
+                self.release_when_answered(id, now);
             }
             Report::Message(m) => {
                 if !self.router.message(id, &m) {
@@ -419,9 +431,9 @@ impl Master {
     }
 
     /// During a shutdown, a worker spared SIGTERM gets it once its handoffs are answered.
-    fn settle(&mut self, id: WorkerId, now: Instant) {
+    fn release_when_answered(&mut self, id: WorkerId, now: Instant) {
         if self.fleet.shutting_down() && !self.router.busy(id) {
-            self.fleet.on_settled(id, now);
+            self.fleet.on_answered(id, now);
         }
     }
 

@@ -116,7 +116,7 @@ pub struct FleetConfig {
     /// The crash-loop guard (`--crash-loop`).
     pub crash_loop: CrashLoop,
     /// At shutdown, how long a worker that still has handoffs to answer is spared SIGTERM.
-    pub settle_timeout: Duration,
+    pub hold_timeout: Duration,
     /// The workers are Node processes: without `--wait-ready`, one is ready when it listens on
     /// lb's port, sends a message of its own, or after [`NODE_READY_AFTER`] (not at spawn: its
     /// code may not have installed a `message` listener or called `listen()` yet).

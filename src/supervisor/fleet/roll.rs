@@ -11,7 +11,7 @@ pub(super) enum Roll {
     /// The new worker of this slot is starting.
     Starting(usize),
     /// The new worker of this slot took over; waiting for a sign of life (or `until`).
-    Settling {
+    AwaitingSign {
         /// The new worker.
         id: WorkerId,
         /// Move on at the latest then.
@@ -23,7 +23,7 @@ impl Roll {
     pub(super) fn slot(self) -> usize {
         match self {
             Roll::Starting(s) => s,
-            Roll::Settling { id, .. } => id.slot,
+            Roll::AwaitingSign { id, .. } => id.slot,
         }
     }
 }
@@ -44,7 +44,7 @@ impl Fleet {
     }
 
     /// Graceful shutdown: no more respawns or rolls; SIGTERM to every worker except those for
-    /// which `busy` says handoffs are still unanswered (they get it once [`Fleet::on_settled`]
+    /// which `busy` says handoffs are still unanswered (they get it once [`Fleet::on_answered`]
     /// or the settle timeout); SIGKILL to what is left after the shutdown timeout.
     pub fn shutdown(&mut self, why: &str, now: Instant, busy: impl Fn(WorkerId) -> bool) {
         if self.shutdown.is_some() {
@@ -87,7 +87,7 @@ impl Fleet {
     }
 
     /// During a shutdown: the worker has no handoff left to answer.
-    pub fn on_settled(&mut self, id: WorkerId, now: Instant) {
+    pub fn on_answered(&mut self, id: WorkerId, now: Instant) {
         if let Some(sd) = &mut self.shutdown
             && let Some(i) = sd.held.iter().position(|h| *h == id)
         {

@@ -14,7 +14,7 @@ fn config(workers: usize) -> FleetConfig {
         heartbeat_timeout: Duration::from_secs(30),
         max_memory: None,
         crash_loop: CrashLoop::default(),
-        settle_timeout: Duration::from_secs(2),
+        hold_timeout: Duration::from_secs(2),
         node_workers: false,
         ready_hint: "",
     }
@@ -421,7 +421,7 @@ fn desync_and_a_closed_channel_stop_the_worker_once_and_it_is_respawned() {
 fn shutdown_terms_idle_workers_holds_busy_ones_then_kills_what_is_left() {
     let (mut h, _) = Harness::new(FleetConfig {
         drain_timeout: Duration::from_secs(5),
-        settle_timeout: Duration::from_secs(1),
+        hold_timeout: Duration::from_secs(1),
         ..config(3)
     });
     let busy = [id(1, 0), id(2, 0)];
@@ -433,7 +433,7 @@ fn shutdown_terms_idle_workers_holds_busy_ones_then_kills_what_is_left() {
     }
     // Slot 1's handoffs are answered: SIGTERM now. Slot 2's never are: SIGTERM at the settle
     // timeout.
-    h.fleet.on_settled(id(1, 0), h.now);
+    h.fleet.on_answered(id(1, 0), h.now);
     assert_eq!(signals(&h.run()), [(id(1, 0), Sig::Term)]);
     let acts = h.until_deadline();
     assert_eq!(signals(&acts), [(id(2, 0), Sig::Term)]);

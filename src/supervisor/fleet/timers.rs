@@ -13,7 +13,7 @@ impl Fleet {
         let mut at = |t: Instant| d = Some(d.map_or(t, |d| d.min(t)));
         if let Some(sd) = &self.shutdown {
             if !sd.held.is_empty() {
-                at(sd.since + self.cfg.settle_timeout);
+                at(sd.since + self.cfg.hold_timeout);
             }
             if !sd.killed {
                 at(sd.since + self.cfg.drain_timeout);
@@ -27,7 +27,7 @@ impl Fleet {
                 }
             }
         }
-        if let Some(Roll::Settling { until, .. }) = self.roll {
+        if let Some(Roll::AwaitingSign { until, .. }) = self.roll {
             at(until);
         }
         for s in &self.slots {
@@ -60,7 +60,7 @@ impl Fleet {
     /// Timers: respawns, ready timeouts, drain timeouts, heartbeats, roll pacing, shutdown.
     pub fn tick(&mut self, now: Instant) {
         if let Some(sd) = &mut self.shutdown {
-            if !sd.held.is_empty() && now >= sd.since + self.cfg.settle_timeout {
+            if !sd.held.is_empty() && now >= sd.since + self.cfg.hold_timeout {
                 for id in std::mem::take(&mut sd.held) {
                     self.signal_worker(id, Sig::Term, now);
                 }
@@ -88,7 +88,7 @@ impl Fleet {
         for slot in 0..self.slots.len() {
             self.tick_slot(slot, now);
         }
-        if let Some(Roll::Settling { id, until }) = self.roll
+        if let Some(Roll::AwaitingSign { id, until }) = self.roll
             && now >= until
         {
             self.advance_roll(id.slot + 1, now);

@@ -201,7 +201,7 @@ impl Master {
                 Step::Exec => {
                     // `Err(None)`: not settled after all; tried again on the next pass, until the
                     // settle's deadline.
-                    if let Err(Some(e)) = self.take_over(listener_fd).await
+                    if let Err(Some(e)) = self.re_execute(listener_fd).await
                         && let Some(r) = &mut self.reload
                     {
                         r.exec_failed(e);

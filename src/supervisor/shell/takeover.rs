@@ -28,7 +28,7 @@ impl Master {
     /// Re-executes lb in place with the workers' channels; returns only if that did not
     /// happen (every worker is then served as before): `Err(None)` if something was still in
     /// flight after all (the caller tries again), `Err(Some(why))` if the exec failed.
-    pub(super) async fn take_over(
+    pub(super) async fn re_execute(
         &mut self,
         listener_fd: Option<std::os::fd::RawFd>,
     ) -> Result<(), Option<String>> {
