@@ -69,7 +69,7 @@ pub fn default_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("lb.sock");
     }
-    let uid = crate::procfs::own_uid().unwrap_or(0);
+    let uid = nix::unistd::getuid().as_raw();
     if uid == 0 {
         PathBuf::from("/run/lb/lb.sock")
     } else {

@@ -246,7 +246,7 @@ fn init_logging(format: LogFormat) {
 /// `--user` needs root, unless it names lb's own user.
 fn user_allowed(settings: &Settings) -> Result<(), String> {
     if let Some(u) = &settings.user {
-        let me = lb::procfs::own_uid().unwrap_or(u32::MAX);
+        let me = nix::unistd::getuid().as_raw();
         if me != 0 && me != u.uid {
             return Err(format!(
                 "--user {}: running workers as another user needs lb to run as root (it runs as uid {me})",
@@ -280,7 +280,7 @@ fn serve(
         return fail(&e);
     }
     if let Some(u) = &settings.user
-        && lb::procfs::own_uid() == Some(u.uid)
+        && nix::unistd::getuid().as_raw() == u.uid
         && u.uid != 0
     {
         settings.user = None; // already that user

@@ -17,12 +17,6 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
 }
 
-/// lb's own uid, without `unsafe`: `/proc/self` belongs to it.
-pub fn own_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
-}
-
 fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
