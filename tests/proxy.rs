@@ -436,11 +436,6 @@ fn two_lb_hosts_behind_one_haproxy_agree_on_slots_and_survive_losing_one() {
     }
 }
 
-/// lb's open fds.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
 /// A client that sends its PROXY v1 header and its request in one write, as a balancer does:
 /// whether it was answered 200 within `limit`. With `accepted_first`, the write waits until lb
 /// has accepted the connection (lb's accept count grew), so lb looks before the bytes are there —

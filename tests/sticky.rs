@@ -412,7 +412,6 @@ fn a_worker_whose_clients_have_not_spoken_yet_is_not_named() {
 fn silent_and_foreign_first_bytes_are_routed_by_the_policy_within_the_peek_bounds() {
     let mut lb = Lb::start(&["-w", "2", "--handoff", "socket.io", "--peek-timeout", "1s"]);
     lb.wait_all_ready(2);
-    let fd_count = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let fds_before = fd_count(lb.pid());
     let cpu_before = lb::procfs::cpu_ticks(lb.pid()).unwrap();
     let silent: Vec<TcpStream> = (0..1000)

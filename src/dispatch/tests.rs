@@ -58,6 +58,17 @@ fn take_handle(worker: &UnixStream) -> (String, OwnedFd) {
     )
 }
 
+/// A dispatch task for [`ID`] and the fake worker's end of its channel (non-blocking).
+fn dispatch(
+    handoff: HandoffMsg,
+    stall: Duration,
+) -> (DispatchHandle, UnixStream, mpsc::UnboundedReceiver<Event>) {
+    let (master, worker) = UnixStream::pair().unwrap();
+    worker.set_nonblocking(true).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    (start(ID, master, tx, limits(handoff, stall)), worker, rx)
+}
+
 async fn next(rx: &mut mpsc::UnboundedReceiver<Event>) -> Report {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -68,15 +79,7 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<Event>) -> Report {
 
 #[tokio::test]
 async fn a_handoff_goes_out_with_its_fd_and_an_ack_closes_lbs_copy() {
-    let (master, worker) = UnixStream::pair().unwrap();
-    worker.set_nonblocking(true).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let d = start(
-        ID,
-        master,
-        tx,
-        limits(HandoffMsg::Default, Duration::from_secs(5)),
-    );
+    let (d, worker, mut rx) = dispatch(HandoffMsg::Default, Duration::from_secs(5));
     let (mut client, h) = conn();
     d.send(h).unwrap();
     assert_eq!(d.pending(), 1);
@@ -103,15 +106,7 @@ async fn a_handoff_goes_out_with_its_fd_and_an_ack_closes_lbs_copy() {
 
 #[tokio::test]
 async fn the_socketio_handoff_carries_an_empty_chunk() {
-    let (master, worker) = UnixStream::pair().unwrap();
-    worker.set_nonblocking(true).unwrap();
-    let (tx, _rx) = mpsc::unbounded_channel();
-    let d = start(
-        ID,
-        master,
-        tx,
-        limits(HandoffMsg::SocketIo, Duration::from_secs(5)),
-    );
+    let (d, worker, _rx) = dispatch(HandoffMsg::SocketIo, Duration::from_secs(5));
     let (_client, h) = conn();
     d.send(h).unwrap();
     let w = worker.try_clone().unwrap();
@@ -128,15 +123,7 @@ async fn the_socketio_handoff_carries_an_empty_chunk() {
 
 #[tokio::test]
 async fn nacks_are_retried_then_the_connection_comes_back() {
-    let (master, worker) = UnixStream::pair().unwrap();
-    worker.set_nonblocking(true).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let d = start(
-        ID,
-        master,
-        tx,
-        limits(HandoffMsg::Default, Duration::from_secs(5)),
-    );
+    let (d, worker, mut rx) = dispatch(HandoffMsg::Default, Duration::from_secs(5));
     let (_client, h) = conn();
     d.send(h).unwrap();
     for attempt in 0..=MAX_NACKS {
@@ -161,15 +148,7 @@ async fn nacks_are_retried_then_the_connection_comes_back() {
 
 #[tokio::test]
 async fn a_worker_that_dies_with_handoffs_in_flight_gives_every_one_back() {
-    let (master, worker) = UnixStream::pair().unwrap();
-    worker.set_nonblocking(true).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let d = start(
-        ID,
-        master,
-        tx,
-        limits(HandoffMsg::Default, Duration::from_secs(5)),
-    );
+    let (d, worker, mut rx) = dispatch(HandoffMsg::Default, Duration::from_secs(5));
     let clients: Vec<_> = (0..3)
         .map(|_| {
             let (c, h) = conn();
@@ -198,15 +177,7 @@ async fn a_worker_that_dies_with_handoffs_in_flight_gives_every_one_back() {
 
 #[tokio::test]
 async fn a_worker_that_stops_answering_is_reported_stalled_and_recovered() {
-    let (master, worker) = UnixStream::pair().unwrap();
-    worker.set_nonblocking(true).unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let d = start(
-        ID,
-        master,
-        tx,
-        limits(HandoffMsg::Default, Duration::from_millis(100)),
-    );
+    let (d, worker, mut rx) = dispatch(HandoffMsg::Default, Duration::from_millis(100));
     let (_client, h) = conn();
     d.send(h).unwrap();
     assert!(matches!(next(&mut rx).await, Report::Stalled));

@@ -729,3 +729,8 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// How many fds a process has open.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
