@@ -16,6 +16,7 @@
 //! - `cluster` — Node's primary: `queryServer`, shared listeners;
 //! - `kernel` — kernel steering's program and stall watch;
 //! - `workers` — spawning with the environment contract, exits, silent workers;
+//! - `messages` — the dispatch tasks' reports: hand-off answers and worker messages;
 //! - `notify` — systemd; `timers` — the periodic timer table.
 //!
 //! The master spawns workers only from this thread, which lives as long as the process, so
@@ -41,7 +42,9 @@ mod reload;
 mod takeover;
 mod timers;
 pub use takeover::Takeover;
+mod messages;
 mod workers;
+use workers::fleet_config;
 
 use super::{Action, Fleet, FleetConfig, Sig, WorkerId};
 use crate::channel::cluster::ServerQuery;
@@ -120,38 +123,6 @@ pub struct Master {
     adopted: Vec<(WorkerId, u32)>,
     /// The state lb's previous image left, applied when `run` starts.
     resume_state: Option<upgrade::State>,
-}
-
-/// The lifecycle settings of `settings` for workers running `argv`.
-fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
-    FleetConfig {
-        workers: settings.workers,
-        // With kernel steering a Node worker takes clients only by accepting from the slot's
-        // listener: it is ready once it listens on lb's port (a cluster app), not before.
-        wait_ready: settings.wait_ready
-            || (settings.steering == crate::config::Steering::Kernel && is_node(argv)),
-        ready_timeout: settings.ready_timeout,
-        drain_timeout: settings.shutdown_timeout,
-        heartbeat_timeout: settings.heartbeat_timeout,
-        max_memory: settings.max_memory,
-        crash_loop: settings.crash_loop,
-        hold_timeout: settings.stall_timeout,
-        node_workers: is_node(argv),
-        ready_hint: if settings.steering == crate::config::Steering::Kernel && is_node(argv) {
-            " (under --steering kernel a Node worker is ready once it calls listen() on lb's port \
-             and takes its slot's listener; a sticky-session worker, which waits for handed-over \
-             connections, never does: run it with --steering master)"
-        } else {
-            ""
-        },
-    }
-}
-
-/// Whether the worker command runs Node (`node`/`nodejs`).
-fn is_node(argv: &[String]) -> bool {
-    argv.first()
-        .and_then(|p| std::path::Path::new(p).file_name())
-        .is_some_and(|n| n == "node" || n == "nodejs")
 }
 
 /// What lb sends for `--heartbeat-ping` (a worker answers `{cmd:'heartbeat'}` the same way).
@@ -381,60 +352,6 @@ impl Master {
             .accept_batch(guard, &self.settings, &self.shared.metrics, &mut |h| {
                 router.route(h, None)
             });
-    }
-
-    fn on_dispatch(&mut self, ev: dispatch::Event, now: Instant) {
-        let dispatch::Event { id, report } = ev;
-        let metrics = &self.shared.metrics;
-        match report {
-            Report::Acked { accepted } => {
-                self.router.acked(id, accepted);
-                self.release_when_answered(id, now);
-            }
-            Report::Nacked => metrics.failure(Failure::Nack, 1),
-            Report::Returned(conns, why) => {
-                self.router.returned(id, conns, why);
-                self.release_when_answered(id, now);
-            }
-            Report::Message(m) => {
-                if !self.router.message(id, &m) {
-                    match m {
-                        WorkerMsg::Heartbeat => self.fleet.on_heartbeat(id, now),
-                        WorkerMsg::Ready => self.fleet.on_ready(id, now),
-                        WorkerMsg::Leaving => {
-                            self.fleet.on_leaving(id, now, "its app closed its server")
-                        }
-                        _ => {}
-                    }
-                }
-                self.fleet.on_alive(id, now);
-                if self.group.is_some() {
-                    // Kernel steering: a worker that stopped accepting speaks again.
-                    self.fleet.on_recovered(id);
-                }
-            }
-            Report::Stalled => self.fleet.on_stalled(id, self.settings.stall_timeout),
-            Report::Recovered => self.fleet.on_recovered(id),
-            Report::Desync => {
-                metrics.dropped(Dropped::Desync);
-                self.fleet.on_desync(id, now);
-            }
-            Report::TooLong => metrics.dropped(Dropped::TooLong),
-            Report::StrayFd => metrics.dropped(Dropped::StrayFd),
-            Report::Cluster(m) => self.on_cluster(id, m, now),
-            Report::Closed => {
-                self.fleet.on_channel_closed(id, now);
-                self.router.closed(id);
-            }
-        }
-        self.apply();
-    }
-
-    /// During a shutdown, a worker spared SIGTERM gets it once its handoffs are answered.
-    fn release_when_answered(&mut self, id: WorkerId, now: Instant) {
-        if self.fleet.shutting_down() && !self.router.busy(id) {
-            self.fleet.on_answered(id, now);
-        }
     }
 
     fn begin_shutdown(&mut self, why: &str, now: Instant) {

@@ -138,3 +138,35 @@ pub(super) fn describe_status(s: ExitStatus) -> String {
         _ => s.to_string(),
     }
 }
+
+/// The lifecycle settings of `settings` for workers running `argv`.
+pub(super) fn fleet_config(settings: &Settings, argv: &[String]) -> FleetConfig {
+    FleetConfig {
+        workers: settings.workers,
+        // With kernel steering a Node worker takes clients only by accepting from the slot's
+        // listener: it is ready once it listens on lb's port (a cluster app), not before.
+        wait_ready: settings.wait_ready
+            || (settings.steering == crate::config::Steering::Kernel && is_node(argv)),
+        ready_timeout: settings.ready_timeout,
+        drain_timeout: settings.shutdown_timeout,
+        heartbeat_timeout: settings.heartbeat_timeout,
+        max_memory: settings.max_memory,
+        crash_loop: settings.crash_loop,
+        hold_timeout: settings.stall_timeout,
+        node_workers: is_node(argv),
+        ready_hint: if settings.steering == crate::config::Steering::Kernel && is_node(argv) {
+            " (under --steering kernel a Node worker is ready once it calls listen() on lb's port \
+             and takes its slot's listener; a sticky-session worker, which waits for handed-over \
+             connections, never does: run it with --steering master)"
+        } else {
+            ""
+        },
+    }
+}
+
+/// Whether the worker command runs Node (`node`/`nodejs`).
+pub(super) fn is_node(argv: &[String]) -> bool {
+    argv.first()
+        .and_then(|p| std::path::Path::new(p).file_name())
+        .is_some_and(|n| n == "node" || n == "nodejs")
+}
