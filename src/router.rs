@@ -22,6 +22,7 @@ use crate::balance::{Balancer, Policy, SlotLoad};
 use crate::channel::{SioMessage, WorkerMsg};
 use crate::config::{Settings, StalledSticky};
 use crate::dispatch::{DispatchHandle, Handoff, Returned};
+use crate::held::Held;
 use crate::loglimit::LogLimit;
 use crate::metrics::PeekResult;
 use crate::metrics::{Dropped, Failure, Shared, SlotMetrics};
@@ -72,11 +73,16 @@ struct Link {
     reports_active: bool,
     /// Last cumulative `totalRequests` it reported.
     reported_requests: u64,
+    /// What it holds, counted in the kernel (when it reports nothing itself, see [`Held`]).
+    held: Held,
 }
 
 impl Link {
     /// Hands `h` to this worker's dispatch (noting the first few for [`crate::silence`]).
     fn hand(&mut self, h: Handoff) -> Result<(), Handoff> {
+        if self.counted_in_kernel() {
+            self.held.note(&h.stream);
+        }
         let addrs = if self.watch.wants_sample() {
             h.stream.local_addr().ok().zip(h.stream.peer_addr().ok())
         } else {
@@ -85,6 +91,11 @@ impl Link {
         self.dispatch.send(h)?;
         self.watch.handed(addrs, Instant::now);
         Ok(())
+    }
+
+    /// A cluster worker that gets `newconn`s and reports no count: lb counts in the kernel.
+    fn counted_in_kernel(&self) -> bool {
+        self.rr_key.is_some() && !self.reports_active
     }
 
     fn active(&self) -> u64 {
@@ -118,6 +129,9 @@ pub struct CarriedLink {
     /// Last cumulative `totalRequests` it reported (so that its next report counts only what
     /// is new).
     pub reported_requests: u64,
+    /// The connections it held at the last look, when lb counts them in the kernel.
+    #[serde(default)]
+    pub held: Vec<crate::held::Pair>,
 }
 
 /// Routing state of the master.
@@ -236,6 +250,7 @@ impl Router {
             acked_since_report: c.acked_since_report,
             reports_active: c.reports_active,
             reported_requests: c.reported_requests,
+            held: Held::from_vec(c.held),
             watch: Watch::default(),
         });
         self.update_active(id.slot);
@@ -255,6 +270,7 @@ impl Router {
                 acked_since_report: l.acked_since_report,
                 reports_active: l.reports_active,
                 reported_requests: l.reported_requests,
+                held: l.held.to_vec(),
             },
         ))
     }
@@ -396,6 +412,7 @@ impl Router {
             WorkerMsg::SocketCount(n) => {
                 if let Some(l) = link
                     && !l.reports_active
+                    && !l.counted_in_kernel()
                 {
                     l.reported_active = *n;
                     l.acked_since_report = 0;
@@ -532,8 +549,33 @@ impl Router {
     /// Asks every worker that does not report its active connections for its socket count.
     pub fn query_socket_counts(&self) {
         for l in self.links.iter().flatten() {
-            if !l.reports_active && !l.exited && l.routable {
+            if !l.reports_active && !l.counted_in_kernel() && !l.exited && l.routable {
                 l.dispatch.query_socket_count();
+            }
+        }
+    }
+
+    /// Some worker's connections are counted in the kernel ([`Held`]): look once a second.
+    pub fn counts_in_kernel(&self) -> bool {
+        self.links
+            .iter()
+            .flatten()
+            .any(|l| l.counted_in_kernel() && !l.exited)
+    }
+
+    /// What the kernel says is open: the active counts of the workers counted there.
+    pub fn kernel_counts(&mut self, open: &std::collections::HashSet<crate::held::Pair>) {
+        for slot in 0..self.links.len() {
+            let mut changed = false;
+            for l in &mut self.links[slot] {
+                if l.counted_in_kernel() {
+                    l.reported_active = l.held.refresh(open);
+                    l.acked_since_report = 0;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.update_active(slot);
             }
         }
     }

@@ -3,10 +3,13 @@
 //! worker took it, so this is how it can tell, without reading a byte or holding the socket, that
 //! a worker is not answering anyone (DESIGN §12: a hang must not be silent).
 //!
+//! It also tells which handed connections are still open ([`open_pairs`]), for workers that do
+//! not say how many they hold ([`crate::held`]).
+//!
 //! One dump of the TCP sockets of both families with `INET_DIAG_INFO` (`struct tcp_info`); only
 //! safe calls (nix's netlink socket), the messages parsed by hand with bounds checks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -41,12 +44,35 @@ const TCPI_BYTES_RECEIVED: usize = 128;
 pub fn flows() -> io::Result<HashMap<(SocketAddr, SocketAddr), Flow>> {
     let mut all = HashMap::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, &mut all)?;
+        dump(family, u32::MAX, 1 << (INET_DIAG_INFO - 1), |m| {
+            if let Some((key, flow)) = parse(m) {
+                all.insert(key, flow);
+            }
+        })?;
     }
     Ok(all)
 }
 
-fn dump(family: u8, out: &mut HashMap<(SocketAddr, SocketAddr), Flow>) -> io::Result<()> {
+/// The (local, peer) address pairs of the connections that are open on this side: established,
+/// or closed by the peer and not yet by the process that holds them (`CLOSE_WAIT`). A smaller
+/// dump than [`flows`]: two states, no `tcp_info`.
+pub fn open_pairs() -> io::Result<HashSet<(SocketAddr, SocketAddr)>> {
+    const ESTABLISHED: u32 = 1;
+    const CLOSE_WAIT: u32 = 8;
+    let mut open = HashSet::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        dump(family, (1 << ESTABLISHED) | (1 << CLOSE_WAIT), 0, |m| {
+            if let Some(key) = pair(m) {
+                open.insert(key);
+            }
+        })?;
+    }
+    Ok(open)
+}
+
+/// One dump of `family`'s TCP sockets in `states` (a bit per state) with the extensions `ext`;
+/// `each` gets every `inet_diag_msg` with its attributes.
+fn dump(family: u8, states: u32, ext: u8, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -62,9 +88,9 @@ fn dump(family: u8, out: &mut HashMap<(SocketAddr, SocketAddr), Flow>) -> io::Re
     req.extend(0u32.to_ne_bytes()); // pid
     req.push(family);
     req.push(libc::IPPROTO_TCP as u8);
-    req.push(1 << (INET_DIAG_INFO - 1)); // idiag_ext
+    req.push(ext); // idiag_ext
     req.push(0);
-    req.extend(u32::MAX.to_ne_bytes()); // every state
+    req.extend(states.to_ne_bytes());
     req.extend([0u8; 48]); // no socket id: all of them
     sendto(
         fd.as_raw_fd(),
@@ -85,11 +111,7 @@ fn dump(family: u8, out: &mut HashMap<(SocketAddr, SocketAddr), Flow>) -> io::Re
             match kind {
                 NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => return Err(io::Error::other("sock_diag refused the dump")),
-                SOCK_DIAG_BY_FAMILY => {
-                    if let Some((key, flow)) = parse(&buf[off + 16..off + len]) {
-                        out.insert(key, flow);
-                    }
-                }
+                SOCK_DIAG_BY_FAMILY => each(&buf[off + 16..off + len]),
                 _ => {}
             }
             off += (len + 3) & !3;
@@ -108,8 +130,8 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// One `inet_diag_msg` with its attributes.
-fn parse(m: &[u8]) -> Option<((SocketAddr, SocketAddr), Flow)> {
+/// The (local, peer) addresses of one `inet_diag_msg`.
+fn pair(m: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     if m.len() < DIAG_MSG_LEN {
         return None;
     }
@@ -128,8 +150,15 @@ fn parse(m: &[u8]) -> Option<((SocketAddr, SocketAddr), Flow)> {
             None
         }
     };
-    let local = SocketAddr::new(addr(8)?, sport);
-    let peer = SocketAddr::new(addr(24)?, dport);
+    Some((
+        SocketAddr::new(addr(8)?, sport),
+        SocketAddr::new(addr(24)?, dport),
+    ))
+}
+
+/// One `inet_diag_msg` with its `tcp_info`.
+fn parse(m: &[u8]) -> Option<((SocketAddr, SocketAddr), Flow)> {
+    let key = pair(m)?;
     let mut off = DIAG_MSG_LEN;
     while off + 4 <= m.len() {
         let len = usize::from(u16::from_ne_bytes([m[off], m[off + 1]]));
@@ -143,7 +172,7 @@ fn parse(m: &[u8]) -> Option<((SocketAddr, SocketAddr), Flow)> {
                 sent: u64_at(info, TCPI_BYTES_ACKED)?,
                 received: u64_at(info, TCPI_BYTES_RECEIVED)?,
             };
-            return Some(((local, peer), flow));
+            return Some((key, flow));
         }
         off += (len + 3) & !3;
     }
@@ -192,6 +221,32 @@ mod tests {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "{f:?}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn open_pairs_has_a_connection_until_its_server_side_closes() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let key = (
+            canonical(s.local_addr().unwrap()),
+            canonical(s.peer_addr().unwrap()),
+        );
+        assert!(open_pairs().unwrap().contains(&key), "established");
+        drop(c);
+        // The client's FIN arrives (CLOSE_WAIT): the server still holds it open.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &s, &mut buf).unwrap(), 0);
+        assert!(open_pairs().unwrap().contains(&key), "close-wait");
+        drop(s);
+        while open_pairs().unwrap().contains(&key) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still open after its close"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }

@@ -370,19 +370,7 @@ fn route_prints_a_slot() {
 
 #[test]
 fn a_rust_worker_on_the_lb_worker_library_serves_connections() {
-    // Build the example program (cargo does not hold its lock while tests run).
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "--quiet", "--example", "echo_worker"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo");
-    assert!(built.success(), "cargo build --example echo_worker failed");
-    let exe = std::path::Path::new(LB)
-        .parent()
-        .unwrap()
-        .join("examples/echo_worker");
-    assert!(exe.exists(), "{} not built", exe.display());
+    let exe = echo_worker();
     let lb = Lb::start(&["-w", "2", "--wait-ready", "--", exe.to_str().unwrap()]);
     lb.wait_all_ready(2);
     use std::io::{BufRead, Write};

@@ -386,8 +386,15 @@ impl Master {
         // In case a SIGCHLD was coalesced with one tokio consumed for a worker.
         self.check_adopted();
         reaper::reap_orphans(&self.worker_pids);
-        // An unmodified Node worker counts the sockets we sent it: ask.
+        // An unmodified Node worker counts the sockets we sent it: ask. A cluster worker
+        // counts nothing: the kernel does.
         self.router.query_socket_counts();
+        if self.router.counts_in_kernel() {
+            match crate::tcpdiag::open_pairs() {
+                Ok(open) => self.router.kernel_counts(&open),
+                Err(e) => tracing::debug!("cannot count cluster workers' connections: {e}"),
+            }
+        }
         self.look_for_silent_workers(now);
 
         self.apply();

@@ -24,6 +24,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::{Counters, Worker};
@@ -380,15 +383,17 @@ async fn serve_hyper(io: ClientIo, serving: Serving) {
     // SIGTERM would see its connection closed).
     let (started_tx, mut started_rx) = watch::channel(false);
     let act = activity.clone();
+    let ws_stop = stop.clone();
     let service = hyper::service::service_fn(move |req| {
         let hello = hello.clone();
         let counters = counters.clone();
         let act = act.clone();
         let client = client.clone();
+        let stop = ws_stop.clone();
         started_tx.send_replace(true);
         act.in_flight.fetch_add(1, Ordering::Relaxed);
         async move {
-            let mut resp = route(req, &hello, &counters).await;
+            let mut resp = route(req, &hello, &counters, stop).await;
             if let Some(c) = client {
                 resp.headers_mut().insert(CLIENT_ADDR, c);
             }
@@ -556,11 +561,16 @@ pub fn main_standalone(addr: std::net::SocketAddr) -> std::io::Result<()> {
 const CLIENT_ADDR: hyper::header::HeaderName =
     hyper::header::HeaderName::from_static("x-client-addr");
 
-async fn route(req: Request<Incoming>, hello: &Bytes, counters: &Counters) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    hello: &Bytes,
+    counters: &Arc<Counters>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body> {
     let path = req.uri().path();
     let resp = match (req.method(), path) {
         (&Method::GET, "/") => text(StatusCode::OK, hello.clone()),
-        (&Method::GET, "/ws") => websocket(req),
+        (&Method::GET, "/ws") => websocket(req, counters, stop),
         (&Method::POST, "/echo") => {
             let body = req.into_body().boxed();
             Response::new(body)
@@ -593,7 +603,15 @@ fn text(status: StatusCode, body: Bytes) -> Response<Body> {
     r
 }
 
-fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+/// Echoes a WebSocket's messages. The socket counts as active until it closes (hyper lets go of
+/// the connection at the upgrade); when the worker drains, it says goodbye with close code 1001
+/// (going away), so the client reconnects to another worker instead of waiting for lb's
+/// shutdown timeout.
+fn websocket(
+    mut req: Request<Incoming>,
+    counters: &Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) -> Response<Body> {
     let h = req.headers();
     let upgrade = h
         .get(UPGRADE)
@@ -607,7 +625,9 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     };
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let held = counters.hold();
     tokio::spawn(async move {
+        let _held = held;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
@@ -623,7 +643,16 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let (mut tx, mut rx) = ws.split();
-        while let Some(Ok(msg)) = rx.next().await {
+        loop {
+            let msg = tokio::select! {
+                m = rx.next() => m,
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    let bye = CloseFrame { code: CloseCode::Away, reason: "worker stopping".into() };
+                    let _ = tx.send(Message::Close(Some(bye))).await;
+                    break;
+                }
+            };
+            let Some(Ok(msg)) = msg else { break };
             if msg.is_text() || msg.is_binary() {
                 if tx.send(msg).await.is_err() {
                     break;

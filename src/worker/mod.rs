@@ -94,6 +94,15 @@ impl Counters {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+
+    /// Counts one more active connection until the guard is dropped: for a connection that
+    /// outlives the [`Connection`] it came on (a WebSocket served by its own task after the
+    /// upgrade), so that lb's `least-connections` and `--balance-factor` see it.
+    pub fn hold(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+        ActiveGuard(self.clone())
+    }
 }
 
 /// A connection handed to this worker by lb. Dropping it closes the socket and decrements the
@@ -291,12 +300,10 @@ impl SlotListener {
     /// The next connection the kernel steered to this slot.
     pub async fn accept(&self) -> io::Result<Connection> {
         let (stream, _) = self.inner.accept().await?;
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
-        self.counters.changed.notify_one();
         Ok(Connection {
             stream,
             client: None,
-            guard: ActiveGuard(self.counters.clone()),
+            guard: self.counters.hold(),
         })
     }
 }
@@ -424,12 +431,10 @@ fn into_connection(
         return None;
     }
     let stream = tokio::net::TcpStream::from_std(std).ok()?;
-    counters.active.fetch_add(1, Ordering::Relaxed);
-    counters.changed.notify_one();
     Some(Connection {
         stream,
         client,
-        guard: ActiveGuard(counters.clone()),
+        guard: counters.hold(),
     })
 }
 

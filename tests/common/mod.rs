@@ -734,3 +734,34 @@ impl Drop for Prometheus {
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
+
+/// The `echo_worker` example (a Rust worker on `lb::worker`), built on first use (cargo does not
+/// hold its lock while tests run).
+pub fn echo_worker() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--quiet", "--example", "echo_worker"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo");
+    assert!(built.success(), "cargo build --example echo_worker failed");
+    let exe = std::path::Path::new(LB)
+        .parent()
+        .unwrap()
+        .join("examples/echo_worker");
+    assert!(exe.exists(), "{} not built", exe.display());
+    exe
+}
+
+/// A WebSocket to `path` on `addr`, from `from`.
+pub fn websocket(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    path: &str,
+) -> tungstenite::WebSocket<TcpStream> {
+    let s = connect(addr, from);
+    let (ws, resp) =
+        tungstenite::client(format!("ws://{addr}{path}"), s).expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    ws
+}
