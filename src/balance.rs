@@ -120,7 +120,12 @@ impl StickyHash {
 
     /// The weight of `slot` for client `ip` (already canonical).
     pub fn weight(&self, ip: IpAddr, slot: usize) -> u32 {
-        fmix32(ip_key(ip) ^ self.slot_seed(slot))
+        self.key_weight(ip_key(ip), slot)
+    }
+
+    /// The weight of `slot` for a 32-bit key (an IP's [`ip_key`], or a `--hash-key` key's).
+    pub fn key_weight(&self, key: u32, slot: usize) -> u32 {
+        fmix32(key ^ self.slot_seed(slot))
     }
 
     /// The eligible slot with the highest weight for `ip` (canonicalized here).
@@ -130,10 +135,44 @@ impl StickyHash {
         slots: usize,
         eligible: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let ip = canonical_ip(ip);
+        self.pick_key(ip_key(canonical_ip(ip)), slots, eligible)
+    }
+
+    /// The eligible slot with the highest weight for `key`.
+    pub fn pick_key(
+        &self,
+        key: u32,
+        slots: usize,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         (0..slots)
             .filter(|&s| eligible(s))
-            .max_by_key(|&s| (self.weight(ip, s), std::cmp::Reverse(s)))
+            .max_by_key(|&s| (self.key_weight(key, s), std::cmp::Reverse(s)))
+    }
+
+    /// Bounded loads (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+    /// Loads"; HAProxy's `hash-balance-factor`): the first eligible slot in `key`'s rendezvous
+    /// order that is not full, and whether the key's first choice was full. A slot is full when
+    /// one more connection would take it over ⌈factor × (total + 1) / eligible slots⌉, counting
+    /// the eligible slots' loads. Some slot is always below the bound (the bound times the
+    /// slots exceeds the total), so an eligible slot is always found.
+    pub fn pick_bounded(&self, key: u32, slots: &[SlotLoad], factor: f64) -> Option<(usize, bool)> {
+        let live = slots.iter().filter(|s| s.eligible).count();
+        if live == 0 {
+            return None;
+        }
+        let total: u64 = slots.iter().filter(|s| s.eligible).map(|s| s.load).sum();
+        let bound = (factor * (total + 1) as f64 / live as f64).ceil() as u64;
+        let mut order: Vec<usize> = (0..slots.len()).filter(|&s| slots[s].eligible).collect();
+        order.sort_unstable_by_key(|&s| {
+            std::cmp::Reverse((self.key_weight(key, s), std::cmp::Reverse(s)))
+        });
+        let pick = order
+            .iter()
+            .copied()
+            .find(|&s| slots[s].load < bound)
+            .unwrap_or(order[0]);
+        Some((pick, pick != order[0]))
     }
 
     /// The slot `ip` goes to when all `slots` are up.
@@ -158,6 +197,8 @@ pub struct Balancer {
     hash: StickyHash,
     /// The slot after which round-robin (and least-connections' tie-break) continues.
     cursor: usize,
+    /// `--balance-factor`.
+    factor: Option<f64>,
 }
 
 impl Balancer {
@@ -167,7 +208,14 @@ impl Balancer {
             policy,
             hash: StickyHash::new(seed),
             cursor: usize::MAX,
+            factor: None,
         }
+    }
+
+    /// With `--balance-factor`: sticky's loads are bounded.
+    pub fn with_factor(mut self, factor: Option<f64>) -> Self {
+        self.factor = factor;
+        self
     }
 
     /// The policy in use.
@@ -182,12 +230,25 @@ impl Balancer {
 
     /// Picks a slot for a connection from `ip`, or `None` if no slot is eligible.
     pub fn pick(&mut self, ip: IpAddr, slots: &[SlotLoad]) -> Option<usize> {
+        self.pick_key(ip_key(canonical_ip(ip)), slots)
+            .map(|(s, _)| s)
+    }
+
+    /// Picks a slot for a connection whose sticky key is `key`, and says whether sticky's first
+    /// choice was passed over for being full (`--balance-factor`).
+    pub fn pick_key(&mut self, key: u32, slots: &[SlotLoad]) -> Option<(usize, bool)> {
         match self.policy {
-            Policy::Sticky => self.hash.pick(ip, slots.len(), |s| slots[s].eligible),
+            Policy::Sticky => match self.factor {
+                Some(f) => self.hash.pick_bounded(key, slots, f),
+                None => self
+                    .hash
+                    .pick_key(key, slots.len(), |s| slots[s].eligible)
+                    .map(|s| (s, false)),
+            },
             Policy::RoundRobin => {
                 let s = self.rotation(slots.len()).find(|&s| slots[s].eligible)?;
                 self.cursor = s;
-                Some(s)
+                Some((s, false))
             }
             Policy::LeastConnections => {
                 let mut best: Option<usize> = None;
@@ -198,7 +259,7 @@ impl Balancer {
                 }
                 let s = best?;
                 self.cursor = s;
-                Some(s)
+                Some((s, false))
             }
         }
     }
@@ -412,5 +473,34 @@ mod tests {
                 .to_string()
                 .contains("fastest")
         );
+    }
+
+    #[test]
+    fn bounded_loads_send_a_full_home_s_keys_to_their_next_choice() {
+        let h = StickyHash::new(DEFAULT_HASH_SEED);
+        let key = ip_key(ip(7));
+        let home = h.pick_key(key, 4, |_| true).unwrap();
+        let mut slots = all_up(4);
+        // 200 from one key: ⌈1.25 × 201 / 4⌉ = 63 is the most any slot reaches.
+        let mut homes = 0;
+        for _ in 0..200 {
+            let (s, full) = h.pick_bounded(key, &slots, 1.25).unwrap();
+            homes += usize::from(!full);
+            assert_eq!(full, s != home);
+            slots[s].load += 1;
+        }
+        assert!(slots.iter().all(|s| s.load <= 63), "{slots:?}");
+        assert_eq!(slots[home].load, homes as u64);
+        assert_eq!(slots.iter().map(|s| s.load).sum::<u64>(), 200);
+        // Below the bound, the key stays home; an ineligible slot is never chosen.
+        let mut slots = all_up(4);
+        assert_eq!(h.pick_bounded(key, &slots, 1.25), Some((home, false)));
+        slots[home].eligible = false;
+        let (s, full) = h.pick_bounded(key, &slots, 1.25).unwrap();
+        assert!(
+            s != home && !full,
+            "the first eligible choice is not 'full'"
+        );
+        assert_eq!(h.pick_bounded(key, &[SlotLoad::default(); 3], 1.25), None);
     }
 }

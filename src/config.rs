@@ -85,10 +85,15 @@ pub struct Cli {
 /// Helper subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Sub {
-    /// Print the slot (0-based) that `sticky` sends IP to when all slots are up.
+    /// Print the slot (0-based) that `sticky` sends IP (or a `--hash-key` key) to when all
+    /// slots are up: its home.
     Route {
-        /// The client IP address.
-        ip: String,
+        /// The client IP address (or, with `xff`, the address the proxy appended).
+        #[arg(required_unless_present = "key", conflicts_with = "key")]
+        ip: Option<String>,
+        /// A key's value instead of an IP (a cookie's, a header's, a query parameter's).
+        #[arg(long, value_name = "VALUE")]
+        key: Option<String>,
         /// Number of worker slots.
         #[arg(short, long)]
         workers: Option<String>,
@@ -305,6 +310,7 @@ macro_rules! options {
                     command,
                 };
                 settings.check_steering()?;
+                settings.check_keys()?;
                 Ok(settings)
             }
         }
@@ -380,9 +386,19 @@ options! {
     /// its worker), or any other string [default: sticky-session:connection]
     handoff: crate::channel::HandoffMsg = crate::channel::HandoffMsg::Default,
         crate::channel::HandoffMsg::parse, "MESSAGE";
-    /// With `--handoff socket.io`: how long lb waits for a connection's request line to look for
-    /// its `sid=` (peeking, never reading); `0s` turns that routing off [default: 1s]
+    /// How long lb waits for a connection's request head to look for its socket.io `sid=`
+    /// (`--handoff socket.io`) or its `--hash-key` (peeking, never reading); then it routes by
+    /// the IP. `0s` turns peeking off [default: 1s]
     peek_timeout: Duration = Duration::from_secs(1), parse_duration, "D";
+    /// What `sticky` hashes, the first present wins: `ip`, `xff` (the address a --proxy-trusted
+    /// proxy appended to X-Forwarded-For), `cookie:NAME`, `header:NAME`, `query:NAME`; the IP
+    /// when none is [default: ip]
+    hash_key: std::sync::Arc<crate::hashkey::HashKeys> = Default::default(),
+        |v| crate::hashkey::HashKeys::parse(v).map(std::sync::Arc::new), "KEY[,KEY…]";
+    /// Bounded loads for `sticky`: a slot is full when its active connections would exceed
+    /// ⌈F × (total active + 1) / live slots⌉, and a new client whose home is full goes to its
+    /// next choice (F > 1, e.g. 1.25) [default: off]
+    balance_factor: Option<f64> = None, |v| off_or(v, parse_factor), "F";
     /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
     /// failed for the length of the window [default: 10/1m]
     crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";
@@ -403,7 +419,49 @@ options! {
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
 }
 
+/// A `--balance-factor`: a number above 1 (1.25 lets a slot take 25 % more than its share).
+fn parse_factor(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 1.0 && f <= 100.0 => Ok(f),
+        _ => Err(format!(
+            "invalid balance factor `{v}` (expected a number above 1 and at most 100, e.g. 1.25)"
+        )),
+    }
+}
+
 impl Settings {
+    /// Whether lb peeks at request heads: for socket.io sids or for `--hash-key` keys.
+    pub fn peeks(&self) -> bool {
+        !self.peek_timeout.is_zero()
+            && (self.handoff == crate::channel::HandoffMsg::SocketIo || self.hash_key.peeks())
+    }
+
+    /// What lb may place by: `--hash-key` and `--balance-factor` shape `sticky` only, and `xff`
+    /// needs the proxies it may believe.
+    fn check_keys(&self) -> Result<(), ConfigError> {
+        let conflict = |m: String| Err(ConfigError::Conflict(m));
+        if self.policy != Policy::Sticky {
+            if *self.hash_key != crate::hashkey::HashKeys::default() {
+                return conflict(format!(
+                    "--hash-key chooses what sticky hashes; policy is {}",
+                    self.policy
+                ));
+            }
+            if self.balance_factor.is_some() {
+                return conflict(format!(
+                    "--balance-factor bounds sticky's loads; policy is {} (least-connections already places by load)",
+                    self.policy
+                ));
+            }
+        }
+        if self.hash_key.has_xff() && self.proxy_trusted.is_none() {
+            return conflict(
+                "--hash-key xff needs --proxy-trusted CIDRS: the proxies whose X-Forwarded-For lb may believe (from anyone else the header would let a client pick its worker)".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// `--steering kernel` needs what the kernel can do: sticky (the program computes sticky's
     /// hash), the client's own address (the kernel cannot read a PROXY header), and few enough
     /// slots for one BPF program.
@@ -421,6 +479,16 @@ impl Settings {
         if self.proxy_protocol != crate::proxy::Mode::Off {
             return conflict(
                 "the kernel sees the balancer's address, not the PROXY header's; use --steering master with --proxy-protocol",
+            );
+        }
+        if self.balance_factor.is_some() {
+            return conflict(
+                "the kernel places by hash alone and cannot see the slots' loads; use --steering master with --balance-factor",
+            );
+        }
+        if self.hash_key.peeks() {
+            return conflict(
+                "the kernel places before a byte arrives and cannot read a key; use --steering master with --hash-key",
             );
         }
         if self.workers > crate::steering::MAX_SLOTS {

@@ -64,6 +64,9 @@ pub struct Handoff {
     pub dispatches: u8,
     /// The socket.io session id its request line carries (peeked, `--handoff socket.io`).
     pub sid: Option<Box<str>>,
+    /// The hash of the `--hash-key` key its request head carries (peeked); `None` hashes the
+    /// client's IP.
+    pub key: Option<u32>,
 }
 
 impl Handoff {
@@ -77,7 +80,14 @@ impl Handoff {
             dispatches: 0,
             client: None,
             sid: None,
+            key: None,
         }
+    }
+
+    /// What `sticky` hashes for it: its key, else its client's address.
+    pub fn sticky_key(&self) -> u32 {
+        self.key
+            .unwrap_or_else(|| crate::balance::ip_key(crate::balance::canonical_ip(self.peer.ip())))
     }
 
     /// A connection whose PROXY header named `client` (hashed on, and told to the worker).

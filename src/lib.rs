@@ -56,6 +56,7 @@ pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod env;
+pub mod hashkey;
 pub mod held;
 pub mod listener;
 pub mod loglimit;

@@ -112,10 +112,17 @@ fn main() -> ExitCode {
         }
         Some(Sub::Route {
             ip,
+            key,
             workers,
             hash_seed,
             config,
-        }) => route(&ip, workers.as_ref(), hash_seed.as_ref(), config.as_deref()),
+        }) => route(
+            ip.as_deref(),
+            key.as_deref(),
+            workers.as_ref(),
+            hash_seed.as_ref(),
+            config.as_deref(),
+        ),
         Some(Sub::Check {
             run,
             command,
@@ -213,17 +220,24 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 fn route(
-    ip: &str,
+    ip: Option<&str>,
+    key: Option<&str>,
     workers: Option<&String>,
     seed: Option<&String>,
     config: Option<&std::path::Path>,
 ) -> ExitCode {
-    let Ok(addr) = ip.parse::<std::net::IpAddr>() else {
-        return fail(&format!("invalid IP address `{ip}`"));
+    let hashed = match (ip, key) {
+        (_, Some(k)) => lb::hashkey::text_key(k.as_bytes()),
+        (Some(ip), None) => match ip.parse::<std::net::IpAddr>() {
+            Ok(addr) => lb::balance::ip_key(lb::balance::canonical_ip(addr)),
+            Err(_) => return fail(&format!("invalid IP address `{ip}`")),
+        },
+        (None, None) => return fail("lb route needs an IP address or --key VALUE"),
     };
     match lb::config::route_settings(workers, seed, config) {
         Ok((n, seed)) => {
-            println!("{}", lb::balance::StickyHash::new(seed).home(addr, n));
+            let home = lb::balance::StickyHash::new(seed).pick_key(hashed, n, |_| true);
+            println!("{}", home.expect("at least one slot"));
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string()),
@@ -286,9 +300,12 @@ fn serve(
         settings.user = None; // already that user
     }
     init_logging(settings.log_format);
-    if settings.proxy_trusted.is_some() && settings.proxy_protocol == lb::proxy::Mode::Off {
+    if settings.proxy_trusted.is_some()
+        && settings.proxy_protocol == lb::proxy::Mode::Off
+        && !settings.hash_key.has_xff()
+    {
         tracing::warn!(
-            "--proxy-trusted has no effect without --proxy-protocol strip|keep: no connection is asked for a PROXY header"
+            "--proxy-trusted has no effect without --proxy-protocol strip|keep or --hash-key xff: no connection is asked for a PROXY header and no X-Forwarded-For is read"
         );
     }
     if let Some(limit) = listener::raise_nofile_limit() {

@@ -41,6 +41,9 @@ pub struct SlotMetrics {
     /// Sticky clients of this slot sent elsewhere while its worker was up (at `--max-pending`,
     /// or it refused the connection).
     pub moved: IntCounter,
+    /// New sticky clients of this slot sent to their next choice because it was full
+    /// (`--balance-factor`).
+    pub overflow: IntCounter,
     /// socket.io sessions the slot's worker owns (`@socket.io/sticky` notices).
     pub sessions: IntGauge,
     /// `lb_worker_state{state}`: 1 for the slot's state, 0 for the others.
@@ -71,6 +74,7 @@ struct SlotFamilies {
     restarts: IntCounterVec,
     memory: IntGaugeVec,
     moved: IntCounterVec,
+    overflow: IntCounterVec,
     sessions: IntGaugeVec,
     state: IntGaugeVec,
 }
@@ -90,6 +94,7 @@ impl SlotFamilies {
             restarts: self.restarts.with_label_values(&[&l]),
             memory: self.memory.with_label_values(&[&l]),
             moved: self.moved.with_label_values(&[&l]),
+            overflow: self.overflow.with_label_values(&[&l]),
             sessions: self.sessions.with_label_values(&[&l]),
         }
     }
@@ -262,6 +267,10 @@ labels! {
         Closed = "closed",
         /// Still waiting when the wait set was full: routed as it was, to make room.
         Evicted = "evicted",
+        /// A request head with a `--hash-key` key: hashed on it.
+        Key = "key",
+        /// A request head without any of the `--hash-key` keys: hashed on the IP.
+        NoKey = "no_key",
     }
 }
 
@@ -334,6 +343,10 @@ impl Metrics {
             "lb_sticky_moved_total",
             "Sticky clients of the slot sent to another slot while its worker was alive (stalled, at --max-pending unconfirmed handoffs, or it refused the connection).",
         );
+        let overflow = slot_vec_counter(
+            "lb_sticky_overflow_total",
+            "New sticky clients whose home was this slot, sent to their next choice because it was full (--balance-factor).",
+        );
         let sessions = slot_vec_gauge(
             "lb_worker_sessions",
             "socket.io sessions the slot's worker owns (from @socket.io/sticky's sticky:connection and sticky:disconnection notices).",
@@ -346,6 +359,7 @@ impl Metrics {
             restarts,
             memory,
             moved,
+            overflow,
             sessions,
             state,
         };
@@ -528,7 +542,13 @@ impl Metrics {
         use prometheus::core::Collector;
         let singles = [&self.accepted, &self.admin_refused];
         let f = &self.families;
-        let per_slot = [&f.requests, &f.connections, &f.restarts, &f.moved];
+        let per_slot = [
+            &f.requests,
+            &f.connections,
+            &f.restarts,
+            &f.moved,
+            &f.overflow,
+        ];
         let vecs = [
             &self.reloads,
             &self.failures,

@@ -177,7 +177,8 @@ impl Router {
         Self {
             refused_log: LogLimit::default(),
             expired_log: LogLimit::default(),
-            balancer: Balancer::new(settings.policy, settings.hash_seed),
+            balancer: Balancer::new(settings.policy, settings.hash_seed)
+                .with_factor(settings.balance_factor),
             balancer_seed: settings.hash_seed,
             policy: settings.policy,
             sticky_stalled: settings.sticky_stalled,
@@ -203,6 +204,7 @@ impl Router {
         if settings.policy != self.policy || settings.hash_seed != self.balancer_seed {
             self.balancer = Balancer::new(settings.policy, settings.hash_seed);
         }
+        self.balancer = self.balancer.clone().with_factor(settings.balance_factor);
         self.policy = settings.policy;
         self.balancer_seed = settings.hash_seed;
         self.sticky_stalled = settings.sticky_stalled;
@@ -612,12 +614,13 @@ impl Router {
         for slot in 0..self.active {
             self.loads[slot] = self.slot_load(slot, exclude);
         }
-        let pick = if self.waits_for_home(&h) {
+        let key = h.sticky_key();
+        let pick = if self.waits_for_home(key) {
             None
         } else {
-            self.balancer.pick(h.peer.ip(), &self.loads[..self.active])
+            self.balancer.pick_key(key, &self.loads[..self.active])
         };
-        let Some(slot) = pick else {
+        let Some((slot, overflowed)) = pick else {
             if (0..self.active).any(|s| self.at_limit(s)) {
                 self.waiting_for_room = true;
             }
@@ -630,13 +633,25 @@ impl Router {
         {
             // Count the client as moved if its home worker is alive (up or stalled) but was
             // passed over.
-            let home = self.balancer.hash().pick(h.peer.ip(), self.active, |s| {
-                self.targets[s].1 != Target::Down
-            });
+            let home = self
+                .balancer
+                .hash()
+                .pick_key(key, self.active, |s| self.targets[s].1 != Target::Down);
             if let Some(home) = home
                 && home != slot
+                && !overflowed
             {
                 self.slot_metrics[home].moved.inc();
+            }
+        }
+        if overflowed {
+            // Its first choice among the eligible slots was full.
+            let home = self
+                .balancer
+                .hash()
+                .pick_key(key, self.active, |s| self.loads[s].eligible);
+            if let Some(home) = home {
+                self.slot_metrics[home].overflow.inc();
             }
         }
         let id = self.targets[slot].0.expect("an eligible slot has a worker");
@@ -705,16 +720,14 @@ impl Router {
 
     /// With `--sticky-stalled wait`, a sticky client whose own worker is stalled waits for it
     /// (not when lb is shutting down: then its next choice is its only chance).
-    fn waits_for_home(&self, h: &Handoff) -> bool {
+    fn waits_for_home(&self, key: u32) -> bool {
         !self.closing
             && self.policy == Policy::Sticky
             && self.sticky_stalled == StalledSticky::Wait
             && self
                 .balancer
                 .hash()
-                .pick(h.peer.ip(), self.active, |i| {
-                    self.targets[i].1 != Target::Down
-                })
+                .pick_key(key, self.active, |i| self.targets[i].1 != Target::Down)
                 .is_some_and(|home| self.targets[home].1 == Target::Stalled)
     }
 

@@ -160,3 +160,217 @@ fn least_connections_places_websockets_by_what_is_open() {
     let slots: Vec<usize> = next.iter().map(|(s, _)| *s).collect();
     assert_eq!(slots, [1, 1, 1], "the next three go where nothing is open");
 }
+
+/// Each slot's share of `n` connections lb delivered since `before` (waits until all are in).
+fn placed(lb: &Lb, workers: usize, before: &[f64], n: usize) -> Vec<usize> {
+    wait_for("every connection delivered", SEEN, || {
+        let now = delivered(lb, workers);
+        let d: Vec<usize> = (0..workers)
+            .map(|s| (now[s] - before[s]) as usize)
+            .collect();
+        (d.iter().sum::<usize>() == n).then_some(d)
+    })
+}
+
+#[test]
+fn a_balance_factor_bounds_200_websockets_from_one_address() {
+    let ip = client_ip(31);
+    // The control: without the factor, one address is one slot.
+    let plain = Lb::start(&["-w", "4"]);
+    plain.wait_all_ready(4);
+    let held = hold_websockets(&plain, ip, 200);
+    let counts = placed(&plain, 4, &[0.0; 4], 200);
+    assert_eq!(counts.iter().filter(|&&c| c > 0).count(), 1, "{counts:?}");
+    drop(held);
+    drop(plain);
+
+    let lb = Lb::start(&["-w", "4", "--balance-factor", "1.25"]);
+    lb.wait_all_ready(4);
+    let held = hold_websockets(&lb, ip, 200);
+    let counts = placed(&lb, 4, &[0.0; 4], 200);
+    // ⌈1.25 × 200 / 4⌉ = 63.
+    assert!(counts.iter().all(|&c| c <= 63), "{counts:?}");
+    let home = lb_route(ip, 4, &[]);
+    assert_eq!(
+        counts[home],
+        *counts.iter().max().unwrap(),
+        "the home takes the most: {counts:?}"
+    );
+    let overflow = lb
+        .metric(&format!("lb_sticky_overflow_total{{worker=\"{home}\"}}"))
+        .unwrap();
+    assert_eq!(overflow, (200 - counts[home]) as f64);
+    let mut want = vec![0.0; 4];
+    for s in 0..4 {
+        want[s] = counts[s] as f64;
+    }
+    wait_active(&lb, &want);
+    drop(held);
+}
+
+#[test]
+fn with_a_balance_factor_few_keys_move_and_none_spreads_over_more_than_two_slots() {
+    let lb = Lb::start(&["-w", "4", "--balance-factor", "1.25"]);
+    lb.wait_all_ready(4);
+    let mut held = Vec::new();
+    let mut slots_of = vec![std::collections::BTreeSet::new(); 300];
+    for round in 0..4 {
+        for (i, slots) in slots_of.iter_mut().enumerate() {
+            let mut s = connect(lb.addr, Some(client_ip(1000 + i)));
+            let (status, body) = request(&mut s, "GET", "/", b"", false);
+            assert_eq!(status, 200, "round {round}");
+            slots.insert(slot_and_pid(&String::from_utf8_lossy(&body)).0);
+            held.push(s);
+        }
+    }
+    let home: Vec<usize> = (0..300)
+        .map(|i| lb_route(client_ip(1000 + i), 4, &[]))
+        .collect();
+    let at_home = (0..300)
+        .filter(|&i| slots_of[i].len() == 1 && slots_of[i].contains(&home[i]))
+        .count();
+    let most = slots_of.iter().map(|s| s.len()).max().unwrap();
+    eprintln!("{at_home}/300 addresses only on their home; most slots for one address: {most}");
+    assert!(at_home >= 285, "{at_home}/300 at home");
+    assert!(most <= 2, "an address on {most} slots");
+}
+
+#[test]
+fn killing_the_overloaded_home_spreads_its_clients_within_the_bound() {
+    let lb = Lb::start(&["-w", "4", "--balance-factor", "1.25"]);
+    let pids = lb.wait_all_ready(4);
+    let ip = client_ip(41);
+    let home = lb_route(ip, 4, &[]);
+    let before = vec![0.0; 4];
+    let mut held = Vec::new();
+    let mut slot_of = Vec::new();
+    for _ in 0..200 {
+        let now = delivered(&lb, 4);
+        held.extend(hold_websockets(&lb, ip, 1));
+        let after = wait_for("the ACK", SEEN, || {
+            let a = delivered(&lb, 4);
+            (0..4).find(|&s| a[s] > now[s])
+        });
+        slot_of.push(after);
+    }
+    let counts = placed(&lb, 4, &before, 200);
+    assert!(counts.iter().all(|&c| c <= 63), "{counts:?}");
+    kill(pids[home], Signal::SIGKILL);
+    // The home's WebSockets die with it; every other one still echoes.
+    let mut lost = 0;
+    for (i, ws) in held.iter_mut().enumerate() {
+        let alive = ws
+            .send(tungstenite::Message::text("still there?"))
+            .and_then(|()| ws.read())
+            .is_ok();
+        if slot_of[i] == home {
+            lost += usize::from(!alive);
+        } else {
+            assert!(alive, "a WebSocket on slot {} failed", slot_of[i]);
+        }
+    }
+    assert_eq!(
+        lost, counts[home],
+        "only the killed worker's clients are lost"
+    );
+    // They come back (as a client library reconnects) and spread within the bound.
+    let before = delivered(&lb, 4);
+    let again = hold_websockets(&lb, ip, lost);
+    let counts = placed(&lb, 4, &before, lost);
+    let open: Vec<usize> = (0..4)
+        .map(|s| slot_of.iter().filter(|&&x| x == s && s != home).count() + counts[s])
+        .collect();
+    // ⌈1.25 × 200 / live slots⌉: 63 with the home back, 84 while it is still restarting.
+    assert!(open.iter().all(|&c| c <= 84), "{open:?}");
+    assert_eq!(open.iter().sum::<usize>(), 200);
+    drop(again);
+}
+
+#[test]
+fn a_cookie_key_pins_each_client_behind_one_address_and_spreads_them() {
+    let lb = Lb::start(&["-w", "4", "--hash-key", "cookie:sid"]);
+    lb.wait_all_ready(4);
+    let ip = client_ip(51);
+    let mut used = std::collections::BTreeSet::new();
+    for c in 0..100 {
+        let sid = format!("client-{c}");
+        let want = lb_route_key(&sid, 4);
+        for _ in 0..3 {
+            let mut s = connect(lb.addr, Some(ip));
+            let req = format!(
+                "GET / HTTP/1.1\r\nhost: lb\r\ncookie: theme=dark; sid={sid}\r\nconnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).unwrap();
+            let (status, body) = read_response(&mut s);
+            assert_eq!(status, 200);
+            let slot = slot_and_pid(&String::from_utf8_lossy(&body)).0;
+            assert_eq!(slot, want, "client {sid}");
+            used.insert(slot);
+        }
+    }
+    assert_eq!(used.len(), 4, "100 cookies spread over every worker");
+    assert_eq!(lb.metric("lb_peeks_total{result=\"key\"}"), Some(300.0));
+}
+
+/// `lb route --key VALUE -w N` through the real binary.
+fn lb_route_key(key: &str, workers: usize) -> usize {
+    let out = std::process::Command::new(LB)
+        .args(["route", "--key", key, "--workers", &workers.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `GET /` from `from` with an `X-Forwarded-For: client`: the slot that answered.
+fn slot_with_xff(lb: &Lb, from: IpAddr, client: IpAddr) -> usize {
+    let mut s = connect(lb.addr, Some(from));
+    let req = format!(
+        "GET / HTTP/1.1\r\nhost: lb\r\nx-forwarded-for: {client}\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let (status, body) = read_response(&mut s);
+    assert_eq!(status, 200);
+    slot_and_pid(&String::from_utf8_lossy(&body)).0
+}
+
+#[test]
+fn xff_is_believed_from_a_trusted_proxy_only() {
+    let lb = Lb::start(&[
+        "-w",
+        "4",
+        "--hash-key",
+        "xff",
+        "--proxy-trusted",
+        "127.0.0.2/32",
+    ]);
+    lb.wait_all_ready(4);
+    let proxy: IpAddr = "127.0.0.2".parse().unwrap();
+    let stranger: IpAddr = "127.0.0.3".parse().unwrap();
+    let own = lb_route(stranger, 4, &[]);
+    let mut differs = 0;
+    for i in 0..40 {
+        let client = client_ip(2000 + i);
+        let home = lb_route(client, 4, &[]);
+        assert_eq!(
+            slot_with_xff(&lb, proxy, client),
+            home,
+            "via the proxy: {client}"
+        );
+        assert_eq!(
+            slot_with_xff(&lb, stranger, client),
+            own,
+            "a stranger's header"
+        );
+        differs += usize::from(home != own);
+    }
+    assert!(differs > 0, "the test would not tell the two apart");
+}

@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::dispatch::Handoff;
 use crate::listener::{AcceptError, Listener};
 use crate::loglimit::LogLimit;
-use crate::metrics::{AcceptErrorKind, Metrics};
+use crate::metrics::{AcceptErrorKind, Metrics, PeekResult};
 use crate::peek::{self, Found};
 use crate::proxy;
 
@@ -135,13 +135,13 @@ enum Stage {
 }
 
 /// What lb looks for in connections' first bytes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Looks {
     /// `--proxy-protocol` for this connection's source.
     proxy: proxy::Mode,
     proxy_timeout: Duration,
-    /// `--handoff socket.io`: the request line, for at most this long.
-    line: Option<Duration>,
+    /// The request head (socket.io's sid, `--hash-key`), for at most this long.
+    head: Option<(peek::Want, Duration)>,
 }
 
 impl Looks {
@@ -178,10 +178,10 @@ async fn first_bytes(
         }
         Stage::Line(h) => (stream, h),
     };
-    let Some(timeout) = looks.line else {
+    let Some((want, timeout)) = &looks.head else {
         return (peer, Ok((stream, header, None)));
     };
-    let (stream, found) = peek::wait(stream, looks.skip(header), timeout, evicted).await;
+    let (stream, found) = peek::wait(stream, looks.skip(header), want, *timeout, evicted).await;
     (peer, Ok((stream, header, Some(found))))
 }
 
@@ -281,15 +281,22 @@ impl Acceptor {
         metrics: &Metrics,
         route: &mut impl FnMut(Handoff),
     ) {
+        let trusted = proxy::trusted(&settings.proxy_trusted, peer.ip());
         let looks = Looks {
-            proxy: if proxy::trusted(&settings.proxy_trusted, peer.ip()) {
+            proxy: if trusted {
                 settings.proxy_protocol
             } else {
                 proxy::Mode::Off
             },
             proxy_timeout: settings.proxy_timeout,
-            line: (settings.handoff == HandoffMsg::SocketIo && !settings.peek_timeout.is_zero())
-                .then_some(settings.peek_timeout),
+            head: settings.peeks().then(|| {
+                let want = peek::Want {
+                    sid: settings.handoff == HandoffMsg::SocketIo,
+                    keys: settings.hash_key.peeks().then(|| settings.hash_key.clone()),
+                    xff_trusted: trusted && settings.proxy_trusted.is_some(),
+                };
+                (want, settings.peek_timeout)
+            }),
         };
         let mut header = None;
         if looks.proxy != proxy::Mode::Off {
@@ -299,9 +306,9 @@ impl Acceptor {
                 proxy::Now::Wait => return self.wait(stream, peer, Stage::Header, looks),
             }
         }
-        let found = match looks.line {
+        let found = match &looks.head {
             None => None,
-            Some(_) => match peek::look_now(&stream, looks.skip(header)) {
+            Some((want, _)) => match peek::look_now(&stream, looks.skip(header), want) {
                 Some(found) => Some(found),
                 None => return self.wait(stream, peer, Stage::Line(header), looks),
             },
@@ -341,9 +348,23 @@ impl Acceptor {
             None => Handoff::new(stream, peer),
         };
         match found {
-            // The router counts whether the session is one it knows.
-            Some(Found::Line(Some(sid))) => h.sid = Some(sid),
-            Some(Found::Line(None)) => metrics.peeked(crate::metrics::PeekResult::NoSid),
+            Some(Found::Head(seen)) => {
+                // The router counts whether the session is one it knows.
+                let (sid, key) = seen.looked;
+                if seen.sid.is_some() {
+                    h.sid = seen.sid;
+                } else if sid {
+                    metrics.peeked(PeekResult::NoSid);
+                }
+                if key {
+                    metrics.peeked(if seen.key.is_some() {
+                        PeekResult::Key
+                    } else {
+                        PeekResult::NoKey
+                    });
+                }
+                h.key = seen.key;
+            }
             Some(Found::Nothing(why)) => metrics.peeked(why),
             None => {}
         }
