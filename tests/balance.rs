@@ -374,3 +374,196 @@ fn xff_is_believed_from_a_trusted_proxy_only() {
     }
     assert!(differs > 0, "the test would not tell the two apart");
 }
+
+/// A real nginx (Debian's package) proxying HTTP to `upstream`, appending the client's address
+/// to `X-Forwarded-For` (upstream keep-alive off: nginx's default); stopped by pid when dropped.
+struct Nginx {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    fn start(upstream: std::net::SocketAddr) -> Option<Nginx> {
+        let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        // nginx needs a port in its config: take a free one from the kernel.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let cfg = format!(
+            "daemon off;\nmaster_process off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  \
+             fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n  \
+             upstream lb {{ server {upstream}; }}\n  \
+             server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://lb;\n      \
+             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, cfg).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("nginx to listen", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "nginx exited ({status}): {}",
+                    std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                );
+            }
+            TcpStream::connect(addr).ok().map(|_| ())
+        });
+        Some(Nginx { child, addr, dir })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn behind_a_real_nginx_each_client_address_keeps_its_route_slot_by_xff() {
+    let lb = Lb::start(&[
+        "-w",
+        "4",
+        "--hash-key",
+        "xff",
+        "--proxy-trusted",
+        "127.0.0.1/32",
+    ]);
+    lb.wait_all_ready(4);
+    let Some(nginx) = Nginx::start(lb.addr) else {
+        return skip(
+            "behind_a_real_nginx_each_client_address_keeps_its_route_slot_by_xff",
+            "nginx is not installed (apt-get install nginx)",
+        );
+    };
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..50 {
+        let client = client_ip(3000 + i);
+        for _ in 0..2 {
+            let (status, body) = http_get(nginx.addr, "/", Some(client));
+            assert_eq!(status, 200, "{body}");
+            let slot = slot_and_pid(&body).0;
+            assert_eq!(slot, lb_route(client, 4, &[]), "client {client}");
+            used.insert(slot);
+        }
+    }
+    // nginx reaches lb from one address: without the key, every client would be on one slot.
+    assert_eq!(used.len(), 4, "{used:?}");
+    assert_eq!(lb.metric("lb_peeks_total{result=\"key\"}"), Some(100.0));
+}
+
+#[test]
+fn keys_are_peeked_within_bounds_and_the_worker_gets_the_exact_bytes() {
+    use std::io::Read;
+    let mut lb = Lb::start(&[
+        "-w",
+        "4",
+        "--hash-key",
+        "cookie:sid",
+        "--peek-timeout",
+        "1s",
+    ]);
+    lb.wait_all_ready(4);
+    let fds_before = fd_count(lb.pid());
+    let cpu_before = lb::procfs::cpu_ticks(lb.pid()).unwrap();
+    let silent: Vec<TcpStream> = (0..1000)
+        .map(|i| connect(lb.addr, Some(client_ip(i % 50))))
+        .collect();
+    // A request whose head arrives a byte at a time over 500 ms: routed by its cookie, and the
+    // worker echoes the body it got, byte for byte.
+    // An address whose slot is not the cookie's, so that the two can be told apart.
+    let by_key = lb_route_key("slow-one", 4);
+    let (ip, by_ip) = (4000..4100)
+        .map(|i| (client_ip(i), lb_route(client_ip(i), 4, &[])))
+        .find(|&(_, s)| s != by_key)
+        .unwrap();
+    let req = b"POST /echo HTTP/1.1\r\nhost: lb\r\ncookie: sid=slow-one\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello";
+    let head_end = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut slow = connect(lb.addr, Some(ip));
+    for b in &req[..head_end] {
+        slow.write_all(&[*b]).unwrap();
+        std::thread::sleep(Duration::from_millis(500 / head_end as u64)); // the slow client
+    }
+    slow.write_all(&req[head_end..]).unwrap();
+    let (status, body) = read_response(&mut slow);
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, &b"hello"[..]),
+        "byte-exact"
+    );
+    // Which worker serves it: the cookie's.
+    let (slot, _) = {
+        let mut s = connect(lb.addr, Some(ip));
+        s.write_all(
+            b"GET / HTTP/1.1\r\nhost: lb\r\ncookie: sid=slow-one\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+        answered_by(&mut s)
+    };
+    assert_eq!(slot, by_key);
+    // A head over 8 KiB (the cookie is in its first bytes): routed by the IP.
+    let mut big = b"GET / HTTP/1.1\r\nhost: lb\r\ncookie: sid=slow-one\r\n".to_vec();
+    for _ in 0..9 {
+        big.extend(format!("x-pad: {}\r\n", "p".repeat(1000)).as_bytes());
+    }
+    big.extend(b"connection: close\r\n\r\n");
+    let mut s = connect(lb.addr, Some(ip));
+    s.write_all(&big).unwrap();
+    assert_eq!(answered_by(&mut s).0, by_ip, "over the bound: the IP");
+    // TLS's first bytes reach a worker as they were sent (the built-in worker answers 400).
+    let mut tls = connect(lb.addr, Some(client_ip(4001)));
+    tls.write_all(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+        .unwrap();
+    let mut answer = Vec::new();
+    tls.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = tls.read_to_end(&mut answer);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    wait_for("1,000 peek timeouts", Duration::from_secs(10), || {
+        (lb.metric("lb_peeks_total{result=\"timeout\"}") == Some(1000.0)).then_some(())
+    });
+    assert_eq!(lb.metric("lb_peeks_total{result=\"too_long\"}"), Some(1.0));
+    assert_eq!(lb.metric("lb_peeks_total{result=\"not_http\"}"), Some(1.0));
+    assert_eq!(lb.metric("lb_peeks_total{result=\"key\"}"), Some(2.0));
+    wait_for(
+        "every connection delivered",
+        Duration::from_secs(10),
+        || (delivered(&lb, 4).iter().sum::<f64>() == 1004.0).then_some(()),
+    );
+    let ticks = lb::procfs::cpu_ticks(lb.pid()).unwrap() - cpu_before;
+    eprintln!("1,000 silent connections and 4 peeked: lb CPU {ticks} ticks");
+    assert!(ticks < 100, "lb spent {ticks} clock ticks");
+    drop(silent);
+    drop(tls);
+    wait_for(
+        "lb's fds back to their start value",
+        Duration::from_secs(15),
+        || (fd_count(lb.pid()) <= fds_before).then_some(()),
+    );
+    lb.signal(Signal::SIGTERM);
+    assert_eq!(lb.wait_exit(Duration::from_secs(10)), Some(0));
+}
