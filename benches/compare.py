@@ -134,6 +134,8 @@ class Config:
         # How many workers the responses should spread over (None: responses do not say which
         # worker answered, e.g. nginx answering itself).
         self.backends = backends
+        # Extra loadgen flags for this configuration (e.g. a cookie for --hash-key cookie:…).
+        self.load_flags = []
 
 
 def lb_config(name, policy, cmd=None, lb=None, env=None, extra=()):
@@ -183,6 +185,14 @@ def configs(selected, base_lb=None):
         if base_lb and want(f"lb-{policy}"):
             # The same configuration with another lb binary, interleaved: an A/B in one run.
             made.append(lb_config(f"lb-{policy}@base", policy, lb=base_lb))
+    if want("lb-cookie") and has_flag(LB, "--hash-key"):
+        # Sticky on a cookie peeked from the request head (each client sends its own).
+        c = lb_config("lb-cookie", "sticky", extra=["--hash-key", "cookie:sid"])
+        c.load_flags = ["--cookie", "sid"]
+        made.append(c)
+    if want("lb-bounded") and has_flag(LB, "--balance-factor"):
+        # Sticky with bounded loads (HAProxy's hash-balance-factor 125).
+        made.append(lb_config("lb-bounded", "sticky", extra=["--balance-factor", "1.25"]))
     if want("lb-kernel") and has_flag(LB, "--steering"):
         # Kernel steering: per-slot SO_REUSEPORT listeners and the sticky BPF program; the
         # built-in workers accept for themselves.
@@ -311,7 +321,7 @@ def loadgen(port, mode, seconds, extra=()):
 def measure(c, mode, seconds):
     bal, wk = c.balancer_pids(), c.worker_pids()
     b0, w0 = cpu(bal), cpu(wk)
-    r = loadgen(c.port, mode, seconds)
+    r = loadgen(c.port, mode, seconds, c.load_flags)
     b1, w1 = cpu(bal), cpu(wk)
     n = max(r["requests"], 1)
     counts = [v for k, v in r["bodies"].items()]

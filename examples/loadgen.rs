@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! loadgen TARGET MODE [--concurrency N] [--seconds S] [--sources N] [--conns N] [--path P]
+//!         [--cookie NAME]
 //!   MODE = churn      a new connection per request (`Connection: close`)
 //!          keepalive  N connections, requests back to back on each
 //!          ws         open --conns idle WebSocket connections, report the time, hold until stdin closes
@@ -28,6 +29,8 @@ struct Args {
     sources: usize,
     conns: usize,
     path: String,
+    /// `--cookie NAME`: each client sends `cookie: NAME=client-ID` (for `lb --hash-key cookie:NAME`).
+    cookie: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +49,7 @@ fn parse_args() -> Args {
         sources: 64,
         conns: 10_000,
         path: "/".into(),
+        cookie: None,
     };
     while let Some(flag) = it.next() {
         let v = it.next().expect("flag value");
@@ -55,6 +59,7 @@ fn parse_args() -> Args {
             "--sources" => a.sources = v.parse().unwrap(),
             "--conns" => a.conns = v.parse().unwrap(),
             "--path" => a.path = v,
+            "--cookie" => a.cookie = Some(v),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -132,8 +137,12 @@ struct Tally {
 async fn client(a: std::sync::Arc<Args>, id: usize, deadline: Instant) -> Tally {
     let mut t = Tally::default();
     let close = a.mode == "churn";
+    let cookie = a
+        .cookie
+        .as_ref()
+        .map_or_else(String::new, |name| format!("cookie: {name}=client-{id}\r\n"));
     let req = format!(
-        "GET {} HTTP/1.1\r\nhost: bench\r\nconnection: {}\r\n\r\n",
+        "GET {} HTTP/1.1\r\nhost: bench\r\n{cookie}connection: {}\r\n\r\n",
         a.path,
         if close { "close" } else { "keep-alive" }
     );
