@@ -137,10 +137,9 @@ struct Tally {
 async fn client(a: std::sync::Arc<Args>, id: usize, deadline: Instant) -> Tally {
     let mut t = Tally::default();
     let close = a.mode == "churn";
-    let cookie = a
-        .cookie
-        .as_ref()
-        .map_or_else(String::new, |name| format!("cookie: {name}=client-{id}\r\n"));
+    let cookie = a.cookie.as_ref().map_or_else(String::new, |name| {
+        format!("cookie: {name}=client-{id}\r\n")
+    });
     let req = format!(
         "GET {} HTTP/1.1\r\nhost: bench\r\n{cookie}connection: {}\r\n\r\n",
         a.path,

@@ -223,6 +223,11 @@ impl Balancer {
         self.policy
     }
 
+    /// `--balance-factor`, if set.
+    pub fn factor(&self) -> Option<f64> {
+        self.factor
+    }
+
     /// The sticky hasher (for `lb route` and fallbacks).
     pub fn hash(&self) -> &StickyHash {
         &self.hash

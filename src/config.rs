@@ -103,6 +103,13 @@ pub enum Sub {
         /// Read workers / hash_seed from this config file.
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Ask the running lb instead: the home slot, its load (full or not, with
+        /// --balance-factor) and where a new connection would go now.
+        #[arg(long, conflicts_with_all = ["workers", "hash_seed", "config"])]
+        live: bool,
+        /// With --live: the control socket of that lb [default: as lb's --control].
+        #[arg(long, value_name = "PATH", requires = "live")]
+        control: Option<PathBuf>,
     },
     /// Show the workers of a running lb (like `pm2 ls`).
     Status {

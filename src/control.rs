@@ -94,10 +94,19 @@ pub enum Request {
     },
     /// A graceful shutdown; answered once it has begun.
     Stop,
+    /// Where `sticky` would send a client now: its home, the slots' loads, the bound.
+    Route {
+        /// The client's address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<String>,
+        /// A `--hash-key` key's value.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
 }
 
 /// The verbs [`Request`] knows, for the error about one it does not.
-const VERBS: &str = "status, roll, scale, reload, stop";
+const VERBS: &str = "status, roll, scale, reload, stop, route";
 
 /// A command for the master loop.
 #[derive(Debug)]
@@ -110,6 +119,8 @@ pub enum Command {
     Reload(oneshot::Sender<Result<Value, String>>),
     /// Change the number of worker slots.
     Scale(usize, oneshot::Sender<Result<(), String>>),
+    /// Where a connection with this sticky key would go now.
+    Route(u32, oneshot::Sender<Result<Value, String>>),
 }
 
 /// Creates the control socket (mode 0600, parent directory 0700 if lb creates it). Call
@@ -205,6 +216,46 @@ fn parse(line: &str) -> Result<Request, String> {
     })
 }
 
+/// The sticky key of an address or a `--hash-key` value (what `lb route` hashes).
+pub fn route_key(ip: Option<&str>, key: Option<&str>) -> Result<u32, String> {
+    match (ip, key) {
+        (_, Some(k)) => Ok(crate::hashkey::text_key(k.as_bytes())),
+        (Some(ip), None) => ip
+            .parse::<std::net::IpAddr>()
+            .map(|a| crate::balance::ip_key(crate::balance::canonical_ip(a)))
+            .map_err(|_| format!("invalid IP address `{ip}`")),
+        (None, None) => Err("route needs \"ip\" or \"key\"".into()),
+    }
+}
+
+/// What `lb route --live` prints for the master's answer.
+pub fn describe_route(v: &Value) -> String {
+    let home = v["home"].as_u64().unwrap_or(0);
+    let slot = &v["slots"][home as usize];
+    let mut out = format!("home {home}: ");
+    if slot["eligible"].as_bool() == Some(true) {
+        out += &format!("{} active", slot["load"]);
+        if let Some(bound) = v["bound"].as_u64() {
+            let full = v["home_full"].as_bool() == Some(true);
+            out += &format!(
+                ", {} (bound {bound} = ⌈{} × ({} + 1) / {}⌉)",
+                if full { "full" } else { "not full" },
+                v["balance_factor"],
+                v["total"],
+                v["live"]
+            );
+        }
+    } else {
+        out += "not taking connections";
+    }
+    out += "\n";
+    match v["now"].as_u64() {
+        Some(now) => out += &format!("a new connection goes to {now}\n"),
+        None => out += "a new connection waits: no slot takes connections\n",
+    }
+    out
+}
+
 /// Passes a command to the master loop and waits for its answer.
 async fn ask<T>(
     commands: &mpsc::UnboundedSender<Command>,
@@ -243,6 +294,12 @@ async fn handle(
             let _ = commands.send(Command::Stop);
             Ok(json!({"ok": true}))
         }
+        Ok(Request::Route { ip, key }) => match route_key(ip.as_deref(), key.as_deref()) {
+            Ok(k) => ask(commands, |tx| Command::Route(k, tx))
+                .await
+                .map(|v| json!({"ok": true, "route": v})),
+            Err(e) => Err(e),
+        },
     };
     answer.unwrap_or_else(|e| json!({"ok": false, "error": e}))
 }
@@ -360,6 +417,13 @@ mod tests {
             (
                 Request::Scale { workers: 4 },
                 r#"{"cmd":"scale","workers":4}"#,
+            ),
+            (
+                Request::Route {
+                    ip: None,
+                    key: Some("abc".into()),
+                },
+                r#"{"cmd":"route","key":"abc"}"#,
             ),
         ] {
             assert_eq!(serde_json::to_string(&req).unwrap(), line);

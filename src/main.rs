@@ -113,9 +113,27 @@ fn main() -> ExitCode {
         Some(Sub::Route {
             ip,
             key,
+            live: true,
+            control,
+            ..
+        }) => {
+            let path = control.unwrap_or_else(lb::control::default_path);
+            let req = lb::control::Request::Route { ip, key };
+            match lb::control::send(&path, &req, std::time::Duration::from_secs(5)) {
+                Ok(v) => {
+                    print!("{}", lb::control::describe_route(&v["route"]));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+        Some(Sub::Route {
+            ip,
+            key,
             workers,
             hash_seed,
             config,
+            ..
         }) => route(
             ip.as_deref(),
             key.as_deref(),
@@ -226,13 +244,9 @@ fn route(
     seed: Option<&String>,
     config: Option<&std::path::Path>,
 ) -> ExitCode {
-    let hashed = match (ip, key) {
-        (_, Some(k)) => lb::hashkey::text_key(k.as_bytes()),
-        (Some(ip), None) => match ip.parse::<std::net::IpAddr>() {
-            Ok(addr) => lb::balance::ip_key(lb::balance::canonical_ip(addr)),
-            Err(_) => return fail(&format!("invalid IP address `{ip}`")),
-        },
-        (None, None) => return fail("lb route needs an IP address or --key VALUE"),
+    let hashed = match lb::control::route_key(ip, key) {
+        Ok(k) => k,
+        Err(e) => return fail(&e),
     };
     match lb::config::route_settings(workers, seed, config) {
         Ok((n, seed)) => {

@@ -672,6 +672,43 @@ impl Router {
         }
     }
 
+    /// Where a connection with sticky key `key` would go now (`lb route --live`): its home (all
+    /// slots up), each slot's load and whether it takes connections, the bound and whether the
+    /// home is full (`--balance-factor`), and the slot `sticky` picks.
+    pub fn explain(&self, key: u32) -> serde_json::Value {
+        let n = self.active;
+        let loads: Vec<SlotLoad> = (0..n).map(|s| self.slot_load(s, None)).collect();
+        let hash = self.balancer.hash();
+        let home = hash.pick_key(key, n, |_| true);
+        let live = loads.iter().filter(|l| l.eligible).count();
+        let total: u64 = loads.iter().filter(|l| l.eligible).map(|l| l.load).sum();
+        let factor = self.balancer.factor();
+        let bound = factor
+            .filter(|_| live > 0)
+            .map(|f| (f * (total + 1) as f64 / live as f64).ceil() as u64);
+        let now = match factor {
+            Some(f) => hash.pick_bounded(key, &loads, f).map(|(s, _)| s),
+            None => hash.pick_key(key, n, |s| loads[s].eligible),
+        };
+        let home_full = match (home, bound) {
+            (Some(h), Some(b)) => loads[h].eligible && loads[h].load >= b,
+            _ => false,
+        };
+        serde_json::json!({
+            "policy": self.policy.as_str(),
+            "home": home,
+            "now": if self.policy == Policy::Sticky { now } else { None },
+            "slots": loads.iter().enumerate().map(|(s, l)| serde_json::json!({
+                "slot": s, "eligible": l.eligible, "load": l.load,
+            })).collect::<Vec<_>>(),
+            "balance_factor": factor,
+            "total": total,
+            "live": live,
+            "bound": bound,
+            "home_full": home_full,
+        })
+    }
+
     /// The live worker that owns the session a connection's request names, if it can take it
     /// now (up, routable, below `--max-pending`, not excluded).
     fn session_owner(&self, h: &Handoff, exclude: Option<usize>) -> Option<WorkerId> {

@@ -205,7 +205,40 @@ fn a_balance_factor_bounds_200_websockets_from_one_address() {
         want[s] = counts[s] as f64;
     }
     wait_active(&lb, &want);
-    drop(held);
+    // `lb route --live` tells the home's load against the bound and where the next one goes.
+    let live = route_live(&lb, ip);
+    let first = format!("home {home}: {} active, ", counts[home]);
+    assert!(live.starts_with(&first), "{live}");
+    assert!(
+        live.contains("(bound 63 = ⌈1.25 × (200 + 1) / 4⌉)"),
+        "{live}"
+    );
+    let next: usize = live
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{live}"));
+    let before = delivered(&lb, 4);
+    let one_more = hold_websockets(&lb, ip, 1);
+    let went = placed(&lb, 4, &before, 1);
+    assert_eq!(went[next], 1, "{live} but it went to {went:?}");
+    drop((held, one_more));
+}
+
+/// `lb route IP --live` against `lb`'s control socket.
+fn route_live(lb: &Lb, ip: IpAddr) -> String {
+    let out = std::process::Command::new(LB)
+        .args(["route", &ip.to_string(), "--live", "--control"])
+        .arg(lb.control.as_ref().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]

@@ -27,6 +27,9 @@ impl Master {
                 self.apply();
                 let _ = reply.send(Ok(()));
             }
+            control::Command::Route(key, reply) => {
+                let _ = reply.send(Ok(self.router.explain(key)));
+            }
         }
     }
 
