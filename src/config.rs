@@ -406,6 +406,12 @@ options! {
     /// ⌈F × (total active + 1) / live slots⌉, and a new client whose home is full goes to its
     /// next choice (F > 1, e.g. 1.25) [default: off]
     balance_factor: Option<f64> = None, |v| off_or(v, parse_factor), "F";
+    /// Aggregate the Node workers' prom-client metrics (cluster mode's `AggregatorRegistry`) on
+    /// lb's `/metrics`: `on` or `off` [default: on]
+    app_metrics: bool = true, |v| choice(v, &[("on", true), ("off", false)]), "on|off";
+    /// The most a scrape of `/metrics` waits for the workers' prom-client answers (a worker
+    /// that has not answered by then is left out of that scrape and counted) [default: 500ms]
+    app_metrics_timeout: Duration = Duration::from_millis(500), parse_duration, "D";
     /// Crash-loop guard: EXITS/WINDOW, e.g. 10/1m: that many exits within the window mark a slot
     /// failed for the length of the window [default: 10/1m]
     crash_loop: CrashLoop = CrashLoop::default(), parse_crash_loop, "N/D";

@@ -50,6 +50,7 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod appmetrics;
 pub mod balance;
 pub mod channel;
 pub mod config;

@@ -44,6 +44,8 @@ pub struct SlotMetrics {
     /// New sticky clients of this slot sent to their next choice because it was full
     /// (`--balance-factor`).
     pub overflow: IntCounter,
+    /// Scrapes the slot's worker did not answer in `--app-metrics-timeout`.
+    pub app_timeouts: IntCounter,
     /// socket.io sessions the slot's worker owns (`@socket.io/sticky` notices).
     pub sessions: IntGauge,
     /// `lb_worker_state{state}`: 1 for the slot's state, 0 for the others.
@@ -75,6 +77,7 @@ struct SlotFamilies {
     memory: IntGaugeVec,
     moved: IntCounterVec,
     overflow: IntCounterVec,
+    app_timeouts: IntCounterVec,
     sessions: IntGaugeVec,
     state: IntGaugeVec,
 }
@@ -95,6 +98,7 @@ impl SlotFamilies {
             memory: self.memory.with_label_values(&[&l]),
             moved: self.moved.with_label_values(&[&l]),
             overflow: self.overflow.with_label_values(&[&l]),
+            app_timeouts: self.app_timeouts.with_label_values(&[&l]),
             sessions: self.sessions.with_label_values(&[&l]),
         }
     }
@@ -128,6 +132,8 @@ pub struct Metrics {
     proxy_errors: IntCounterVec,
     /// `lb_peeks_total{result}`.
     peeks: IntCounterVec,
+    /// `lb_app_metrics_dropped_total{reason}`.
+    app_dropped: IntCounterVec,
     /// Histogram values lb's previous image counted (an in-place upgrade), added when
     /// gathering.
     histogram_base: Mutex<Vec<CarriedHistogram>>,
@@ -275,6 +281,25 @@ labels! {
 }
 
 labels! {
+    /// `reason` of `lb_app_metrics_dropped_total`: why a worker's prom-client answer, or one
+    /// metric family of it, was left out of `/metrics`.
+    AppMetricsDrop {
+        /// The answer carried `error` (the worker's registry failed).
+        Error = "error",
+        /// Not the shape `getMetricsAsJSON()` writes, or a name Prometheus does not allow.
+        Malformed = "malformed",
+        /// Over the per-answer limit (series, or the channel's line limit).
+        TooLarge = "too_large",
+        /// A family whose type differs between workers.
+        TypeConflict = "type_conflict",
+        /// A family named like lb's own (`lb_…`).
+        NameClash = "name_clash",
+        /// An `aggregator` prom-client does not know.
+        BadAggregator = "bad_aggregator",
+    }
+}
+
+labels! {
     /// `kind` of `lb_accept_errors_total`.
     AcceptErrorKind {
         /// Out of fds or memory: accepting pauses.
@@ -347,6 +372,10 @@ impl Metrics {
             "lb_sticky_overflow_total",
             "New sticky clients whose home was this slot, sent to their next choice because it was full (--balance-factor).",
         );
+        let app_timeouts = slot_vec_counter(
+            "lb_app_metrics_timeouts_total",
+            "Scrapes of /metrics the slot's worker did not answer (prom-client getMetricsReq) within --app-metrics-timeout; its last counters were used.",
+        );
         let sessions = slot_vec_gauge(
             "lb_worker_sessions",
             "socket.io sessions the slot's worker owns (from @socket.io/sticky's sticky:connection and sticky:disconnection notices).",
@@ -360,6 +389,7 @@ impl Metrics {
             memory,
             moved,
             overflow,
+            app_timeouts,
             sessions,
             state,
         };
@@ -452,6 +482,15 @@ impl Metrics {
             "result",
             PeekResult::ALL.iter().map(|r| r.as_str()),
         );
+        let app_dropped = labeled_counter(
+            &registry,
+            "lb_app_metrics_dropped_total",
+            "Workers' prom-client answers or metric families lb left out of /metrics, by reason: \
+             error (the worker's registry failed), malformed, too_large, type_conflict (a family's \
+             type differs between workers), name_clash (an lb_ name), bad_aggregator.",
+            "reason",
+            AppMetricsDrop::ALL.iter().map(|r| r.as_str()),
+        );
         let info = IntGaugeVec::new(
             Opts::new(
                 "lb_build_info",
@@ -477,6 +516,7 @@ impl Metrics {
             channel_dropped,
             proxy_errors,
             peeks,
+            app_dropped,
             histogram_base: Mutex::new(Vec::new()),
         }
     }
@@ -548,6 +588,7 @@ impl Metrics {
             &f.restarts,
             &f.moved,
             &f.overflow,
+            &f.app_timeouts,
         ];
         let vecs = [
             &self.reloads,
@@ -556,6 +597,7 @@ impl Metrics {
             &self.channel_dropped,
             &self.proxy_errors,
             &self.peeks,
+            &self.app_dropped,
         ];
         let name_of = |c: &dyn Collector| c.desc().first().map(|d| d.fq_name.clone());
         for (name, labels, value) in &carried.counters {
@@ -618,6 +660,11 @@ impl Metrics {
         self.peeks.with_label_values(&[result.as_str()]).inc();
     }
 
+    /// Counts a worker's metrics answer (or one of its families) left out.
+    pub fn app_dropped(&self, reason: AppMetricsDrop) {
+        self.app_dropped.with_label_values(&[reason.as_str()]).inc();
+    }
+
     /// Counts a connection closed for its PROXY header.
     pub fn proxy_error(&self, reason: ProxyFailure) {
         self.proxy_errors
@@ -674,7 +721,12 @@ pub struct Shared {
     admin_pause: tokio::sync::watch::Sender<bool>,
     /// Admin connections open.
     admin_open: std::sync::atomic::AtomicUsize,
+    /// Where a scrape asks the master for the app's metrics (set by the master when it runs).
+    pub app_metrics: std::sync::OnceLock<AppScrapes>,
 }
+
+/// A scrape's request for the app's metrics: the master answers with Prometheus text.
+pub type AppScrapes = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<String>>;
 
 impl Shared {
     /// Creates the shared state for `workers` slots.
@@ -691,6 +743,7 @@ impl Shared {
             policy,
             admin_pause: tokio::sync::watch::Sender::new(false),
             admin_open: std::sync::atomic::AtomicUsize::new(0),
+            app_metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -833,7 +886,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 served_in.store(true, std::sync::atomic::Ordering::Relaxed);
-                async move { Ok::<_, Infallible>(handle(&req, &shared)) }
+                async move { Ok::<_, Infallible>(handle(&req, &shared).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -863,14 +916,36 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+/// The app's families for one scrape (empty when the master has none to give).
+async fn app_metrics(shared: &Shared) -> String {
+    let Some(tx) = shared.app_metrics.get() else {
+        return String::new();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send(reply).is_err() {
+        return String::new();
+    }
+    // The master bounds the wait (--app-metrics-timeout); this only guards against a master
+    // that is gone.
+    tokio::time::timeout(std::time::Duration::from_secs(30), answer)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
+async fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let (status, ctype, body): (StatusCode, &str, Vec<u8>) = match (req.method(), req.uri().path())
     {
-        (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics") => {
+            let mut body = shared.metrics.render();
+            body.extend(app_metrics(shared).await.into_bytes());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+        }
         (&hyper::Method::GET | &hyper::Method::HEAD, "/workers") => {
             (StatusCode::OK, "application/json", shared.workers_json())
         }

@@ -449,7 +449,10 @@ impl Router {
                 self.update_sessions(id.slot);
             }
             WorkerMsg::SocketIoSticky => {}
-            WorkerMsg::Heartbeat | WorkerMsg::Ready | WorkerMsg::Leaving => return false,
+            WorkerMsg::Heartbeat
+            | WorkerMsg::Ready
+            | WorkerMsg::Leaving
+            | WorkerMsg::AppMetrics { .. } => return false,
         }
         true
     }
@@ -507,6 +510,16 @@ impl Router {
                 l.dispatch.line(line.clone());
             }
         }
+    }
+
+    /// Workers whose process and channel are alive (current, incoming and retiring ones).
+    pub fn live_workers(&self) -> Vec<WorkerId> {
+        self.links
+            .iter()
+            .flatten()
+            .filter(|l| !l.exited && !l.closed)
+            .map(|l| l.id)
+            .collect()
     }
 
     /// The worker's dispatch (for cluster-protocol messages).

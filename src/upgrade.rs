@@ -84,6 +84,9 @@ pub struct State {
     pub workers: Vec<CarriedWorker>,
     /// Counter values.
     pub counters: metrics::Carried,
+    /// The app's metrics: gone workers' counters, live workers' last answers.
+    #[serde(default)]
+    pub app_metrics: crate::appmetrics::collect::Carried,
 }
 
 /// One running worker.
@@ -369,6 +372,7 @@ mod tests {
                 link: CarriedLink::default(),
             }],
             counters: metrics::Carried::default(),
+            app_metrics: Default::default(),
         }
     }
 

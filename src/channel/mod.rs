@@ -377,6 +377,14 @@ pub enum WorkerMsg {
     /// `{"type":"close"}`: a `sticky-session` worker's app closed its server (no new
     /// connections for it).
     Leaving,
+    /// `{"type":"prom-client:getMetricsRes","requestId":N,"metrics":[…]}` (or with `error`):
+    /// a prom-client worker's answer to lb's request for its metrics ([`crate::appmetrics`]).
+    AppMetrics {
+        /// The request it answers.
+        request_id: Option<u64>,
+        /// Its `metrics`, or its `error`.
+        result: Result<Value, String>,
+    },
     /// Any other valid JSON value.
     Other,
     /// Not valid JSON (dropped).
@@ -423,6 +431,7 @@ impl WorkerMsg {
             | Self::SessionOpened(_)
             | Self::SessionClosed(_)
             | Self::Leaving
+            | Self::AppMetrics { .. }
             | Self::SocketIoSticky => {
                 unreachable!("not a message lb's workers send")
             }
@@ -512,6 +521,14 @@ impl FromWorker {
             }
             (_, Some(t)) if t.starts_with("sticky:") => SocketIoSticky,
             (None, Some("close")) if map.len() == 1 => Leaving,
+            (_, Some("prom-client:getMetricsRes")) => AppMetrics {
+                request_id: map.get("requestId").and_then(as_count),
+                result: match (map.get("error"), map.get("metrics")) {
+                    (Some(e), _) => Err(e.as_str().unwrap_or("error").to_owned()),
+                    (None, Some(m)) => Ok(m.clone()),
+                    (None, None) => Ok(Value::Null),
+                },
+            },
             _ => Other,
         })
     }

@@ -34,6 +34,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 mod accept;
+mod appmetrics;
 mod cluster;
 mod commands;
 mod kernel;
@@ -123,6 +124,12 @@ pub struct Master {
     adopted: Vec<(WorkerId, u32)>,
     /// The state lb's previous image left, applied when `run` starts.
     resume_state: Option<upgrade::State>,
+    /// The app's prom-client metrics: the collection for scrapes, and gone workers' counters.
+    app: crate::appmetrics::collect::Collector<appmetrics::Scrape>,
+    /// Scrapes asking for them.
+    app_rx: mpsc::UnboundedReceiver<appmetrics::Scrape>,
+    /// "left … out of /metrics" lines.
+    app_log: LogLimit,
 }
 
 /// What lb sends for `--heartbeat-ping` (a worker answers `{cmd:'heartbeat'}` the same way).
@@ -134,7 +141,10 @@ impl Master {
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let (preflight_tx, preflight_rx) = mpsc::unbounded_channel();
+        let (app_tx, app_rx) = mpsc::unbounded_channel();
+        let _ = shared.app_metrics.set(app_tx);
         let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
+        let settings_app_timeout = settings.app_metrics_timeout;
         Self {
             router: Router::new(&settings, shared.clone()),
             fleet,
@@ -166,6 +176,9 @@ impl Master {
             preflight_rx,
             adopted: Vec::new(),
             resume_state: None,
+            app: crate::appmetrics::collect::Collector::new(settings_app_timeout),
+            app_rx,
+            app_log: LogLimit::default(),
         }
     }
 
@@ -248,6 +261,7 @@ impl Master {
             }
             self.fleet.tick(now);
             self.router.expire(now);
+            self.finish_scrape(now);
             self.apply();
             self.answer_roll_waiters();
             self.notify_manager(now);
@@ -268,6 +282,7 @@ impl Master {
                 self.acceptor.deadline(),
                 self.timers.next(),
                 self.reload.as_ref().and_then(|r| r.poll_timeout(now)),
+                self.app.deadline(),
             ]
             .into_iter()
             .flatten()
@@ -296,6 +311,7 @@ impl Master {
                     self.on_exit(id, pid, status, Instant::now())
                 }
                 Some(checked) = self.preflight_rx.recv() => self.preflight_done(checked),
+                Some(reply) = self.app_rx.recv() => self.on_scrape(reply, Instant::now()),
                 Some(done) = self.acceptor.waited() => {
                     let router = &mut self.router;
                     self.acceptor.ready(done, &self.shared.metrics, &mut |h| router.route(h, None));

@@ -29,6 +29,9 @@ impl Master {
                         WorkerMsg::Leaving => {
                             self.fleet.on_leaving(id, now, "its app closed its server")
                         }
+                        WorkerMsg::AppMetrics { request_id, result } => {
+                            self.on_app_metrics(id, request_id, &result, now)
+                        }
                         _ => {}
                     }
                 }
@@ -44,7 +47,10 @@ impl Master {
                 metrics.dropped(Dropped::Desync);
                 self.fleet.on_desync(id, now);
             }
-            Report::TooLong => metrics.dropped(Dropped::TooLong),
+            Report::TooLong => {
+                metrics.dropped(Dropped::TooLong);
+                self.app_line_too_long(id, now);
+            }
             Report::StrayFd => metrics.dropped(Dropped::StrayFd),
             Report::Cluster(m) => self.on_cluster(id, m, now),
             Report::Closed => {

@@ -76,6 +76,7 @@ impl Master {
         let applied = plan::keep_running(old, new);
         self.fleet.reconfigure(fleet_config(&applied, &argv));
         self.router.reconfigure(&applied);
+        self.app.set_timeout(applied.app_metrics_timeout);
         self.settings = applied;
         self.argv = argv;
         let now = Instant::now();

@@ -104,6 +104,7 @@ impl Master {
                 })
                 .collect(),
             counters: self.shared.metrics.carry(),
+            app_metrics: self.app.carry(),
         };
         tracing::info!(
             "re-executing {} in place with {} workers (lb {})",
@@ -139,6 +140,7 @@ impl Master {
     pub(super) fn resume(&mut self, state: upgrade::State) {
         let now = Instant::now();
         self.shared.metrics.restore(&state.counters);
+        self.app.restore(state.app_metrics.clone());
         self.next_unique_id = state.next_unique_id;
         for (key, fd) in &state.shared_listeners {
             match upgrade::adopt(*fd) {

@@ -91,6 +91,8 @@ impl Master {
         let how = status.map_or_else(|| "unknown status".to_string(), describe_status);
         self.fleet.on_exit(id, &how, now);
         self.router.exited(id);
+        self.app.gone(id);
+        self.finish_scrape(now);
         self.apply();
     }
 
