@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs lb's whole test suite on a fresh machine: installs what the tests need and is missing
-# (Debian's `prometheus` package for promtool and the Prometheus server, `haproxy` to put in
-# front of lb, `systemd` for systemd-socket-activate, npm packages for the Node.js tests), checks
-# formatting and lints, runs every test, then the chaos soak.
+# (Debian's `prometheus` package for promtool and the Prometheus server, `haproxy` and `nginx`
+# to put in front of lb, `systemd` for systemd-socket-activate, `chromium` to load the status
+# page, npm packages for the Node.js tests), checks formatting and lints, runs every test, then
+# the chaos soak.
 #
 # The closing line counts every test binary: a binary that crashed or did not compile counts as a
 # failure, a test that could not run here (e.g. no IPv6) counts as skipped, not passed, and the
@@ -22,6 +23,7 @@ command -v prlimit >/dev/null 2>&1 && command -v unshare >/dev/null 2>&1 || miss
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v systemd-socket-activate >/dev/null 2>&1 || missing+=(systemd)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt-get)"
   as_root apt-get update -qq

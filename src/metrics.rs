@@ -805,6 +805,9 @@ impl Shared {
         #[derive(Serialize)]
         struct Doc {
             policy: Policy,
+            version: &'static str,
+            accepted_connections: u64,
+            reloads: u64,
             workers: Vec<Row>,
         }
         let table = self.table.lock().map(|t| t.clone()).unwrap_or_default();
@@ -831,6 +834,9 @@ impl Shared {
             .collect();
         serde_json::to_vec_pretty(&Doc {
             policy: self.policy,
+            version: crate::VERSION,
+            accepted_connections: self.metrics.accepted.get(),
+            reloads: self.metrics.reloads.with_label_values(&["ok"]).get(),
             workers,
         })
         .expect("serializable")
@@ -916,6 +922,10 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// The status page at `/`: one self-contained HTML document (no CDN, no framework) that polls
+/// `/workers` once a second while it is open; the master does nothing for it otherwise.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// The app's families for one scrape (empty when the master has none to give).
 async fn app_metrics(shared: &Shared) -> String {
     let Some(tx) = shared.app_metrics.get() else {
@@ -946,6 +956,11 @@ async fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respon
                 body,
             )
         }
+        (&hyper::Method::GET | &hyper::Method::HEAD, "/") => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            STATUS_PAGE.as_bytes().to_vec(),
+        ),
         (&hyper::Method::GET | &hyper::Method::HEAD, "/workers") => {
             (StatusCode::OK, "application/json", shared.workers_json())
         }
@@ -960,7 +975,7 @@ async fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respon
                 )
             }
         }
-        (_, "/metrics" | "/workers" | "/healthz") => (
+        (_, "/" | "/metrics" | "/workers" | "/healthz") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             b"method not allowed\n".to_vec(),
@@ -968,7 +983,7 @@ async fn handle(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Respon
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            b"not found (try /metrics, /workers, /healthz)\n".to_vec(),
+            b"not found (try /, /metrics, /workers, /healthz)\n".to_vec(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -22,6 +22,11 @@ use crate::slot::WorkerId;
 /// The most one answer may hold (series); a larger one is dropped (`too_large`).
 pub const MAX_SERIES_PER_ANSWER: usize = 50_000;
 
+/// The most one scrape serves of the app's series, merged (about 5 MiB of text); families past
+/// it are left out of that scrape (`too_large`), in the order the workers list them, so the same
+/// ones go each time.
+pub const MAX_SERIES_PER_SCRAPE: usize = 100_000;
+
 /// What lb knows of one worker's answers.
 #[derive(Debug, Default)]
 struct Known {
@@ -254,8 +259,19 @@ impl<W> Collector<W> {
         ids.sort_by_key(|w| (w.slot, w.generation));
         let mut all: Vec<&[Family]> = ids.iter().map(|w| r.answers[w].as_slice()).collect();
         all.extend(stale.iter().map(Vec::as_slice));
-        let (mut merged, dropped) = aggregate(&all);
+        let (mut merged, mut dropped) = aggregate(&all);
         self.bases.apply(&mut merged);
+        let mut room = MAX_SERIES_PER_SCRAPE;
+        merged.retain(|f| {
+            if f.values.len() <= room {
+                room -= f.values.len();
+                true
+            } else {
+                room = 0;
+                dropped.push((f.name.clone(), DropReason::TooLarge));
+                false
+            }
+        });
         let mut text = String::new();
         render(&merged, &mut text);
         Some(Finished {
@@ -296,6 +312,31 @@ mod tests {
         json!([[{"name": "c_total", "help": "", "type": "counter",
                   "values": [{"value": v, "labels": {}}]},
                  {"name": "g", "help": "", "type": "gauge", "values": [{"value": v}]}]])
+    }
+
+    #[test]
+    fn a_scrape_over_the_series_limit_leaves_the_last_families_out() {
+        let t = Instant::now();
+        let mut c = Collector::new(Duration::from_millis(500));
+        let workers = [w(0), w(1), w(2)];
+        let Begin::Ask(id, _) = c.begin("a", &workers, t) else {
+            panic!("a fresh scrape asks");
+        };
+        // Three workers, each a family of its own of 40,000 series: 120,000 in all.
+        for (i, wk) in workers.iter().enumerate() {
+            let values: Vec<Value> = (0..40_000)
+                .map(|n| json!({"value": 1, "labels": {"n": n.to_string()}}))
+                .collect();
+            let answer = json!([[{"name": format!("f{i}_total"), "help": "", "type": "counter",
+                                 "values": values}]]);
+            assert_eq!(c.answer(*wk, Some(id), Ok(&answer)), None);
+        }
+        assert!(c.done(t));
+        let f = c.finish().unwrap();
+        assert_eq!(f.dropped, [("f2_total".to_owned(), DropReason::TooLarge)]);
+        assert!(f.text.contains("f0_total{n=\"39999\"} 1\n"));
+        assert!(f.text.contains("f1_total{n=\"0\"} 1\n"));
+        assert!(!f.text.contains("f2_total"));
     }
 
     #[test]

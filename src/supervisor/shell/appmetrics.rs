@@ -116,7 +116,9 @@ fn describe(why: DropReason) -> &'static str {
         DropReason::Malformed => {
             "it is not what getMetricsAsJSON() writes, or a name Prometheus does not allow"
         }
-        DropReason::TooLarge => "it is over the per-answer limit",
+        DropReason::TooLarge => {
+            "it is over the size limit (a 1 MiB line or 50,000 series per answer, 100,000 series per scrape)"
+        }
         DropReason::TypeConflict => "its type differs between workers",
         DropReason::NameClash => "its name is one of lb's own (lb_…)",
         DropReason::BadAggregator => "its aggregator is not one prom-client knows",
