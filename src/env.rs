@@ -16,6 +16,9 @@ pub const NODE_CHANNEL_SERIALIZATION_MODE: &str = "NODE_CHANNEL_SERIALIZATION_MO
 pub const NODE_UNIQUE_ID: &str = "NODE_UNIQUE_ID";
 /// The worker's slot (0-based).
 pub const LB_WORKER_ID: &str = "LB_WORKER_ID";
+/// pm2's name for the same slot number (0…N-1), which apps and the `config` package read; set
+/// unless lb's own environment sets it.
+pub const NODE_APP_INSTANCE: &str = "NODE_APP_INSTANCE";
 /// Set to [`LISTEN_FD`] when the worker gets its slot's listener (kernel steering).
 pub const LB_LISTEN_FD: &str = "LB_LISTEN_FD";
 /// How often an `lb::worker` worker sends a heartbeat, in milliseconds.

@@ -328,7 +328,10 @@ fn serve(
     let argv = match &settings.command {
         Some(cmd) => cmd.clone(),
         None => match std::env::current_exe() {
-            Ok(exe) => vec![exe.to_string_lossy().into_owned(), "builtin-worker".into()],
+            Ok(exe) => vec![
+                exe.to_string_lossy().into_owned(),
+                lb::spawn::BUILTIN_WORKER.into(),
+            ],
             Err(e) => {
                 return fail(&format!(
                     "cannot find lb's own executable for the built-in worker: {e}"

@@ -29,6 +29,9 @@ pub use crate::env::{CHANNEL_FD, LISTEN_FD};
 
 pub use crate::user::WorkerUser;
 
+/// The subcommand that runs the built-in worker (`lb builtin-worker`).
+pub const BUILTIN_WORKER: &str = "builtin-worker";
+
 /// A freshly spawned worker.
 #[derive(Debug)]
 pub struct Spawned {
@@ -70,6 +73,14 @@ pub fn spawn_worker(
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
+    if std::env::var_os(env::NODE_APP_INSTANCE).is_none() {
+        cmd.env(env::NODE_APP_INSTANCE, slot.to_string());
+    }
+    // The built-in worker is lb's own binary: a title that tells it from the master in `ps`
+    // (as nginx's "nginx: worker process").
+    if argv.get(1).map(String::as_str) == Some(BUILTIN_WORKER) {
+        cmd.arg0(format!("lb: worker {slot}"));
+    }
     if listener_fd.is_some() {
         cmd.env(env::LB_LISTEN_FD, LISTEN_FD.to_string());
     } else {

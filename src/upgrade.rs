@@ -82,6 +82,10 @@ pub struct State {
     pub config: Option<String>,
     /// The workers.
     pub workers: Vec<CarriedWorker>,
+    /// Every slot's next generation, those without a worker too (one that died just before
+    /// the upgrade is replaced as a restart, and counted).
+    #[serde(default)]
+    pub generations: Vec<u64>,
     /// Counter values.
     pub counters: metrics::Carried,
     /// The app's metrics: gone workers' counters, live workers' last answers.
@@ -351,7 +355,7 @@ mod tests {
             shared_listeners: vec![("key".into(), 8)],
             next_unique_id: 3,
             slots: 2,
-            argv: vec!["lb".into(), "builtin-worker".into()],
+            argv: vec!["lb".into(), crate::spawn::BUILTIN_WORKER.into()],
             user: None,
             fixed: vec![("serialization".into(), "json".into())],
             config: Some("workers = 2\n".into()),
@@ -373,6 +377,7 @@ mod tests {
             }],
             counters: metrics::Carried::default(),
             app_metrics: Default::default(),
+            generations: vec![3],
         }
     }
 

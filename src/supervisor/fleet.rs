@@ -158,15 +158,25 @@ pub struct Fleet {
 impl Fleet {
     /// A fleet whose slots all want a worker now.
     pub fn new(cfg: FleetConfig, now: Instant) -> Self {
-        Self::resume(cfg, &[], now)
+        Self::resume(cfg, &[], &[], now)
     }
 
     /// A fleet that goes on with the ready workers lb's previous image ran (an in-place
-    /// upgrade); slots without one get a worker now.
-    pub fn resume(cfg: FleetConfig, adopted: &[Adopted], now: Instant) -> Self {
+    /// upgrade); slots without one get a worker now. `generations` are the slots' next
+    /// generations there ([`Fleet::generations`]), so that a worker that died just before the
+    /// upgrade is replaced, and counted, as a restart.
+    pub fn resume(
+        cfg: FleetConfig,
+        adopted: &[Adopted],
+        generations: &[u64],
+        now: Instant,
+    ) -> Self {
         let mut slots: Vec<Slot> = (0..cfg.workers)
             .map(|_| Slot::new(cfg.crash_loop, now))
             .collect();
+        for (s, g) in slots.iter_mut().zip(generations) {
+            s.next_generation = *g;
+        }
         for a in adopted {
             let Some(s) = slots.get_mut(a.id.slot) else {
                 continue;
@@ -230,6 +240,11 @@ impl Fleet {
                 })
             })
             .collect()
+    }
+
+    /// Every slot's next generation (what an in-place upgrade carries besides the workers).
+    pub fn generations(&self) -> Vec<u64> {
+        self.slots.iter().map(|s| s.next_generation).collect()
     }
 
     /// The next thing to do.

@@ -99,8 +99,24 @@ pub fn main() -> Result<(), BuiltinError> {
 }
 
 async fn serve() -> Result<(), BuiltinError> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    // `kill -HUP $(pidof lb)` reaches the workers too (they are `lb` as well): the signals the
+    // master acts on must not kill them. HUP and USR2 are the master's (reload, upgrade) and
+    // mean nothing here; INT drains, like TERM. A handler that is never polled still replaces
+    // the default action (terminate).
+    let _ignored = (
+        signal(SignalKind::hangup())?,
+        signal(SignalKind::user_defined2())?,
+    );
+    let mut int = signal(SignalKind::interrupt())?;
     let mut worker = Worker::from_env()?;
+    if let Some(slot) = worker.slot() {
+        // `ps -o comm`, `top`, `pidof -x`: the same title as the command line lb gave.
+        let _ = nix::sys::prctl::set_name(
+            &std::ffi::CString::new(format!("lb: worker {slot}")).unwrap_or_default(),
+        );
+    }
     // For `lb --wait-ready`: we can take connections (and drain on SIGTERM) from now on.
     worker.ready();
     let slot = worker.slot().unwrap_or(0);
@@ -152,6 +168,7 @@ async fn serve() -> Result<(), BuiltinError> {
                 }
             }
             _ = term.recv() => break,
+            _ = int.recv() => break,
         }
     }
     // Stop accepting from the slot's listener: what waits there goes to the next worker of the

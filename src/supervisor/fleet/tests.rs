@@ -575,7 +575,7 @@ fn a_resumed_fleet_keeps_carried_workers_ready_and_starts_only_the_empty_slots()
         cluster: false,
         next_generation: 5,
     };
-    let mut fleet = Fleet::resume(config(2), &[carried], now);
+    let mut fleet = Fleet::resume(config(2), &[carried], &[], now);
     let acts: Vec<Action> = std::iter::from_fn(|| fleet.poll_action()).collect();
     assert!(acts.contains(&Action::Publish(0)));
     let spawns: Vec<WorkerId> = acts

@@ -57,7 +57,7 @@ impl Master {
                     .map_err(|e| format!("cannot find lb's own executable: {e}"))?
                     .to_string_lossy()
                     .into_owned(),
-                "builtin-worker".into(),
+                crate::spawn::BUILTIN_WORKER.into(),
             ],
         };
         let changes = plan::plan(

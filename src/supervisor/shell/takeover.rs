@@ -103,6 +103,7 @@ impl Master {
                     link: link.clone(),
                 })
                 .collect(),
+            generations: self.fleet.generations(),
             counters: self.shared.metrics.carry(),
             app_metrics: self.app.carry(),
         };
@@ -215,7 +216,12 @@ impl Master {
             workers: total,
             ..self.settings.clone()
         };
-        self.fleet = Fleet::resume(fleet_config(&running, &self.argv), &adopted, now);
+        self.fleet = Fleet::resume(
+            fleet_config(&running, &self.argv),
+            &adopted,
+            &state.generations,
+            now,
+        );
         let changes = crate::supervisor::plan::plan(
             crate::supervisor::plan::Workers {
                 count: total,
