@@ -9,6 +9,17 @@ use lb::listener::{self, Listener};
 use lb::metrics::{self, Shared};
 use lb::supervisor::shell::{self, Master};
 
+/// `print!` for the client commands: a closed stdout (`lb status --watch | head -1`) is a normal
+/// end, as for `ls | head`: exit 0, no message.
+macro_rules! out {
+    ($($t:tt)*) => { write_out(format!($($t)*).as_bytes()) };
+}
+
+/// `println!` likewise.
+macro_rules! outln {
+    ($($t:tt)*) => { write_out(format!("{}\n", format_args!($($t)*)).as_bytes()) };
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -35,8 +46,8 @@ fn main() -> ExitCode {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::send(&path, &lb::control::Request::Roll, std::time::Duration::from_secs(3600)) {
                 Ok(v) => {
-                    println!("rolling restart complete");
-                    print!("{}", lb::control::status_table(&v["status"], color()));
+                    outln!("rolling restart complete");
+                    out!("{}", lb::control::status_table(&v["status"], color()));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e.to_string()),
@@ -44,13 +55,19 @@ fn main() -> ExitCode {
         }
         Some(Sub::Completions { shell }) => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut script);
+            write_out(&script);
             ExitCode::SUCCESS
         }
         Some(Sub::Manpage) => {
             use clap::CommandFactory;
-            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => {
+                    write_out(&page);
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(&format!("cannot write the man page: {e}")),
             }
         }
@@ -63,7 +80,7 @@ fn main() -> ExitCode {
             let req = lb::control::Request::Scale { workers: n };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(30)) {
                 Ok(_) => {
-                    println!("scaling to {n} workers");
+                    outln!("scaling to {n} workers");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e.to_string()),
@@ -85,12 +102,12 @@ fn main() -> ExitCode {
                             items.join(", ")
                         }
                     };
-                    println!("reloaded: changed {}", list("changed"));
+                    outln!("reloaded: changed {}", list("changed"));
                     if r["restart_needed"]
                         .as_array()
                         .is_some_and(|a| !a.is_empty())
                     {
-                        println!(
+                        outln!(
                             "not applied until lb is restarted: {}",
                             list("restart_needed")
                         );
@@ -104,7 +121,7 @@ fn main() -> ExitCode {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::send(&path, &lb::control::Request::Stop, std::time::Duration::from_secs(10)) {
                 Ok(_) => {
-                    println!("graceful shutdown started");
+                    outln!("graceful shutdown started");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e.to_string()),
@@ -121,7 +138,7 @@ fn main() -> ExitCode {
             let req = lb::control::Request::Route { ip, key };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(5)) {
                 Ok(v) => {
-                    print!("{}", lb::control::describe_route(&v["route"]));
+                    out!("{}", lb::control::describe_route(&v["route"]));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e.to_string()),
@@ -164,7 +181,7 @@ fn main() -> ExitCode {
                 _ => Ok(s),
             }) {
             Ok(s) => {
-                println!(
+                outln!(
                     "configuration ok: listen {}, {} workers, policy {}, steering {}, worker command: {}",
                     s.listen,
                     s.workers,
@@ -202,6 +219,18 @@ fn main() -> ExitCode {
 }
 
 /// Prints a one-line error and returns exit status 2.
+fn write_out(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("lb: error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Colours only on a terminal (and not with NO_COLOR).
 fn color() -> bool {
     use std::io::IsTerminal;
@@ -216,12 +245,12 @@ fn status(control: Option<std::path::PathBuf>, json: bool, watch: bool) -> ExitC
             &lb::control::Request::Status,
             std::time::Duration::from_secs(5),
         ) {
-            Ok(v) if json => println!("{}", v["status"]),
+            Ok(v) if json => outln!("{}", v["status"]),
             Ok(v) => {
                 if watch && color() {
-                    print!("\x1b[2J\x1b[H"); // clear the screen, like pm2 monit
+                    out!("\x1b[2J\x1b[H"); // clear the screen, like pm2 monit
                 }
-                print!("{}", lb::control::status_table(&v["status"], color()));
+                out!("{}", lb::control::status_table(&v["status"], color()));
             }
             Err(e) => return fail(&e.to_string()),
         }
@@ -251,7 +280,7 @@ fn route(
     match lb::config::route_settings(workers, seed, config) {
         Ok((n, seed)) => {
             let home = lb::balance::StickyHash::new(seed).pick_key(hashed, n, |_| true);
-            println!("{}", home.expect("at least one slot"));
+            outln!("{}", home.expect("at least one slot"));
             ExitCode::SUCCESS
         }
         Err(e) => fail(&e.to_string()),

@@ -632,6 +632,35 @@ impl Metrics {
         self.slots.read().expect("not poisoned")[i].clone()
     }
 
+    /// Slots `n..` no longer exist (scaled away, their workers gone): their series go, so
+    /// `count(lb_worker_up)` is the number of slots and no alert fires for a slot that is not
+    /// there. A slot added again later starts its series afresh (Prometheus sees a new series).
+    pub fn remove_slots_from(&self, n: usize) {
+        let mut slots = self.slots.write().expect("not poisoned");
+        let f = &self.families;
+        for i in n..slots.len() {
+            let l = i.to_string();
+            let l = [l.as_str()];
+            for v in [
+                &f.requests,
+                &f.connections,
+                &f.restarts,
+                &f.moved,
+                &f.overflow,
+                &f.app_timeouts,
+            ] {
+                let _ = v.remove_label_values(&l);
+            }
+            for v in [&f.active, &f.up, &f.memory, &f.sessions] {
+                let _ = v.remove_label_values(&l);
+            }
+            for st in SLOT_STATES {
+                let _ = f.state.remove_label_values(&[l[0], st]);
+            }
+        }
+        slots.truncate(n);
+    }
+
     /// Makes sure slots `0..n` have their series.
     pub fn ensure_slots(&self, n: usize) {
         let mut slots = self.slots.write().expect("not poisoned");

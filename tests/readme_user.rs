@@ -51,12 +51,11 @@ fn kill_hup_of_every_lb_process_reloads_and_the_built_in_workers_live_on() {
             "{}",
             cmdline(*w)
         );
-        assert_eq!(
-            std::fs::read_to_string(format!("/proc/{w}/comm"))
-                .unwrap()
-                .trim(),
-            format!("lb: worker {slot}")
-        );
+        // The kernel's name (`ps -o comm`, `top`) is set by the worker itself, once it runs.
+        wait_for("the worker's comm", Duration::from_secs(5), || {
+            let comm = std::fs::read_to_string(format!("/proc/{w}/comm")).ok()?;
+            (comm.trim() == format!("lb: worker {slot}")).then_some(())
+        });
     }
     assert!(!cmdline(lb.pid()).starts_with("lb: worker"));
 
@@ -128,4 +127,107 @@ fn every_worker_death_by_signal_is_logged_and_counted() {
         let logged = lb.log_text().matches("killed by signal SIGHUP").count();
         assert_eq!(logged, deaths as usize, "round {round}: {}", lb.log_text());
     }
+}
+
+/// `sh -c "<lb …> | head -1"`: what lb wrote to stderr and its own exit status.
+fn piped_to_head(lb: &Lb, args: &str) -> (i32, String) {
+    let control = lb.control.as_ref().unwrap().display().to_string();
+    let script = format!(
+        "{LB} {args} --control {control} 2>\"$E\" | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    );
+    let err = std::env::temp_dir().join(format!("lb-head-{}-{}", std::process::id(), args.len()));
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .env("E", &err)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    let _ = std::fs::remove_file(&err);
+    (code, stderr)
+}
+
+#[test]
+fn a_closed_stdout_is_a_normal_end_for_every_client_command() {
+    let lb = Lb::start(&["-w", "2"]);
+    lb.wait_all_ready(2);
+    // `--watch` writes a table a second until stdout goes; the others write more than one line.
+    for args in ["status --watch", "status", "roll", "route 10.0.0.1 --live"] {
+        let (code, stderr) = piped_to_head(&lb, args);
+        assert!(
+            code == 0 || code == 141,
+            "lb {args} | head -1: exit {code}, {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "lb {args} | head -1: {stderr}"
+        );
+    }
+    for args in ["completions bash", "manpage", "--help"] {
+        let script = format!("{LB} {args} 2>&1 | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}");
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let code: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!(code == 0 || code == 141, "lb {args} | head -1: exit {code}");
+    }
+}
+
+#[test]
+fn after_a_scale_down_the_removed_slots_have_no_series_and_no_alert_fires() {
+    let lb = Lb::start(&["-w", "3"]);
+    lb.wait_all_ready(3);
+    let out = lb.cmd(&["scale", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lb.wait_all_ready(1);
+    wait_for(
+        "the removed slots' series gone",
+        Duration::from_secs(10),
+        || {
+            let text = lb.metrics_text();
+            (!text.contains("worker=\"1\"") && !text.contains("worker=\"2\"")).then_some(())
+        },
+    );
+    // A late word from a removed worker does not bring them back.
+    holds_for(
+        "no series for slots 1 and 2",
+        Duration::from_secs(2),
+        || !lb.metrics_text().contains("worker=\"2\""),
+    );
+    assert_eq!(lb.metric("lb_worker_up{worker=\"0\"}"), Some(1.0));
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prometheus/lb-rules.yml");
+    let prom = Prometheus::start(&[lb.metrics.unwrap()], Some(&rules));
+    // The README's "a slot is down" query and the shipped alerts, as Prometheus evaluates them.
+    wait_for("Prometheus scraping lb", Duration::from_secs(30), || {
+        let r = prom.query("count(lb_worker_up)")?;
+        (r.first()?["value"][1] == "1").then_some(())
+    });
+    holds_for(
+        "nothing says a slot is down",
+        Duration::from_secs(3),
+        || {
+            prom.query("sum(lb_worker_up) < count(lb_worker_up)")
+                .is_some_and(|r| r.is_empty())
+                && prom.get("/api/v1/alerts").is_some_and(|a| {
+                    a["alerts"].as_array().is_some_and(|v| {
+                        !v.iter().any(|a| {
+                            a["labels"]["alertname"].as_str().is_some_and(|n| {
+                                n.starts_with("LbWorker") || n == "LbNoWorkerReady"
+                            })
+                        })
+                    })
+                })
+        },
+    );
+    // Scaling up again gives the new slots fresh series.
+    assert!(lb.cmd(&["scale", "2"]).status.success());
+    lb.wait_all_ready(2);
+    assert_eq!(lb.metric("lb_worker_up{worker=\"1\"}"), Some(1.0));
 }

@@ -452,15 +452,8 @@ impl Master {
                 }
                 Action::Restarted(slot) => self.shared.metrics.slot(slot).restarts.inc(),
                 Action::Resized(total) => {
-                    // Slots scaled away keep their counters; their gauges say they are gone.
-                    let before = self.shared.table.lock().map_or(0, |t| t.len());
-                    for slot in total..before {
-                        let sm = self.shared.metrics.slot(slot);
-                        sm.set_state("exited");
-                        sm.up.set(0);
-                        sm.active.set(0);
-                        sm.memory.set(0);
-                    }
+                    // Slots scaled away (their workers gone) have no series left.
+                    self.shared.metrics.remove_slots_from(total);
                     self.shared.resize(total);
                     self.router.resize(self.fleet.active(), total);
                 }

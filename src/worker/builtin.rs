@@ -99,6 +99,12 @@ pub fn main() -> Result<(), BuiltinError> {
 }
 
 async fn serve() -> Result<(), BuiltinError> {
+    if let Ok(slot) = std::env::var(crate::env::LB_WORKER_ID) {
+        // `ps -o comm`, `top`: the same title as the command line lb gave.
+        if let Ok(title) = std::ffi::CString::new(format!("lb: worker {slot}")) {
+            let _ = nix::sys::prctl::set_name(&title);
+        }
+    }
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     // `kill -HUP $(pidof lb)` reaches the workers too (they are `lb` as well): the signals the
@@ -111,12 +117,6 @@ async fn serve() -> Result<(), BuiltinError> {
     );
     let mut int = signal(SignalKind::interrupt())?;
     let mut worker = Worker::from_env()?;
-    if let Some(slot) = worker.slot() {
-        // `ps -o comm`, `top`, `pidof -x`: the same title as the command line lb gave.
-        let _ = nix::sys::prctl::set_name(
-            &std::ffi::CString::new(format!("lb: worker {slot}")).unwrap_or_default(),
-        );
-    }
     // For `lb --wait-ready`: we can take connections (and drain on SIGTERM) from now on.
     worker.ready();
     let slot = worker.slot().unwrap_or(0);

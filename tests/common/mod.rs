@@ -200,6 +200,19 @@ impl Lb {
     }
 
     /// Pids of the slots' current workers, once every slot is ready.
+    /// Runs `lb ARGS --control <this lb's socket>` (a client command) to its end.
+    pub fn cmd(&self, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new(LB);
+        c.args(args);
+        if let Some(p) = &self.control {
+            c.arg("--control").arg(p);
+        }
+        c.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lb")
+    }
+
     pub fn wait_all_ready(&self, n: usize) -> Vec<u32> {
         wait_for("all workers ready", Duration::from_secs(20), || {
             let w = self.workers();
