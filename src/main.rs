@@ -103,6 +103,9 @@ fn main() -> ExitCode {
                         }
                     };
                     outln!("reloaded: changed {}", list("changed"));
+                    for note in r["notes"].as_array().into_iter().flatten() {
+                        outln!("{}", note.as_str().unwrap_or_default());
+                    }
                     if r["restart_needed"]
                         .as_array()
                         .is_some_and(|a| !a.is_empty())

@@ -86,6 +86,10 @@ pub struct State {
     /// the upgrade is replaced as a restart, and counted).
     #[serde(default)]
     pub generations: Vec<u64>,
+    /// `workers` as the configuration last read said (a count `lb scale` set may differ): the
+    /// next image keeps the running count unless the file's changed.
+    #[serde(default)]
+    pub loaded_workers: Option<usize>,
     /// Counter values.
     pub counters: metrics::Carried,
     /// The app's metrics: gone workers' counters, live workers' last answers.
@@ -378,6 +382,7 @@ mod tests {
             counters: metrics::Carried::default(),
             app_metrics: Default::default(),
             generations: vec![3],
+            loaded_workers: Some(1),
         }
     }
 

@@ -231,3 +231,67 @@ fn after_a_scale_down_the_removed_slots_have_no_series_and_no_alert_fires() {
     lb.wait_all_ready(2);
     assert_eq!(lb.metric("lb_worker_up{worker=\"1\"}"), Some(1.0));
 }
+
+#[test]
+fn a_reload_keeps_the_count_lb_scale_set_unless_the_file_changed_it() {
+    let dir = std::env::temp_dir().join(format!("lb-scale-reload-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("lb.toml");
+    let write = |workers: usize| {
+        std::fs::write(
+            &cfg,
+            format!("listen = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"\nworkers = {workers}\n"),
+        )
+        .unwrap()
+    };
+    write(2);
+    let lb = Lb::start(&["-c", cfg.to_str().unwrap()]);
+    lb.wait_all_ready(2);
+    assert!(lb.cmd(&["scale", "4"]).status.success());
+    lb.wait_all_ready(4);
+    // The file did not change: the reload keeps 4, and says why.
+    let out = lb.cmd(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("reloaded: changed nothing"), "{said}");
+    assert!(said.contains("keeps the 4 that `lb scale` set"), "{said}");
+    wait_for("the reload done", Duration::from_secs(15), || {
+        lb.log_text().contains("re-executed in place").then_some(())
+    });
+    holds_for("4 workers after the reload", Duration::from_secs(2), || {
+        lb.workers()["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 4)
+    });
+    assert!(
+        !lb.log_text().contains("scaling from 4 to 2"),
+        "{}",
+        lb.log_text()
+    );
+    // The same with SIGHUP.
+    lb.signal(Signal::SIGHUP);
+    wait_for("the second reload", Duration::from_secs(15), || {
+        (lb.log_text().matches("re-executed in place").count() == 2).then_some(())
+    });
+    holds_for("still 4 workers", Duration::from_secs(2), || {
+        lb.workers()["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 4)
+    });
+    // The file's workers changed: the file wins, and the report says so.
+    write(3);
+    let out = lb.cmd(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("reloaded: changed workers"), "{said}");
+    assert!(
+        said.contains("the file's 3 replaces the 4 that `lb scale` set"),
+        "{said}"
+    );
+    lb.wait_all_ready(3);
+    let _ = std::fs::remove_dir_all(&dir);
+}

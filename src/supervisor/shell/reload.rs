@@ -48,6 +48,7 @@ impl Master {
 
     pub(super) fn try_reload(&mut self) -> Result<serde_json::Value, String> {
         let (new, changed, restart_needed) = self.read_config(None)?;
+        let notes: Vec<String> = self.scale_note(new.workers).into_iter().collect();
         let old = &self.settings;
         let argv = match &new.command {
             _ if !changed.contains(&"command") => self.argv.clone(),
@@ -87,7 +88,25 @@ impl Master {
             self.fleet.roll("reload (the worker command changed)", now);
         }
         self.apply();
-        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+        Ok(
+            serde_json::json!({"changed": changed, "restart_needed": restart_needed, "notes": notes}),
+        )
+    }
+
+    /// What a reload does to a worker count `lb scale` set: it stays unless the file's
+    /// `workers` changed since lb last read it (then the file's wins). One line for the
+    /// reload's report, when there is something to say.
+    pub(super) fn scale_note(&self, file_workers: usize) -> Option<String> {
+        let (loaded, running) = (self.settings.workers, self.fleet.active());
+        match (file_workers == loaded, running == loaded) {
+            (_, true) => None,
+            (true, false) => Some(format!(
+                "workers: keeps the {running} that `lb scale` set (the file's workers = {loaded} did not change)"
+            )),
+            (false, false) => Some(format!(
+                "workers: the file's {file_workers} replaces the {running} that `lb scale` set"
+            )),
+        }
     }
 
     /// SIGHUP or `lb reload`: with an executable to re-execute (and master steering), an
@@ -145,8 +164,11 @@ impl Master {
 
     /// What a reload would change: `{changed, restart_needed}`, or the configuration's error.
     pub(super) fn diff_config(&self, text: Option<&str>) -> Result<serde_json::Value, String> {
-        let (_, changed, restart_needed) = self.read_config(text)?;
-        Ok(serde_json::json!({"changed": changed, "restart_needed": restart_needed}))
+        let (new, changed, restart_needed) = self.read_config(text)?;
+        let notes: Vec<String> = self.scale_note(new.workers).into_iter().collect();
+        Ok(
+            serde_json::json!({"changed": changed, "restart_needed": restart_needed, "notes": notes}),
+        )
     }
 
     /// The config file's text (`None`: lb runs without one).

@@ -104,6 +104,7 @@ impl Master {
                 })
                 .collect(),
             generations: self.fleet.generations(),
+            loaded_workers: Some(self.settings.workers),
             counters: self.shared.metrics.carry(),
             app_metrics: self.app.carry(),
         };
@@ -222,6 +223,12 @@ impl Master {
             &state.generations,
             now,
         );
+        // A count `lb scale` set stays unless the file's `workers` changed since the previous
+        // image read it (DESIGN §10): the file's value is what changed, not the scale.
+        let target = match state.loaded_workers {
+            Some(loaded) if loaded == self.settings.workers => total,
+            _ => self.settings.workers,
+        };
         let changes = crate::supervisor::plan::plan(
             crate::supervisor::plan::Workers {
                 count: total,
@@ -229,7 +236,7 @@ impl Master {
                 user: state.user.as_deref(),
             },
             crate::supervisor::plan::Workers {
-                count: self.settings.workers,
+                count: target,
                 argv: &self.argv,
                 user: self.settings.user.as_ref().map(|u| u.name.as_str()),
             },
