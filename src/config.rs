@@ -129,10 +129,14 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
-    /// Change the number of workers of a running lb: new slots start, removed slots drain.
+    /// Change the number of workers of a running lb: new slots start, removed slots drain;
+    /// returns when the new slots are ready and the removed ones gone (at most 60s).
     Scale {
         /// The new number of workers.
         workers: String,
+        /// Return once lb has the request, without waiting for the workers.
+        #[arg(long)]
+        no_wait: bool,
         /// The control socket of that lb [default: as lb's --control].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
@@ -143,8 +147,12 @@ pub enum Sub {
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
     },
-    /// Graceful shutdown of a running lb.
+    /// Graceful shutdown of a running lb; returns when it has exited (at most its
+    /// --shutdown-timeout and a few seconds).
     Stop {
+        /// Return once lb has begun shutting down, without waiting for it to exit.
+        #[arg(long)]
+        no_wait: bool,
         /// The control socket of that lb [default: as lb's --control].
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,

@@ -113,8 +113,9 @@ const VERBS: &str = "status, roll, scale, reload, stop, route";
 pub enum Command {
     /// Roll every worker; the reply comes when the roll has ended.
     Roll(oneshot::Sender<Result<(), String>>),
-    /// Begin a graceful shutdown.
-    Stop,
+    /// Begin a graceful shutdown; the reply (at once) is `{pid, timeout_ms}`: which process
+    /// to wait for, and for how long at most.
+    Stop(oneshot::Sender<Result<Value, String>>),
     /// Reload the configuration; the reply says what changed.
     Reload(oneshot::Sender<Result<Value, String>>),
     /// Change the number of worker slots.
@@ -290,10 +291,9 @@ async fn handle(
         Ok(Request::Reload) => ask(commands, Command::Reload)
             .await
             .map(|v| json!({"ok": true, "reload": v})),
-        Ok(Request::Stop) => {
-            let _ = commands.send(Command::Stop);
-            Ok(json!({"ok": true}))
-        }
+        Ok(Request::Stop) => ask(commands, Command::Stop)
+            .await
+            .map(|v| json!({"ok": true, "stop": v})),
         Ok(Request::Route { ip, key }) => match route_key(ip.as_deref(), key.as_deref()) {
             Ok(k) => ask(commands, |tx| Command::Route(k, tx))
                 .await
@@ -302,6 +302,67 @@ async fn handle(
         },
     };
     answer.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+}
+
+/// Waits until the lb with `pid` (whose control socket is `path`) has exited, at most `limit`:
+/// its process is gone (or the pid now names another process) and its socket answers no more.
+/// Returns whether it did.
+pub fn wait_exited(pid: u32, path: &Path, limit: Duration) -> bool {
+    // The process's start time while it runs (a zombie has exited; its parent reaps it).
+    let started = |pid: u32| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut f = stat.rsplit(')').next()?.split_whitespace();
+        if f.next()? == "Z" {
+            return None;
+        }
+        // Field 22 (starttime), counted after `pid (comm) state`.
+        f.nth(18).map(str::to_owned)
+    };
+    let first = started(pid);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let process_gone = first.is_none() || started(pid) != first;
+        if process_gone && std::os::unix::net::UnixStream::connect(path).is_err() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the lb at `path` runs exactly `n` slots, each with a ready worker (the end of
+/// an `lb scale`), at most `limit`. `Err` says what was not ready by then.
+pub fn wait_scaled(path: &Path, n: usize, limit: Duration) -> Result<(), ControlError> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let v = send(path, &Request::Status, Duration::from_secs(5))?;
+        let rows = v["status"]["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let pending: Vec<String> = rows
+            .iter()
+            .filter(|r| r["state"] != "ready")
+            .map(|r| format!("slot {} {}", r["slot"], r["state"].as_str().unwrap_or("?")))
+            .collect();
+        if rows.len() == n && pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(ControlError::Failed(format!(
+                "scaling to {n} workers is not done after {}s: {}",
+                limit.as_secs(),
+                if pending.is_empty() {
+                    format!("{} slots still draining", rows.len().saturating_sub(n))
+                } else {
+                    pending.join(", ")
+                }
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Sends one request object and returns the answer (`ok: true`).

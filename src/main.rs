@@ -71,7 +71,11 @@ fn main() -> ExitCode {
                 Err(e) => fail(&format!("cannot write the man page: {e}")),
             }
         }
-        Some(Sub::Scale { workers, control }) => {
+        Some(Sub::Scale {
+            workers,
+            no_wait,
+            control,
+        }) => {
             let n = match lb::config::parse_workers(&workers) {
                 Ok(n) => n,
                 Err(e) => return fail(&format!("invalid worker count `{workers}`: {e}")),
@@ -79,9 +83,19 @@ fn main() -> ExitCode {
             let path = control.unwrap_or_else(lb::control::default_path);
             let req = lb::control::Request::Scale { workers: n };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(30)) {
-                Ok(_) => {
-                    outln!("scaling to {n} workers");
+                Ok(_) if no_wait => {
+                    outln!("scaling to {n} workers (not waiting for them)");
                     ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    outln!("scaling to {n} workers…");
+                    match lb::control::wait_scaled(&path, n, std::time::Duration::from_secs(60)) {
+                        Ok(()) => {
+                            outln!("{n} workers ready");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(&e.to_string()),
+                    }
                 }
                 Err(e) => fail(&e.to_string()),
             }
@@ -120,12 +134,31 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
-        Some(Sub::Stop { control }) => {
+        Some(Sub::Stop { no_wait, control }) => {
             let path = control.unwrap_or_else(lb::control::default_path);
             match lb::control::send(&path, &lb::control::Request::Stop, std::time::Duration::from_secs(10)) {
-                Ok(_) => {
+                Ok(_) if no_wait => {
                     outln!("graceful shutdown started");
                     ExitCode::SUCCESS
+                }
+                Ok(v) => {
+                    let pid = v["stop"]["pid"].as_u64().unwrap_or(0) as u32;
+                    let limit = std::time::Duration::from_millis(
+                        v["stop"]["timeout_ms"].as_u64().unwrap_or(35_000),
+                    );
+                    outln!(
+                        "graceful shutdown started: waiting for lb (pid {pid}) to exit (at most {}s)…",
+                        limit.as_secs()
+                    );
+                    if lb::control::wait_exited(pid, &path, limit) {
+                        outln!("stopped");
+                        ExitCode::SUCCESS
+                    } else {
+                        fail(&format!(
+                            "lb (pid {pid}) has not exited after {}s",
+                            limit.as_secs()
+                        ))
+                    }
                 }
                 Err(e) => fail(&e.to_string()),
             }

@@ -295,3 +295,83 @@ fn a_reload_keeps_the_count_lb_scale_set_unless_the_file_changed_it() {
     lb.wait_all_ready(3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn lb_stop_returns_once_lb_has_exited_so_the_same_command_starts_again() {
+    let control = std::env::temp_dir().join(format!("lb-stop-again-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&control);
+    let control_s = control.to_str().unwrap();
+    let lb = Lb::start(&[
+        "-w",
+        "2",
+        "--control",
+        control_s,
+        "--shutdown-timeout",
+        "10s",
+    ]);
+    lb.wait_all_ready(2);
+    let listen = lb.target().to_string();
+    // A request in flight: its head half sent when `lb stop` runs, the rest after.
+    let mut inflight = connect(lb.target(), Some(client_ip(7)));
+    std::io::Write::write_all(&mut inflight, b"GET / HTTP/1.1\r\nhost: lb\r\n").unwrap();
+    let stop = {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(LB)
+                .args(["stop", "--control"])
+                .arg(&control)
+                .output()
+                .unwrap();
+            (out, std::time::Instant::now())
+        })
+    };
+    wait_for("the shutdown begun", Duration::from_secs(10), || {
+        lb.log_text().contains("graceful shutdown").then_some(())
+    });
+    std::io::Write::write_all(&mut inflight, b"connection: close\r\n\r\n").unwrap();
+    let (status, _) = read_response(&mut inflight);
+    assert_eq!(status, 200, "the request in flight is answered");
+    let (out, returned) = stop.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("waiting for lb (pid"), "{said}");
+    assert!(!alive(lb.pid()) || stat_field(lb.pid(), 0).as_deref() == Some("Z"));
+    let _ = returned;
+    // `lb stop && lb <same flags>`: the same address and control socket.
+    let again = Lb::start(&["-w", "2", "-l", &listen, "--control", control_s]);
+    again.wait_all_ready(2);
+    assert_eq!(again.target().to_string(), listen);
+    drop(again);
+    drop(lb);
+    let _ = std::fs::remove_file(&control);
+}
+
+#[test]
+fn lb_scale_returns_when_the_new_count_is_ready() {
+    let lb = Lb::start(&["-w", "1"]);
+    lb.wait_all_ready(1);
+    let out = lb.cmd(&["scale", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 workers ready"));
+    // No polling here: when `lb scale` returns, the slots are there and ready.
+    let rows = lb.workers()["workers"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["state"] == "ready"), "{rows:?}");
+    let out = lb.cmd(&["scale", "1"]);
+    assert!(out.status.success());
+    assert_eq!(
+        lb.workers()["workers"].as_array().unwrap().len(),
+        1,
+        "the removed slots are gone"
+    );
+    let out = lb.cmd(&["scale", "2", "--no-wait"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not waiting"));
+}

@@ -19,7 +19,15 @@ impl Master {
                 self.apply();
                 self.roll_waiters.push(reply);
             }
-            control::Command::Stop => self.begin_shutdown("lb stop", now),
+            control::Command::Stop(reply) => {
+                self.begin_shutdown("lb stop", now);
+                // The drain, then the orphans' grace and exit: the longest `lb stop` waits.
+                let limit = self.settings.shutdown_timeout + Duration::from_secs(5);
+                let _ = reply.send(Ok(serde_json::json!({
+                    "pid": std::process::id(),
+                    "timeout_ms": limit.as_millis() as u64,
+                })));
+            }
             control::Command::Reload(reply) => self.request_reload("lb reload", Some(reply)),
             control::Command::Scale(_, reply) if self.fleet.shutting_down() => refuse(reply),
             control::Command::Scale(n, reply) => {
