@@ -673,6 +673,7 @@ fn worker_command(file: Option<&File>, cli: &[String]) -> Result<Option<Vec<Stri
     };
     if let Some(cmd) = &command {
         check_command(&cmd[0])?;
+        check_node_script(cmd)?;
     }
     Ok(command)
 }
@@ -727,6 +728,31 @@ fn check_command(program: &str) -> Result<(), ConfigError> {
             },
         })
     }
+}
+
+/// `node SCRIPT …`: the script exists, as Node's loader would find it (`SCRIPT`, or with
+/// `.js`, `.mjs`, `.cjs`, `.json` or `.node` added). Options before the script (`node -r x
+/// app.js`) are not interpreted: only a first argument that is not an option is checked.
+fn check_node_script(cmd: &[String]) -> Result<(), ConfigError> {
+    let is_node = Path::new(&cmd[0])
+        .file_name()
+        .is_some_and(|n| n == "node" || n == "nodejs");
+    let Some(script) = cmd.get(1).filter(|a| is_node && !a.starts_with('-')) else {
+        return Ok(());
+    };
+    let path = Path::new(script);
+    let found = path.exists()
+        || ["js", "mjs", "cjs", "json", "node"]
+            .iter()
+            .any(|ext| Path::new(&format!("{script}.{ext}")).exists());
+    if found {
+        return Ok(());
+    }
+    let full = std::env::current_dir().map_or_else(|_| path.to_owned(), |d| d.join(path));
+    Err(ConfigError::Conflict(format!(
+        "worker script `{script}` not found (node would fail with: Cannot find module '{}')",
+        full.display()
+    )))
 }
 
 /// Parses a socket address (`127.0.0.1:8000`, `[::]:8000`, `localhost:8000`).

@@ -231,6 +231,13 @@ fn main() -> ExitCode {
                         .as_ref()
                         .map_or_else(|| "built-in".to_string(), |c| c.join(" "))
                 );
+                if s.command.is_some() {
+                    outln!(
+                        "checked: the worker program exists and is executable (and a node script exists); \
+             not checked: that it starts and serves (lb stops if every worker fails to start {} times)",
+                        lb::supervisor::GIVE_UP_AFTER
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => fail(&e),

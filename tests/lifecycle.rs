@@ -196,6 +196,14 @@ fn workers_die_when_the_master_is_sigkilled() {
 
 #[test]
 fn a_worker_that_exits_at_once_is_respawned_with_backoff_and_clients_are_closed_not_hung() {
+    // The first worker runs 1.5 s (lb has served), every later one exits at once: a crash
+    // loop after service, which lb rides out with backoff (one that never served gives up).
+    let flag = std::env::temp_dir().join(format!("lb-served-once-{}", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let script = format!(
+        "[ -e {f} ] && exit 3; touch {f}; sleep 1.5; exit 3",
+        f = flag.display()
+    );
     let lb = Lb::start(&[
         "-w",
         "1",
@@ -204,8 +212,11 @@ fn a_worker_that_exits_at_once_is_respawned_with_backoff_and_clients_are_closed_
         "--",
         "sh",
         "-c",
-        "exit 3",
+        &script,
     ]);
+    wait_for("the first worker's exit", Duration::from_secs(10), || {
+        (lb.metric("lb_worker_restarts_total{worker=\"0\"}")? >= 1.0).then_some(())
+    });
     let t0 = Instant::now();
     // Several respawns happen, spaced by a growing delay (not a spin).
     wait_for("a few respawns", Duration::from_secs(10), || {
@@ -243,6 +254,7 @@ fn a_worker_that_exits_at_once_is_respawned_with_backoff_and_clients_are_closed_
     assert!(lb.log_text().contains("respawning in"), "{}", lb.log_text());
     let (status, _) = http_get(lb.metrics.unwrap(), "/healthz", None);
     assert_eq!(status, 503);
+    let _ = std::fs::remove_file(&flag);
 }
 
 #[test]

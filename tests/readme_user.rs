@@ -375,3 +375,75 @@ fn lb_scale_returns_when_the_new_count_is_ready() {
     let out = lb.cmd(&["scale", "2", "--no-wait"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("not waiting"));
 }
+
+#[test]
+fn a_worker_command_that_cannot_start_is_caught_by_lb_check_and_by_lb() {
+    // In a directory without server.js, as the user typed it.
+    let dir = std::env::temp_dir().join(format!("lb-no-server-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(LB)
+            .args(args)
+            .current_dir(&dir)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, err) = run(&["check", "--", "node", "server.js"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("worker script `server.js` not found"), "{err}");
+    assert!(err.contains("Cannot find module"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = run(&[
+        "-l",
+        "127.0.0.1:0",
+        "--control",
+        "off",
+        "--",
+        "node",
+        "server.js",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("worker script `server.js` not found"), "{err}");
+    assert!(!err.contains("listening on"), "{err}");
+    // What a check cannot see, it says.
+    let (code, out, _) = run(&["check", "--", "node", "-e", "1"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("not checked: that it starts and serves"),
+        "{out}"
+    );
+
+    // A worker that fails at start (a throw at load time, which no check can see): lb stops
+    // after the third failed start of every slot, exit status ≠ 0, and its last line says why.
+    let t = std::time::Instant::now();
+    let mut lb = Lb::start(&[
+        "-w",
+        "2",
+        "--",
+        "node",
+        "-e",
+        "throw new Error('boom: cannot start')",
+    ]);
+    let code = lb.wait_exit(Duration::from_secs(30));
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let log = lb.log_text();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("every worker exited before it could serve, 3 times in a row"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Error: boom: cannot start"),
+        "the worker's own error is above: {log}"
+    );
+    assert_eq!(log.matches("exited unexpectedly").count(), 6, "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -101,6 +101,8 @@ struct Slot {
     respawn: Respawn,
     /// Scaled away: draining, never respawned; dropped once its workers are gone.
     removed: bool,
+    /// Failed starts in a row while lb has not served (see [`Fleet::gave_up`]).
+    failed_starts: u32,
 }
 
 impl Slot {
@@ -114,6 +116,7 @@ impl Slot {
             restart: RestartPolicy::new(crash_loop),
             respawn: Respawn::At(now),
             removed: false,
+            failed_starts: 0,
         }
     }
 
@@ -153,7 +156,21 @@ pub struct Fleet {
     roll_outcome: Option<Result<(), String>>,
     shutdown: Option<Shutdown>,
     actions: std::collections::VecDeque<Action>,
+    /// A worker has served: it was ready for [`MIN_UPTIME`] (or lb's previous image ran
+    /// workers). Until then, workers that all fail to start make lb give up.
+    served: bool,
+    /// Why lb gives up (set once): every slot's worker failed to start
+    /// [`GIVE_UP_AFTER`] times in a row before anything was served.
+    gave_up: Option<String>,
 }
+
+/// A worker that exits before this much time after its start, or before it is ready, failed
+/// to start (pm2's `min_uptime`).
+pub const MIN_UPTIME: Duration = Duration::from_secs(1);
+
+/// Failed starts in a row, in every slot, after which an lb that has never served stops (a
+/// worker command that cannot work: a missing script, a syntax error).
+pub const GIVE_UP_AFTER: u32 = 3;
 
 impl Fleet {
     /// A fleet whose slots all want a worker now.
@@ -201,6 +218,8 @@ impl Fleet {
             roll_outcome: None,
             shutdown: None,
             actions: Default::default(),
+            served: !adopted.is_empty() || !generations.is_empty(),
+            gave_up: None,
         };
         // The workers carried over are ready: routing and `/workers` learn it at once.
         for a in adopted {
@@ -644,13 +663,20 @@ impl Fleet {
         if s.current.as_ref().is_some_and(|w| w.id == id) {
             let mut w = s.current.take().expect("checked");
             let ran = now.saturating_duration_since(w.started);
-            if (!w.phase.signalled() || w.lost_channel) && !shutting_down {
+            let unexpected = (!w.phase.signalled() || w.lost_channel) && !shutting_down;
+            if unexpected {
                 tracing::warn!(
                     slot = id.slot,
                     pid = w.pid,
                     "worker exited unexpectedly ({how}) after {:.1}s",
                     ran.as_secs_f64()
                 );
+            }
+            let started_up = !matches!(w.phase, Phase::Starting { .. }) && ran >= MIN_UPTIME;
+            if started_up {
+                self.served = true;
+            } else if unexpected && !self.served {
+                s.failed_starts += 1;
             }
             w.phase = Phase::Exited;
             s.retiring.push(w); // kept until its channel reports closed
@@ -679,8 +705,33 @@ impl Fleet {
             w.phase = Phase::Exited;
             tracing::info!(slot = id.slot, pid = w.pid, "old worker exited ({how})");
         }
+        self.check_give_up(id.slot, how);
         self.forget_gone(id.slot);
         self.publish(id.slot);
+    }
+
+    /// Why lb should stop: before anything was served, every slot's worker failed to start
+    /// [`GIVE_UP_AFTER`] times in a row (the shell shuts down and exits with this line).
+    pub fn gave_up(&self) -> Option<&str> {
+        self.gave_up.as_deref()
+    }
+
+    fn check_give_up(&mut self, slot: usize, how: &str) {
+        let live = &self.slots[..self.cfg.workers.min(self.slots.len())];
+        if self.served
+            || self.gave_up.is_some()
+            || self.shutdown.is_some()
+            || live.is_empty()
+            || !live.iter().all(|s| s.failed_starts >= GIVE_UP_AFTER)
+        {
+            return;
+        }
+        self.gave_up = Some(format!(
+            "every worker exited before it could serve, {GIVE_UP_AFTER} times in a row in each of \
+             the {} slots (the last: slot {slot}, {how}); the worker's own error is in its output \
+             above. lb stops: fix the worker command and start again",
+            live.len()
+        ));
     }
 
     /// The worker's resident memory was sampled.

@@ -18,4 +18,7 @@ pub mod reload;
 pub mod shell;
 mod types;
 
-pub use fleet::{Action, Adopted, Fleet, FleetConfig, Phase, Sig, SlotState, SlotView, WorkerId};
+pub use fleet::{
+    Action, Adopted, Fleet, FleetConfig, GIVE_UP_AFTER, MIN_UPTIME, Phase, Sig, SlotState,
+    SlotView, WorkerId,
+};

@@ -355,6 +355,9 @@ impl Master {
         }
         // What the workers left behind (double-forked daemons re-parented to lb) goes too.
         reaper::kill_orphans(&self.worker_pids, ORPHAN_KILL_LIMIT);
+        if let Some(why) = self.fleet.gave_up() {
+            return Err(std::io::Error::other(why.to_owned()));
+        }
         tracing::info!("all workers exited; bye");
         Ok(())
     }

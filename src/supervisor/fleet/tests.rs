@@ -594,3 +594,35 @@ fn a_resumed_fleet_keeps_carried_workers_ready_and_starts_only_the_empty_slots()
     // Carried again at the next upgrade, generations continuing.
     assert_eq!(fleet.carry(), vec![carried]);
 }
+
+#[test]
+fn an_lb_whose_workers_all_fail_to_start_gives_up_and_one_that_served_never_does() {
+    // Two slots whose workers exit at once, from the start: after the third failed start of
+    // each, lb gives up — not one exit sooner.
+    let (mut h, _) = Harness::new(config(2));
+    for round in 0..GIVE_UP_AFTER {
+        for slot in 0..2 {
+            assert!(h.fleet.gave_up().is_none(), "round {round} slot {slot}");
+            let w = h.current(slot);
+            h.exit(w);
+        }
+        if round + 1 < GIVE_UP_AFTER {
+            h.advance(Duration::from_secs(10));
+        }
+    }
+    let why = h.fleet.gave_up().expect("gave up");
+    assert!(
+        why.contains("3 times in a row in each of the 2 slots"),
+        "{why}"
+    );
+
+    // One slot fine for MIN_UPTIME: lb has served; the other's failures are crashes.
+    let (mut h, _) = Harness::new(config(2));
+    h.advance(MIN_UPTIME);
+    for _ in 0..10 {
+        let w = h.current(1);
+        h.exit(w);
+        h.advance(Duration::from_secs(60));
+    }
+    assert!(h.fleet.gave_up().is_none());
+}

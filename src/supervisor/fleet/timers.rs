@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::roll::Roll;
-use super::{Fleet, NODE_READY_AFTER, Phase, Respawn, Role, Sig, Slot, WorkerId};
+use super::{Fleet, MIN_UPTIME, NODE_READY_AFTER, Phase, Respawn, Role, Sig, Slot, WorkerId};
 
 impl Fleet {
     /// The earliest time [`Fleet::tick`] has something to do, if any.
@@ -87,6 +87,18 @@ impl Fleet {
         }
         for slot in 0..self.slots.len() {
             self.tick_slot(slot, now);
+        }
+        if !self.served {
+            // A worker ready and alive for MIN_UPTIME: lb serves; failed starts from now on
+            // are crashes (backoff and the crash-loop guard), not a reason to stop.
+            self.served = self
+                .slots
+                .iter()
+                .filter_map(|s| s.current.as_ref())
+                .any(|w| {
+                    !matches!(w.phase, Phase::Starting { .. })
+                        && now.saturating_duration_since(w.started) >= MIN_UPTIME
+                });
         }
         if let Some(Roll::AwaitingSign { id, until }) = self.roll
             && now >= until

@@ -93,6 +93,12 @@ impl Master {
         self.router.exited(id);
         self.app.gone(id);
         self.finish_scrape(now);
+        if let Some(why) = self.fleet.gave_up()
+            && !self.fleet.shutting_down()
+        {
+            tracing::error!("{why}");
+            self.begin_shutdown("the worker command cannot start", now);
+        }
         self.apply();
     }
 
