@@ -447,3 +447,277 @@ fn a_worker_command_that_cannot_start_is_caught_by_lb_check_and_by_lb() {
     assert_eq!(log.matches("exited unexpectedly").count(), 6, "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's fenced block with this info string (```` ```haproxy ````), as printed.
+fn readme_block(info: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find(&format!("\n```{info}\n"))
+        .unwrap_or_else(|| panic!("no ```{info} block in the README"))
+        + info.len()
+        + 5;
+    let len = readme[start..].find("\n```").unwrap();
+    readme[start..start + len + 1].to_owned()
+}
+
+/// A free loopback port (for a front tier's config).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A front tier (HAProxy, nginx) run from a config file, stopped by pid when dropped.
+struct Front {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Front {
+    fn start(name: &str, cfg: &str, argv: impl Fn(&std::path::Path) -> Vec<String>) -> Front {
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("lb-front-{name}-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = cfg
+            .replace("bind :443", &format!("bind {addr}"))
+            .replace("listen 443;", &format!("listen {addr};"))
+            .replace("@DIR@", &dir.display().to_string());
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, cfg).unwrap();
+        let argv = argv(&path);
+        let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for(
+            &format!("{name} to listen"),
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "{name} exited ({status}): {}",
+                        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+                    );
+                }
+                std::net::TcpStream::connect(addr).ok().map(|_| ())
+            },
+        );
+        Front { child, addr, dir }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET / through the front from `ip`: the slot that answered, or `None` if it failed.
+fn via_front(front: std::net::SocketAddr, ip: std::net::IpAddr) -> Option<usize> {
+    use std::io::{Read, Write};
+    let mut s = connect(front, Some(ip));
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: lb\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    Some(slot_and_pid(text.split("\r\n\r\n").nth(1)?).0)
+}
+
+/// The README's two-host setup behind a front tier made from `cfg` (the README's block with the
+/// hosts' addresses put in): every client on its route slot; then host b SIGKILLed, and every
+/// request still served on the same slot — 0 failed, while the balancer notices and after.
+fn two_hosts_behind(name: &str, block: &str, argv: impl Fn(&std::path::Path) -> Vec<String>) {
+    let args = ["-w", "3", "--hash-seed", "7", "--proxy-protocol", "strip"];
+    let a = Lb::start(&args);
+    let mut b = Lb::start(&args);
+    a.wait_all_ready(3);
+    b.wait_all_ready(3);
+    let cfg = block
+        .replace("10.0.0.11:8000", &a.target().to_string())
+        .replace("10.0.0.12:8000", &b.target().to_string());
+    let front = Front::start(name, &cfg, argv);
+    let ips: Vec<std::net::IpAddr> = (0..40).map(|i| client_ip(3000 + i)).collect();
+    let want = |ip: std::net::IpAddr| lb_route(ip, 3, &["--hash-seed", "7"]);
+    for ip in &ips {
+        let slot = wait_for(
+            "an answer through the front",
+            Duration::from_secs(10),
+            || via_front(front.addr, *ip),
+        );
+        assert_eq!(slot, want(*ip), "{name}: client {ip}");
+    }
+    let served_by_b = b.metric("lb_accepted_connections_total").unwrap();
+    assert!(served_by_b > 0.0, "{name} spreads clients over both hosts");
+    b.signal(Signal::SIGKILL);
+    b.wait_exit(Duration::from_secs(10));
+    let killed = std::time::Instant::now();
+    // Three passes over every client: the first right after the kill, the last after the
+    // balancer's check interval (HAProxy: inter 1s × fall 2).
+    let mut failed = Vec::new();
+    for pass in 0..3 {
+        if pass == 2 {
+            wait_for("the check interval", Duration::from_secs(5), || {
+                (killed.elapsed() >= Duration::from_secs(3)).then_some(())
+            });
+        }
+        for ip in &ips {
+            match via_front(front.addr, *ip) {
+                Some(slot) => assert_eq!(slot, want(*ip), "{name}: client {ip} after the kill"),
+                None => failed.push((pass, *ip)),
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{name}: failed after losing a host: {failed:?}"
+    );
+}
+
+#[test]
+fn the_readmes_haproxy_front_tier_runs_as_printed_and_survives_losing_a_host() {
+    let Some(bin) = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        return skip(
+            "haproxy front tier",
+            "HAProxy is not installed (apt-get install haproxy)",
+        );
+    };
+    let block = readme_block("haproxy");
+    // As printed, the config passes HAProxy's own check without a warning.
+    two_hosts_behind("haproxy", &block, |cfg| {
+        let check = std::process::Command::new(bin)
+            .args(["-c", "-f"])
+            .arg(cfg)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&check.stdout).into_owned()
+            + &String::from_utf8_lossy(&check.stderr);
+        assert!(
+            check.status.success() && !said.contains("WARNING"),
+            "{said}"
+        );
+        vec![
+            bin.into(),
+            "-db".into(),
+            "-f".into(),
+            cfg.display().to_string(),
+        ]
+    });
+}
+
+#[test]
+fn the_readmes_nginx_stream_front_tier_runs_as_printed_and_survives_losing_a_host() {
+    let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        return skip(
+            "nginx front tier",
+            "nginx is not installed (apt-get install nginx)",
+        );
+    };
+    if std::fs::read_dir("/etc/nginx/modules-enabled").map_or(true, |d| {
+        !d.flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("stream"))
+    }) {
+        return skip(
+            "nginx front tier",
+            "no stream module (apt-get install libnginx-mod-stream)",
+        );
+    }
+    // Debian's nginx.conf around the README's block: its module include, and a scratch pid
+    // and log for a process that is not the system's nginx.
+    let block = format!(
+        "daemon off;\nmaster_process off;\npid @DIR@/nginx.pid;\nerror_log @DIR@/error.log;\n\
+         include /etc/nginx/modules-enabled/*.conf;\nevents {{ worker_connections 1024; }}\n{}",
+        readme_block("nginx")
+    );
+    two_hosts_behind("nginx", &block, |cfg| {
+        let check = std::process::Command::new(bin)
+            .args(["-t", "-q", "-c"])
+            .arg(cfg)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&check.stderr);
+        assert!(check.status.success() && !said.contains("[warn]"), "{said}");
+        vec![bin.into(), "-c".into(), cfg.display().to_string()]
+    });
+}
+
+#[test]
+fn the_shipped_systemd_units_pass_systemd_analyze_verify() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        return skip(
+            "systemd units",
+            "no systemd-analyze (apt-get install systemd)",
+        );
+    };
+    assert!(out.status.success());
+    // A scratch root with what the units name: systemd's own units, /bin/kill, and lb where
+    // ExecStart says (verify checks that the commands exist and are executable).
+    let root = std::env::temp_dir().join(format!("lb-units-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for d in [
+        "usr/local/bin",
+        "usr/bin",
+        "etc/systemd/system",
+        "usr/lib/systemd",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    let copy = |from: &str, to: &str| {
+        let st = std::process::Command::new("cp")
+            .arg("-r")
+            .arg(from)
+            .arg(root.join(to))
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp {from}");
+    };
+    copy("/usr/lib/systemd/system", "usr/lib/systemd/");
+    copy("/usr/bin/kill", "usr/bin/kill");
+    copy(LB, "usr/local/bin/lb");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
+    copy(&format!("{config}/lb.service"), "etc/systemd/system/");
+    copy(&format!("{config}/lb.socket"), "etc/systemd/system/");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "/etc/systemd/system/lb.service",
+            "/etc/systemd/system/lb.socket",
+        ])
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // Not only the exit status: an unknown `Type=` is a warning ("…, ignoring") with status 0.
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
