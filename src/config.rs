@@ -176,8 +176,14 @@ pub enum Sub {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) on stdout.
-    Manpage,
+    /// Print the man page lb(1) (roff) on stdout, or with --dir write lb(1) and a page per
+    /// subcommand (lb-status(1), lb-route(1), …) into a directory.
+    Manpage {
+        /// Write lb.1 and every lb-SUBCOMMAND.1 here (created if missing), e.g.
+        /// /usr/local/share/man/man1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Run as lb's built-in worker (lb starts this itself; not for direct use).
     #[command(hide = true, name = "builtin-worker")]
     BuiltinWorker {
@@ -352,7 +358,7 @@ options! {
     heartbeat_timeout: Duration = Duration::from_secs(30), parse_duration, "D";
     /// Send every worker `{"cmd":"heartbeat"}` this often (for workers that answer pings, the
     /// style where the primary pings) [default: off]
-    heartbeat_ping: Option<Duration> = None, |v| off_or(v, parse_duration), "D";
+    heartbeat_ping: Option<Duration> = None, |v| off_or(v, parse_interval), "D";
     /// Restart a worker whose RSS exceeds this (e.g. 512MiB) [default: off]
     max_memory: Option<u64> = None, |v| off_or(v, parse_bytes), "BYTES";
     /// Built-in worker: a connection that has not sent a complete first request by then is
@@ -428,7 +434,8 @@ options! {
     serialization: Serialization = Serialization::Json,
         |v| choice(v, &[("json", Serialization::Json), ("advanced", Serialization::Advanced)]), "MODE";
     /// Control socket for `lb status`/`roll`/`stop` (mode 0600), or `off`
-    /// [default: $XDG_RUNTIME_DIR/lb.sock, /run/lb/lb.sock as root]
+    /// [default: $XDG_RUNTIME_DIR/lb.sock, else /run/lb/lb.sock as root, else
+    /// /tmp/lb-<uid>/lb.sock]
     control: Option<PathBuf> = Some(crate::control::default_path()),
         |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
     /// Run the workers as USER or USER:GROUP (with the user's groups and HOME); lb must run as root
@@ -755,6 +762,39 @@ fn check_node_script(cmd: &[String]) -> Result<(), ConfigError> {
     )))
 }
 
+/// The options that take one of a fixed set of words, for shell completion (`--policy <TAB>`
+/// offers these instead of file names). Parsing stays with each option's own parser, whose
+/// errors are one line.
+pub const WORD_CHOICES: &[(&str, &[&str])] = &[
+    ("policy", &["sticky", "round-robin", "least-connections"]),
+    ("sticky_stalled", &["next", "wait"]),
+    ("steering", &["master", "kernel"]),
+    ("proxy_protocol", &["off", "strip", "keep"]),
+    ("app_metrics", &["on", "off"]),
+    ("serialization", &["json", "advanced"]),
+    ("log_format", &["text", "json"]),
+    (
+        "handoff",
+        &["sticky-session:connection", "sticky:balance", "socket.io"],
+    ),
+];
+
+/// `cmd` with [`WORD_CHOICES`] as possible values, for a completion script (lb itself parses
+/// with its own parsers).
+pub fn with_choices(cmd: clap::Command) -> clap::Command {
+    let add = |mut c: clap::Command| {
+        for (name, words) in WORD_CHOICES {
+            if c.get_arguments().any(|a| a.get_id() == *name) {
+                c = c.mut_arg(*name, |a| {
+                    a.value_parser(clap::builder::PossibleValuesParser::new(words.iter()))
+                });
+            }
+        }
+        c
+    };
+    add(cmd).mut_subcommand("check", add)
+}
+
 /// Parses a socket address (`127.0.0.1:8000`, `[::]:8000`, `localhost:8000`).
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
@@ -842,6 +882,15 @@ pub fn parse_crash_loop(s: &str) -> Result<CrashLoop, String> {
         return Err(format!("the window must be longer than 0 ({HELP})"));
     }
     Ok(CrashLoop { exits, window })
+}
+
+/// A period of something lb repeats (`--heartbeat-ping`): a duration above zero (zero would
+/// repeat without pause; `off` is the way to turn it off).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("0 would ping without pause: give a period like 5s, or off".into()),
+        d => Ok(d),
+    }
 }
 
 /// Parses a humane duration: `500ms`, `30s`, `2m`, `1h`, `1.5s`, or combinations like `1m30s`.

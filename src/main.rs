@@ -56,14 +56,29 @@ fn main() -> ExitCode {
         Some(Sub::Completions { shell }) => {
             use clap::CommandFactory;
             let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut script);
+            let mut cmd = lb::config::with_choices(Cli::command());
+            clap_complete::generate(shell, &mut cmd, "lb", &mut script);
             write_out(&script);
             ExitCode::SUCCESS
         }
-        Some(Sub::Manpage) => {
+        Some(Sub::Manpage { dir: Some(dir) }) => {
+            use clap::CommandFactory;
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir));
+            match written {
+                Ok(()) => {
+                    outln!("wrote lb.1 and its subcommands' pages to {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&format!("cannot write the man pages to {}: {e}", dir.display())),
+            }
+        }
+        Some(Sub::Manpage { dir: None }) => {
             use clap::CommandFactory;
             let mut page = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+            // As `--dir` writes it: no `lb help` subcommand page to point to.
+            let cmd = Cli::command().disable_help_subcommand(true);
+            match clap_mangen::Man::new(cmd).render(&mut page) {
                 Ok(()) => {
                     write_out(&page);
                     ExitCode::SUCCESS

@@ -316,6 +316,15 @@ fn a_worker_over_the_memory_limit_is_replaced_gracefully() {
         lb.log_text()
     );
     assert!(lb.metric("lb_worker_memory_bytes{worker=\"0\"}").unwrap() > 0.0);
+    // Every worker is over the limit from its start: lb says so once, and backs off.
+    assert_eq!(
+        lb.log_text()
+            .matches("its normal size may be above the limit")
+            .count(),
+        1,
+        "{}",
+        lb.log_text()
+    );
 }
 
 #[test]

@@ -448,13 +448,22 @@ fn a_worker_command_that_cannot_start_is_caught_by_lb_check_and_by_lb() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The README's fenced block with this info string (```` ```haproxy ````), as printed.
+/// The README's first fenced block with this info string (```` ```haproxy ````), as printed.
 fn readme_block(info: &str) -> String {
+    readme_block_after("", info)
+}
+
+/// The README's first fenced block with this info string after the text `after`.
+fn readme_block_after(after: &str, info: &str) -> String {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
-        .find(&format!("\n```{info}\n"))
-        .unwrap_or_else(|| panic!("no ```{info} block in the README"))
+    let from = readme
+        .find(after)
+        .expect("the README has the text before the block");
+    let start = from
+        + readme[from..]
+            .find(&format!("\n```{info}\n"))
+            .unwrap_or_else(|| panic!("no ```{info} block in the README after {after:?}"))
         + info.len()
         + 5;
     let len = readme[start..].find("\n```").unwrap();
@@ -720,4 +729,168 @@ fn the_shipped_systemd_units_pass_systemd_analyze_verify() {
         "systemd-analyze verify: {said}"
     );
     let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_readmes_server_js_runs_as_printed_under_lb() {
+    let dir = std::env::temp_dir().join(format!("lb-readme-server-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("server.js");
+    std::fs::write(
+        &script,
+        readme_block_after("`server.js` is unchanged", "js"),
+    )
+    .unwrap();
+    let lb = start_node(&["-w", "2"], script.to_str().unwrap(), &[]);
+    let pids = lb.wait_all_ready(2);
+    let (status, body) = http_get(lb.target(), "/", Some(client_ip(1)));
+    assert_eq!(status, 200);
+    let pid: u32 = body.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(pids.contains(&pid), "{body}");
+    // Its WebSocket echo and its stats reach lb.
+    let mut ws = websocket(lb.target(), Some(client_ip(2)), "/");
+    ws.send(tungstenite::Message::text("ping")).unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap().as_str(), "ping");
+    wait_for(
+        "the snippet's stats in lb's metrics",
+        Duration::from_secs(10),
+        || {
+            let served: f64 = (0..2)
+                .filter_map(|s| lb.metric(&format!("lb_worker_requests_total{{worker=\"{s}\"}}")))
+                .sum();
+            (served >= 1.0).then_some(())
+        },
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_small_things_a_new_user_hit() {
+    let lb_out = |args: &[&str]| {
+        let out = std::process::Command::new(LB)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // `--heartbeat-ping 0s` would ping without pause: a one-line error.
+    let (code, _, err) = lb_out(&["check", "--heartbeat-ping", "0s"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("heartbeat-ping") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // `--policy <TAB>` offers the policies (bash, zsh, fish), not file names; and every word
+    // offered for an option is one lb accepts.
+    let (_, bash, _) = lb_out(&["completions", "bash"]);
+    assert!(
+        bash.contains("compgen -W \"sticky round-robin least-connections\""),
+        "bash completion of --policy"
+    );
+    for shell in ["zsh", "fish"] {
+        let (_, script, _) = lb_out(&["completions", shell]);
+        assert!(
+            script.contains("round-robin"),
+            "{shell} completion of --policy"
+        );
+    }
+    for (name, words) in lb::config::WORD_CHOICES {
+        let flag = format!("--{}", name.replace('_', "-"));
+        for word in *words {
+            let (code, _, err) = lb_out(&["check", &flag, word]);
+            assert_eq!(code, Some(0), "lb check {flag} {word}: {err}");
+        }
+    }
+
+    // The non-root fallback control path is documented, in --help and the README.
+    let (_, help, _) = lb_out(&["--help"]);
+    assert!(help.contains("/tmp/lb-<uid>/lb.sock"), "{help}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains("/tmp/lb-<uid>/lb.sock"));
+
+    // config/lb.toml names every option, its values are the defaults, and lb accepts it with
+    // every commented-out line put in.
+    let sample =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/lb.toml")).unwrap();
+    let (_, help, _) = lb_out(&["--help"]);
+    // The option lines of --help: `  -l, --listen <ADDR>  …` or `      --policy <P>  …`.
+    let flags = help
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('-'))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("--")));
+    for flag in flags {
+        let key = flag
+            .trim_start_matches("--")
+            .trim_end_matches(',')
+            .replace('-', "_");
+        if ["help", "version", "config"].contains(&key.as_str()) {
+            continue;
+        }
+        assert!(
+            sample.contains(&format!("\n{key} = ")) || sample.contains(&format!("\n# {key} = ")),
+            "config/lb.toml lacks {key}"
+        );
+    }
+    let seed = sample
+        .lines()
+        .find_map(|l| l.strip_prefix("# hash_seed = "))
+        .expect("hash_seed shown");
+    for i in 0..50 {
+        let ip = client_ip(500 + i);
+        assert_eq!(
+            lb_route(ip, 4, &["--hash-seed", seed]),
+            lb_route(ip, 4, &[]),
+            "the hash_seed shown is lb's default"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("lb-sample-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let all: String = sample
+        .lines()
+        .map(|l| {
+            // `# key = value` lines (not prose that happens to hold " = ").
+            let kv = l.strip_prefix("# ").filter(|kv| {
+                kv.split_once(" = ").is_some_and(|(k, _)| {
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        && k != "command"
+                        && k != "user"
+                })
+            });
+            kv.unwrap_or(l).to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cfg = dir.join("lb.toml");
+    std::fs::write(&cfg, all).unwrap();
+    let (code, out, err) = lb_out(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The man pages the README installs, with every page lb(1) points to.
+    let man = std::env::temp_dir().join(format!("lb-man-{}/share/man/man1", std::process::id()));
+    let (code, _, err) = lb_out(&["manpage", "--dir", man.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let page = std::fs::read_to_string(man.join("lb.1")).unwrap();
+    let refs: Vec<&str> = page
+        .split("lb\\-")
+        .skip(1)
+        .filter_map(|s| s.split_once("(1)").map(|(name, _)| name))
+        .filter(|n| n.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    assert!(refs.len() >= 8, "{refs:?}");
+    for r in refs {
+        assert!(
+            man.join(format!("lb-{r}.1")).exists(),
+            "lb(1) points to lb-{r}(1)"
+        );
+    }
+    let _ = std::fs::remove_dir_all(man.parent().unwrap().parent().unwrap().parent().unwrap());
 }

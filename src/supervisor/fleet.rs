@@ -45,6 +45,8 @@ struct Worker {
     /// Its channel closed while it was serving (a crash, usually): its exit is unexpected even
     /// though lb then sent it SIGTERM.
     lost_channel: bool,
+    /// Its age when its RSS was first seen over `--max-memory`.
+    over_at: Option<Duration>,
 }
 
 impl Worker {
@@ -103,6 +105,8 @@ struct Slot {
     removed: bool,
     /// Failed starts in a row while lb has not served (see [`Fleet::gave_up`]).
     failed_starts: u32,
+    /// Replacements in a row of young workers over `--max-memory` (their backoff).
+    memory_young: u32,
 }
 
 impl Slot {
@@ -117,6 +121,7 @@ impl Slot {
             respawn: Respawn::At(now),
             removed: false,
             failed_starts: 0,
+            memory_young: 0,
         }
     }
 
@@ -162,11 +167,20 @@ pub struct Fleet {
     /// Why lb gives up (set once): every slot's worker failed to start
     /// [`GIVE_UP_AFTER`] times in a row before anything was served.
     gave_up: Option<String>,
+    /// The "normal size above --max-memory" line was logged.
+    memory_warned: bool,
 }
 
 /// A worker that exits before this much time after its start, or before it is ready, failed
 /// to start (pm2's `min_uptime`).
 pub const MIN_UPTIME: Duration = Duration::from_secs(1);
+
+/// A worker over `--max-memory` younger than this is taken to be that size normally (not
+/// leaking): its replacements back off.
+pub const MEMORY_YOUNG: Duration = Duration::from_secs(60);
+
+/// The longest such a worker is left over the limit before it is replaced.
+pub const MEMORY_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// Failed starts in a row, in every slot, after which an lb that has never served stops (a
 /// worker command that cannot work: a missing script, a syntax error).
@@ -207,6 +221,7 @@ impl Fleet {
                 channel_closed: false,
                 cluster: a.cluster,
                 lost_channel: false,
+                over_at: None,
             });
             s.next_generation = a.next_generation.max(a.id.generation + 1);
             s.respawn = Respawn::Idle;
@@ -220,6 +235,7 @@ impl Fleet {
             actions: Default::default(),
             served: !adopted.is_empty() || !generations.is_empty(),
             gave_up: None,
+            memory_warned: false,
         };
         // The workers carried over are ready: routing and `/workers` learn it at once.
         for a in adopted {
@@ -453,6 +469,7 @@ impl Fleet {
             channel_closed: false,
             cluster: false,
             lost_channel: false,
+            over_at: None,
         };
         match role {
             Role::Current => {
@@ -736,21 +753,47 @@ impl Fleet {
 
     /// The worker's resident memory was sampled.
     pub fn on_rss(&mut self, id: WorkerId, bytes: u64, now: Instant) {
-        let s = &self.slots[id.slot];
-        if let Some(limit) = self.cfg.max_memory
-            && bytes > limit
-            && self.shutdown.is_none()
-            && !s.removed
-            && s.current
-                .as_ref()
-                .is_some_and(|w| w.id == id && w.phase.is_live())
-        {
-            self.replace(
-                id.slot,
-                &format!("RSS {bytes} bytes exceeds --max-memory {limit}"),
-            );
+        let s = &mut self.slots[id.slot];
+        let Some(limit) = self.cfg.max_memory else {
+            return;
+        };
+        let Some(w) = s
+            .current
+            .as_mut()
+            .filter(|w| w.id == id && w.phase.is_live())
+        else {
+            return;
+        };
+        if bytes <= limit || self.shutdown.is_some() || s.removed || s.incoming.is_some() {
+            return;
         }
-        let _ = now;
+        // A worker over the limit soon after its start is not leaking: its normal size is
+        // above the limit. Replacing it every second would be all lb does; it waits longer
+        // each time instead (1 s, 2 s, 4 s … 5 min of the worker's age), and says so once.
+        let age = now.saturating_duration_since(w.started);
+        let born_big = *w.over_at.get_or_insert(age) < MEMORY_YOUNG;
+        if born_big {
+            let wait = Duration::from_secs(1 << s.memory_young.min(9)).min(MEMORY_BACKOFF_MAX);
+            if age < wait {
+                return;
+            }
+            s.memory_young += 1;
+            if !self.memory_warned {
+                self.memory_warned = true;
+                tracing::warn!(
+                    slot = id.slot,
+                    "a worker is over --max-memory {limit} bytes ({bytes}) {:.0}s after its start:                      its normal size may be above the limit; such workers are replaced less and                      less often (up to every {}s), raise --max-memory if this is their size",
+                    age.as_secs_f64(),
+                    MEMORY_BACKOFF_MAX.as_secs()
+                );
+            }
+        } else {
+            s.memory_young = 0;
+        }
+        self.replace(
+            id.slot,
+            &format!("RSS {bytes} bytes exceeds --max-memory {limit}"),
+        );
     }
 
     // ---- transitions --------------------------------------------------------------------------

@@ -334,6 +334,8 @@ fn a_draining_worker_is_killed_after_the_drain_timeout() {
         max_memory: Some(100),
         ..config(1)
     });
+    // (Over the limit from its start: replaced once it is a second old.)
+    h.advance(Duration::from_secs(1));
     h.fleet.on_rss(id(0, 0), 500, h.now);
     let acts = h.run();
     assert_eq!(spawns(&acts), [id(0, 1)]);
@@ -359,6 +361,7 @@ fn memory_over_the_limit_replaces_once_and_under_it_never() {
     h.run();
     h.fleet.on_rss(id(0, 0), 999, h.now);
     assert!(spawns(&h.run()).is_empty());
+    h.advance(Duration::from_secs(1));
     h.fleet.on_rss(id(0, 0), 1001, h.now);
     assert_eq!(spawns(&h.run()), [id(0, 1)]);
     // A second sample while the replacement starts does not start another.
@@ -625,4 +628,46 @@ fn an_lb_whose_workers_all_fail_to_start_gives_up_and_one_that_served_never_does
         h.advance(Duration::from_secs(60));
     }
     assert!(h.fleet.gave_up().is_none());
+}
+
+#[test]
+fn a_worker_whose_normal_size_is_over_max_memory_is_replaced_less_and_less_often() {
+    let mut cfg = config(1);
+    cfg.max_memory = Some(10);
+    let mut h = all_ready(cfg);
+    let mut replacements = 0;
+    // Ten minutes of 1 s RSS samples, every worker at 20 bytes from its start.
+    for _ in 0..600 {
+        h.advance(Duration::from_secs(1));
+        let cur = h.current(0);
+        h.fleet.on_rss(cur, 20, h.now);
+        let new = spawns(&h.run());
+        if let Some(&id) = new.first() {
+            h.fleet.on_ready(id, h.now);
+            h.run();
+            h.exit(cur);
+            replacements += 1;
+        }
+    }
+    // Today's every-second replacement would be ~600; the backoff (1, 2, 4 … 300 s) allows
+    // about a dozen in ten minutes, and at least a few.
+    assert!(
+        (5..=15).contains(&replacements),
+        "{replacements} replacements"
+    );
+
+    // A worker that grows past the limit after a minute is replaced at once, every time.
+    let mut cfg = config(1);
+    cfg.max_memory = Some(10);
+    let mut h = all_ready(cfg);
+    for round in 0..3 {
+        h.advance(MEMORY_YOUNG);
+        let cur = h.current(0);
+        h.fleet.on_rss(cur, 20, h.now);
+        let new = spawns(&h.run());
+        assert_eq!(new.len(), 1, "round {round}");
+        h.fleet.on_ready(new[0], h.now);
+        h.run();
+        h.exit(cur);
+    }
 }
