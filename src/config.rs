@@ -82,6 +82,25 @@ pub struct Cli {
     pub command: Vec<String>,
 }
 
+/// Which running lb a client command talks to: `--control PATH`, or `--listen ADDR` (the lb
+/// listening there, found by its per-instance control socket), or the only one running.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Target {
+    /// That lb's control socket [default: the only lb running, or the one --listen names].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The lb listening on this address (when several run).
+    #[arg(short, long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+impl Target {
+    /// The control socket to talk to (see [`crate::control::find`]).
+    pub fn path(&self) -> Result<PathBuf, crate::control::ControlError> {
+        crate::control::find(self.control.clone(), self.listen.as_deref())
+    }
+}
+
 /// Helper subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Sub {
@@ -107,9 +126,16 @@ pub enum Sub {
         /// --balance-factor) and where a new connection would go now.
         #[arg(long, conflicts_with_all = ["workers", "hash_seed", "config"])]
         live: bool,
-        /// With --live: the control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH", requires = "live")]
-        control: Option<PathBuf>,
+        /// With --live: which running lb.
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List the lbs running on this host (one per control socket that answers): listen
+    /// address, pid, workers ready, uptime, version.
+    Ls {
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the workers of a running lb (like `pm2 ls`).
     Status {
@@ -119,15 +145,15 @@ pub enum Sub {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
-        /// The control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
     },
     /// Rolling restart of a running lb; returns when it has finished.
     Roll {
-        /// The control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
     },
     /// Change the number of workers of a running lb: new slots start, removed slots drain;
     /// returns when the new slots are ready and the removed ones gone (at most 60s).
@@ -137,15 +163,15 @@ pub enum Sub {
         /// Return once lb has the request, without waiting for the workers.
         #[arg(long)]
         no_wait: bool,
-        /// The control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
     },
     /// Reload a running lb's configuration (as SIGHUP) and report what changed.
     Reload {
-        /// The control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
     },
     /// Graceful shutdown of a running lb; returns when it has exited (at most its
     /// --shutdown-timeout and a few seconds).
@@ -153,9 +179,9 @@ pub enum Sub {
         /// Return once lb has begun shutting down, without waiting for it to exit.
         #[arg(long)]
         no_wait: bool,
-        /// The control socket of that lb [default: as lb's --control].
-        #[arg(long, value_name = "PATH")]
-        control: Option<PathBuf>,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
     },
     /// Validate a configuration (flags, `--config` file, worker command) as a start would,
     /// without binding or spawning anything; exit 0, or one line and exit 2.
@@ -433,10 +459,10 @@ options! {
     /// crosses workers as binary) [default: json]
     serialization: Serialization = Serialization::Json,
         |v| choice(v, &[("json", Serialization::Json), ("advanced", Serialization::Advanced)]), "MODE";
-    /// Control socket for `lb status`/`roll`/`stop` (mode 0600), or `off`
-    /// [default: $XDG_RUNTIME_DIR/lb.sock, else /run/lb/lb.sock as root, else
-    /// /tmp/lb-<uid>/lb.sock]
-    control: Option<PathBuf> = Some(crate::control::default_path()),
+    /// Control socket for `lb status`/`roll`/`stop` (mode 0600), `auto` (one per instance,
+    /// named by the listen address: $XDG_RUNTIME_DIR/lb/ADDR.sock, else /run/lb/ADDR.sock as
+    /// root, else /tmp/lb-<uid>/ADDR.sock), or `off` [default: auto]
+    control: Option<PathBuf> = Some(PathBuf::from(crate::control::AUTO)),
         |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
     /// Run the workers as USER or USER:GROUP (with the user's groups and HOME); lb must run as root
     /// [default: lb's own user]

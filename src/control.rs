@@ -1,7 +1,7 @@
 //! The control socket: how `lb status`, `lb roll`, `lb scale`, `lb reload` and `lb stop` talk to
 //! a running lb.
 //!
-//! A Unix stream socket (`--control PATH`, default [`default_path`]), mode 0600: file
+//! A Unix stream socket (`--control PATH`, default one per instance at [`instance_path`]), mode 0600: file
 //! permissions are the access control. Protocol: the client writes one JSON line, a
 //! [`Request`] (`{"cmd":"status"|"roll"|"reload"|"stop"}` or `{"cmd":"scale","workers":N}`, the
 //! same type serialized by the client and parsed by the server); lb answers with one JSON line,
@@ -63,18 +63,159 @@ pub enum ControlError {
     Failed(String),
 }
 
-/// Where the control socket is when `--control` is not given: `$XDG_RUNTIME_DIR/lb.sock`,
-/// else `/run/lb/lb.sock` for root, else `/tmp/lb-<uid>/lb.sock`.
-pub fn default_path() -> PathBuf {
+/// `--control auto` (the default): one socket per lb instance, at [`instance_path`].
+pub const AUTO: &str = "auto";
+
+/// The directory of the per-instance control sockets: `$XDG_RUNTIME_DIR/lb`, else `/run/lb`
+/// for root, else `/tmp/lb-<uid>`.
+pub fn instance_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("lb.sock");
+        return PathBuf::from(dir).join("lb");
     }
     let uid = nix::unistd::getuid().as_raw();
     if uid == 0 {
-        PathBuf::from("/run/lb/lb.sock")
+        PathBuf::from("/run/lb")
     } else {
-        PathBuf::from(format!("/tmp/lb-{uid}/lb.sock"))
+        PathBuf::from(format!("/tmp/lb-{uid}"))
     }
+}
+
+/// The control socket of the lb listening on `listen` (its bound address, so port 0 names
+/// the port the kernel chose): `<instance_dir>/<listen>.sock`, e.g. `/run/lb/127.0.0.1:8000.sock`
+/// or `/run/lb/[::]:8000.sock`. A path that would not fit `sun_path` (108 bytes, a long
+/// `XDG_RUNTIME_DIR`) uses a short hash of the address instead.
+pub fn instance_path(listen: std::net::SocketAddr) -> PathBuf {
+    instance_path_in(&instance_dir(), listen)
+}
+
+fn instance_path_in(dir: &Path, listen: std::net::SocketAddr) -> PathBuf {
+    let p = dir.join(format!("{listen}.sock"));
+    if p.as_os_str().len() < 108 {
+        return p;
+    }
+    let h = listen
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    dir.join(format!("{h:016x}.sock"))
+}
+
+/// One running lb found in [`instance_dir`].
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// Its control socket.
+    pub path: PathBuf,
+    /// Its `/workers` document (with `listen`, `pid`, `version`, `started_seconds_ago`).
+    pub status: Value,
+}
+
+/// The lbs that answer on a control socket in [`instance_dir`] (dead ones' stale files are
+/// skipped), ordered by listen address.
+pub fn instances() -> Vec<Instance> {
+    let Ok(dir) = std::fs::read_dir(instance_dir()) else {
+        return Vec::new();
+    };
+    let mut found: Vec<Instance> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .filter_map(|path| {
+            let v = send(&path, &Request::Status, Duration::from_secs(2)).ok()?;
+            Some(Instance {
+                path,
+                status: v["status"].clone(),
+            })
+        })
+        .collect();
+    found.sort_by_key(|i| i.status["listen"].as_str().unwrap_or_default().to_owned());
+    found
+}
+
+/// The control socket a client command talks to: `--control PATH` if given; else the lb
+/// listening on `--listen ADDR`; else the only running lb. Several running and none chosen:
+/// an error naming them.
+pub fn find(control: Option<PathBuf>, listen: Option<&str>) -> Result<PathBuf, ControlError> {
+    if let Some(p) = control.filter(|p| p.as_os_str() != AUTO) {
+        return Ok(p);
+    }
+    let running = instances();
+    if let Some(want) = listen {
+        let addr = crate::config::parse_addr(want)
+            .map_err(|e| ControlError::Failed(format!("--listen {want}: {e}")))?;
+        return running
+            .iter()
+            .find(|i| {
+                i.status["listen"]
+                    .as_str()
+                    .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+                    .is_some_and(|l| {
+                        l == addr || (l.port() == addr.port() && l.ip().is_unspecified())
+                    })
+            })
+            .map(|i| i.path.clone())
+            .ok_or_else(|| {
+                ControlError::Failed(format!(
+                    "no lb is listening on {want} (running: {})",
+                    list(&running)
+                ))
+            });
+    }
+    match running.as_slice() {
+        [one] => Ok(one.path.clone()),
+        [] => Err(ControlError::Failed(format!(
+            "no lb is running (no control socket answers in {})",
+            instance_dir().display()
+        ))),
+        many => Err(ControlError::Failed(format!(
+            "{} lbs are running: say which with --listen ADDR ({})",
+            many.len(),
+            list(many)
+        ))),
+    }
+}
+
+fn list(running: &[Instance]) -> String {
+    if running.is_empty() {
+        return "none".into();
+    }
+    running
+        .iter()
+        .map(|i| {
+            format!(
+                "{} pid {}",
+                i.status["listen"].as_str().unwrap_or("?"),
+                i.status["pid"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `lb ls`: one line per running lb.
+pub fn instances_table(running: &[Instance]) -> String {
+    let mut out = format!(
+        "{:<24} {:>8} {:>8} {:>9}  {:<12} {}\n",
+        "listen", "pid", "workers", "uptime", "version", "control"
+    );
+    for i in running {
+        let s = &i.status;
+        let workers = s["workers"].as_array().map_or(0, Vec::len);
+        let ready = s["workers"]
+            .as_array()
+            .map_or(0, |w| w.iter().filter(|r| r["state"] == "ready").count());
+        out += &format!(
+            "{:<24} {:>8} {:>8} {:>9}  {:<12} {}\n",
+            s["listen"].as_str().unwrap_or("?"),
+            s["pid"],
+            format!("{ready}/{workers}"),
+            humane_secs(s["uptime_seconds"].as_f64().unwrap_or(0.0)),
+            s["version"].as_str().unwrap_or("?"),
+            i.path.display()
+        );
+    }
+    out
 }
 
 /// What a client asks a running lb (one JSON line, tagged by `cmd`).
@@ -467,6 +608,30 @@ fn humane_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_paths_are_named_by_the_address_and_fit_sun_path() {
+        let v4: std::net::SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let v6: std::net::SocketAddr = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            instance_path_in(Path::new("/run/lb"), v4),
+            Path::new("/run/lb/127.0.0.1:8000.sock")
+        );
+        assert_eq!(
+            instance_path_in(Path::new("/run/lb"), v6),
+            Path::new("/run/lb/[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535.sock")
+        );
+        // A long runtime directory: a short hash instead, still one per address.
+        let long = Path::new("/run/user/1000/a/very/long/runtime/directory/that/goes/on/and/on/x");
+        let (a, b) = (instance_path_in(long, v4), instance_path_in(long, v6));
+        assert!(
+            a.as_os_str().len() < 108 && b.as_os_str().len() < 108,
+            "{a:?} {b:?}"
+        );
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn requests_cross_as_one_tagged_json_line_and_bad_ones_get_one_error_line() {

@@ -40,10 +40,23 @@ fn main() -> ExitCode {
         Some(Sub::Status {
             json,
             watch,
-            control,
-        }) => status(control, json, watch),
-        Some(Sub::Roll { control }) => {
-            let path = control.unwrap_or_else(lb::control::default_path);
+            target,
+        }) => status(&target, json, watch),
+        Some(Sub::Ls { json }) => {
+            let running = lb::control::instances();
+            if json {
+                let all: Vec<&serde_json::Value> = running.iter().map(|i| &i.status).collect();
+                outln!("{}", serde_json::Value::from(all.into_iter().cloned().collect::<Vec<_>>()));
+            } else {
+                out!("{}", lb::control::instances_table(&running));
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Sub::Roll { target }) => {
+            let path = match target.path() {
+                Ok(p) => p,
+                Err(e) => return fail(&e.to_string()),
+            };
             match lb::control::send(&path, &lb::control::Request::Roll, std::time::Duration::from_secs(3600)) {
                 Ok(v) => {
                     outln!("rolling restart complete");
@@ -89,13 +102,16 @@ fn main() -> ExitCode {
         Some(Sub::Scale {
             workers,
             no_wait,
-            control,
+            target,
         }) => {
             let n = match lb::config::parse_workers(&workers) {
                 Ok(n) => n,
                 Err(e) => return fail(&format!("invalid worker count `{workers}`: {e}")),
             };
-            let path = control.unwrap_or_else(lb::control::default_path);
+            let path = match target.path() {
+                Ok(p) => p,
+                Err(e) => return fail(&e.to_string()),
+            };
             let req = lb::control::Request::Scale { workers: n };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(30)) {
                 Ok(_) if no_wait => {
@@ -115,8 +131,11 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
-        Some(Sub::Reload { control }) => {
-            let path = control.unwrap_or_else(lb::control::default_path);
+        Some(Sub::Reload { target }) => {
+            let path = match target.path() {
+                Ok(p) => p,
+                Err(e) => return fail(&e.to_string()),
+            };
             match lb::control::send(&path, &lb::control::Request::Reload, std::time::Duration::from_secs(30)) {
                 Ok(v) => {
                     let r = &v["reload"];
@@ -149,8 +168,11 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
-        Some(Sub::Stop { no_wait, control }) => {
-            let path = control.unwrap_or_else(lb::control::default_path);
+        Some(Sub::Stop { no_wait, target }) => {
+            let path = match target.path() {
+                Ok(p) => p,
+                Err(e) => return fail(&e.to_string()),
+            };
             match lb::control::send(&path, &lb::control::Request::Stop, std::time::Duration::from_secs(10)) {
                 Ok(_) if no_wait => {
                     outln!("graceful shutdown started");
@@ -182,10 +204,13 @@ fn main() -> ExitCode {
             ip,
             key,
             live: true,
-            control,
+            target,
             ..
         }) => {
-            let path = control.unwrap_or_else(lb::control::default_path);
+            let path = match target.path() {
+                Ok(p) => p,
+                Err(e) => return fail(&e.to_string()),
+            };
             let req = lb::control::Request::Route { ip, key };
             match lb::control::send(&path, &req, std::time::Duration::from_secs(5)) {
                 Ok(v) => {
@@ -295,8 +320,11 @@ fn color() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn status(control: Option<std::path::PathBuf>, json: bool, watch: bool) -> ExitCode {
-    let path = control.unwrap_or_else(lb::control::default_path);
+fn status(target: &lb::config::Target, json: bool, watch: bool) -> ExitCode {
+    let path = match target.path() {
+        Ok(p) => p,
+        Err(e) => return fail(&e.to_string()),
+    };
     loop {
         match lb::control::send(
             &path,
@@ -473,18 +501,28 @@ fn serve(
             Err(e) => return fail(&format!("metrics endpoint: {e}")),
         },
     };
+    // The address clients reach (port 0 resolved): it names this instance's control socket.
+    let bound = match (&socket, &group) {
+        (Some(s), _) => s.local_addr().ok().and_then(|a| a.as_socket()),
+        (None, Some(g)) => g.first().and_then(|s| s.local_addr().ok()?.as_socket()),
+        (None, None) => None,
+    }
+    .unwrap_or(settings.listen);
+    // (`settings.control` stays as configured, `auto`, so a reload sees no change.)
+    let control_path = settings.control.as_ref().map(|p| {
+        if p.as_os_str() == lb::control::AUTO {
+            lb::control::instance_path(bound)
+        } else {
+            p.clone()
+        }
+    });
     let control = match resumed.as_ref().map(|s| s.control) {
         Some(Some(fd)) => match lb::upgrade::unix_listener(fd) {
             Ok(c) => Some(c),
             Err(e) => return fail(&format!("cannot take over the control socket: {e}")),
         },
         Some(None) => None,
-        None => match settings
-            .control
-            .as_deref()
-            .map(lb::control::bind)
-            .transpose()
-        {
+        None => match control_path.as_deref().map(lb::control::bind).transpose() {
             Ok(c) => c,
             Err(e) => return fail(&e.to_string()),
         },
@@ -495,7 +533,6 @@ fn serve(
         metrics_fd: metrics_listener.as_ref().map(|l| l.as_raw_fd()),
         control_fd: control.as_ref().map(|c| c.as_raw_fd()),
     });
-    let control_path = settings.control.clone();
     // Everything that needed root besides starting workers as another user is done.
     if settings.user.is_some()
         && let Err(e) = lb::spawn::drop_master_privileges()
@@ -527,6 +564,7 @@ fn serve(
             (None, None) => return Err(std::io::Error::other("no listening socket")),
         };
         let shared = Shared::new(settings.workers, settings.policy);
+        let _ = shared.listen.set(local);
         let metrics_addr = match metrics_listener {
             Some(l) => {
                 l.set_nonblocking(true)?;

@@ -752,6 +752,10 @@ pub struct Shared {
     admin_open: std::sync::atomic::AtomicUsize,
     /// Where a scrape asks the master for the app's metrics (set by the master when it runs).
     pub app_metrics: std::sync::OnceLock<AppScrapes>,
+    /// The address lb listens on (for `/workers` and `lb ls`).
+    pub listen: std::sync::OnceLock<std::net::SocketAddr>,
+    /// When this lb image started.
+    started: std::time::Instant,
 }
 
 /// A scrape's request for the app's metrics: the master answers with Prometheus text.
@@ -773,6 +777,8 @@ impl Shared {
             admin_pause: tokio::sync::watch::Sender::new(false),
             admin_open: std::sync::atomic::AtomicUsize::new(0),
             app_metrics: std::sync::OnceLock::new(),
+            listen: std::sync::OnceLock::new(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -834,6 +840,9 @@ impl Shared {
         #[derive(Serialize)]
         struct Doc {
             policy: Policy,
+            listen: Option<String>,
+            pid: u32,
+            uptime_seconds: f64,
             version: &'static str,
             accepted_connections: u64,
             reloads: u64,
@@ -863,6 +872,9 @@ impl Shared {
             .collect();
         serde_json::to_vec_pretty(&Doc {
             policy: self.policy,
+            listen: self.listen.get().map(ToString::to_string),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
             version: crate::VERSION,
             accepted_connections: self.metrics.accepted.get(),
             reloads: self.metrics.reloads.with_label_values(&["ok"]).get(),

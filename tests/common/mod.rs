@@ -91,8 +91,11 @@ impl Lb {
         if !own.iter().any(|a| *a == "--metrics" || *a == "-c") {
             cmd.args(["--metrics", "127.0.0.1:0"]);
         }
-        // Each lb its own control socket (the default path is one per host).
-        let control = if own.contains(&"--control") {
+        // Each lb its own control socket, unless the test gives lb its own XDG_RUNTIME_DIR:
+        // then lb's default (one socket per instance there) is what is tested.
+        let control = if own.contains(&"--control")
+            || env.iter().any(|(k, _)| *k == "XDG_RUNTIME_DIR")
+        {
             None
         } else {
             static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
