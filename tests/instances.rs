@@ -139,3 +139,51 @@ fn one_instance_alone_needs_no_flags() {
     let sock = rt.0.join("lb").join(format!("{}.sock", lb.target()));
     assert!(sock.exists(), "the per-instance socket {}", sock.display());
 }
+
+/// (NODE_APP_INSTANCE, LB_WORKER_ID, pid) as the worker that answers `ip` says.
+fn identity(lb: &Lb, ip: std::net::IpAddr) -> (String, String, u32) {
+    let (status, body) = http_get(lb.target(), "/", Some(ip));
+    assert_eq!(status, 200, "{body}");
+    let f: Vec<&str> = body.split_whitespace().collect();
+    (f[1].to_owned(), f[3].to_owned(), f[5].parse().unwrap())
+}
+
+#[test]
+fn workers_get_pm2s_node_app_instance_stable_per_slot_across_respawn_and_roll() {
+    let lb = start_node(&["-w", "3"], &fixture("instance.js"), &[]);
+    lb.wait_all_ready(3);
+    // One client address per slot.
+    let ips: Vec<std::net::IpAddr> = (0..3).map(|s| ips_of(s, 3, 1)[0]).collect();
+    let seen = |lb: &Lb| -> Vec<(String, String, u32)> {
+        ips.iter().map(|ip| identity(lb, *ip)).collect()
+    };
+    let first = seen(&lb);
+    for (slot, (instance, id, _)) in first.iter().enumerate() {
+        assert_eq!(
+            instance,
+            &slot.to_string(),
+            "NODE_APP_INSTANCE of slot {slot}"
+        );
+        assert_eq!(id, &slot.to_string());
+    }
+    // Slot 1's worker killed: its successor has the same instance number.
+    kill(first[1].2, Signal::SIGKILL);
+    let after_kill = wait_for("slot 1 respawned", Duration::from_secs(20), || {
+        let s = seen(&lb);
+        // (Until it is ready its clients go to their next choice.)
+        (s[1].1 == "1" && s[1].2 != first[1].2).then_some(s)
+    });
+    assert_eq!(after_kill[1].0, "1");
+    // A rolling restart: every worker new, every instance number where it was.
+    let out = lb.cmd(&["roll"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rolled = seen(&lb);
+    for (slot, (instance, _, pid)) in rolled.iter().enumerate() {
+        assert_eq!(instance, &slot.to_string());
+        assert_ne!(*pid, after_kill[slot].2, "slot {slot} was rolled");
+    }
+}
