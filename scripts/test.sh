@@ -48,6 +48,12 @@ mkdir -p target/lb-next
 cp target/debug/lb target/lb-next/lb
 export LB_NEXT_BIN="$PWD/target/lb-next/lb"
 
+# The release binary (the soak's, and what the .deb test packages) and cargo-deb, before the
+# tests that use them.
+echo "==> the release build and cargo-deb"
+cargo build --release --quiet --bin lb
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
+
 echo "==> cargo test"
 log=$(mktemp)
 skips=$(mktemp)

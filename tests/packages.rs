@@ -304,3 +304,85 @@ fn which(name: &str) -> Option<PathBuf> {
         .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
 }
+
+#[test]
+fn cargo_deb_builds_a_package_that_installs_into_a_scratch_root_and_runs() {
+    let release = root().join("target/release/lb");
+    let have_cargo_deb = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_cargo_deb || !release.exists() {
+        return skip(
+            "deb",
+            "needs cargo-deb and the release binary (scripts/test.sh installs and builds both)",
+        );
+    }
+    let out = Command::new(root().join("scripts/deb.sh"))
+        .env("LB_DEB_NO_BUILD", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "deb.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = root().join(format!(
+        "target/debian/lb_{}-1_amd64.deb",
+        env!("CARGO_PKG_VERSION")
+    ));
+    // What it holds.
+    let list = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for path in [
+        "./usr/bin/lb",
+        "./usr/lib/systemd/system/lb.service",
+        "./usr/lib/systemd/system/lb.socket",
+        "./usr/share/man/man1/lb.1.gz",
+        "./usr/share/man/man1/lb-status.1.gz",
+        "./usr/share/man/man1/lb-route.1.gz",
+        "./usr/share/bash-completion/completions/lb",
+        "./usr/share/zsh/vendor-completions/_lb",
+        "./usr/share/fish/vendor_completions.d/lb.fish",
+        "./etc/lb/lb.toml",
+        "./usr/share/doc/lb/copyright",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(path)),
+            "{path} not in the package:\n{list}"
+        );
+    }
+    // dpkg -i into a scratch root (its own status database), then lb from there.
+    let scratch = scratch("deb");
+    for d in ["var/lib/dpkg/updates", "var/lib/dpkg/info"] {
+        std::fs::create_dir_all(scratch.join(d)).unwrap();
+    }
+    std::fs::write(scratch.join("var/lib/dpkg/status"), "").unwrap();
+    let out = Command::new("dpkg")
+        .arg(format!("--root={}", scratch.display()))
+        .args(["--force-depends", "--force-script-chrootless", "-i"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = Command::new(scratch.join("usr/bin/lb"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("lb {}", env!("CARGO_PKG_VERSION")).as_str()
+    );
+    // The unit in the package names the binary where the package put it.
+    let unit = std::fs::read_to_string(scratch.join("usr/lib/systemd/system/lb.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/lb "), "{unit}");
+    let _ = std::fs::remove_dir_all(&scratch);
+}
