@@ -94,12 +94,9 @@ pub struct Target {
     pub listen: Option<String>,
 }
 
-impl Target {
-    /// The control socket to talk to (see [`crate::control::find`]).
-    pub fn path(&self) -> Result<PathBuf, crate::control::ControlError> {
-        crate::control::find(self.control.clone(), self.listen.as_deref())
-    }
-}
+/// `--control auto` (the default): one control socket per lb instance, named by its listen
+/// address (`crate::control::instance_path`).
+pub const CONTROL_AUTO: &str = "auto";
 
 /// Helper subcommands.
 #[derive(Debug, Subcommand)]
@@ -462,7 +459,7 @@ options! {
     /// Control socket for `lb status`/`roll`/`stop` (mode 0600), `auto` (one per instance,
     /// named by the listen address: $XDG_RUNTIME_DIR/lb/ADDR.sock, else /run/lb/ADDR.sock as
     /// root, else /tmp/lb-<uid>/ADDR.sock), or `off` [default: auto]
-    control: Option<PathBuf> = Some(PathBuf::from(crate::control::AUTO)),
+    control: Option<PathBuf> = Some(PathBuf::from(CONTROL_AUTO)),
         |v| off_or(v, |p| Ok(PathBuf::from(p))), "PATH";
     /// Run the workers as USER or USER:GROUP (with the user's groups and HOME); lb must run as root
     /// [default: lb's own user]

@@ -63,8 +63,7 @@ pub enum ControlError {
     Failed(String),
 }
 
-/// `--control auto` (the default): one socket per lb instance, at [`instance_path`].
-pub const AUTO: &str = "auto";
+pub use crate::config::CONTROL_AUTO as AUTO;
 
 /// The directory of the per-instance control sockets: `$XDG_RUNTIME_DIR/lb`, else `/run/lb`
 /// for root, else `/tmp/lb-<uid>`.

@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Sub::Roll { target }) => {
-            let path = match target.path() {
+            let path = match target_path(&target) {
                 Ok(p) => p,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
                 Ok(n) => n,
                 Err(e) => return fail(&format!("invalid worker count `{workers}`: {e}")),
             };
-            let path = match target.path() {
+            let path = match target_path(&target) {
                 Ok(p) => p,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -132,7 +132,7 @@ fn main() -> ExitCode {
             }
         }
         Some(Sub::Reload { target }) => {
-            let path = match target.path() {
+            let path = match target_path(&target) {
                 Ok(p) => p,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
             }
         }
         Some(Sub::Stop { no_wait, target }) => {
-            let path = match target.path() {
+            let path = match target_path(&target) {
                 Ok(p) => p,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
             target,
             ..
         }) => {
-            let path = match target.path() {
+            let path = match target_path(&target) {
                 Ok(p) => p,
                 Err(e) => return fail(&e.to_string()),
             };
@@ -320,8 +320,13 @@ fn color() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
+/// The control socket a client command talks to (see [`lb::control::find`]).
+fn target_path(t: &lb::config::Target) -> Result<std::path::PathBuf, lb::control::ControlError> {
+    lb::control::find(t.control.clone(), t.listen.as_deref())
+}
+
 fn status(target: &lb::config::Target, json: bool, watch: bool) -> ExitCode {
-    let path = match target.path() {
+    let path = match target_path(target) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
