@@ -268,6 +268,10 @@ fn the_apps_counters_never_go_back_across_a_kill_a_roll_and_an_in_place_upgrade(
     kill(pid, Signal::SIGKILL);
     requests(&lb, 100, 60);
     wait_count(600.0);
+    // The scraper runs on its own clock: let it see the final value too before stopping it.
+    wait_for("the scraper saw 600", Duration::from_secs(10), || {
+        (scraper.seen.lock().unwrap().last() == Some(&600.0)).then_some(())
+    });
     let seen = scraper.stop();
     assert!(seen.len() >= 5, "{} scrapes", seen.len());
     assert_eq!(seen.last(), Some(&600.0));
@@ -367,7 +371,13 @@ fn workers_without_prom_client_cost_a_scrape_nothing_after_their_first_miss() {
 #[test]
 fn bad_answers_are_dropped_and_counted_and_the_exposition_stays_valid() {
     let modes = "good,error,malformed,conflict,lb-name,huge";
-    let lb = start_node(&["-w", "6"], &fixture("bad-prom.js"), &[("BAD", modes)]);
+    // The huge worker builds a 10 MiB answer: on a loaded machine that takes longer than the
+    // default timeout, and this test is about what lb does with the answer once it comes.
+    let lb = start_node(
+        &["-w", "6", "--app-metrics-timeout", "20s"],
+        &fixture("bad-prom.js"),
+        &[("BAD", modes)],
+    );
     lb.wait_all_ready(6);
     let dropped = |lb: &Lb, r: &str| {
         lb.metric(&format!("lb_app_metrics_dropped_total{{reason=\"{r}\"}}"))
