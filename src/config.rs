@@ -146,6 +146,25 @@ pub enum Sub {
         #[command(flatten)]
         target: Target,
     },
+    /// Show the workers' last output lines and follow new ones (like `pm2 logs`); needs lb
+    /// started with --worker-output prefix or json.
+    Logs {
+        /// Only this worker's lines (its slot, 0-based).
+        #[arg(long, value_name = "N")]
+        worker: Option<String>,
+        /// How many of each worker's last lines (at most 1000 are kept) [default: 15].
+        #[arg(short = 'n', long, value_name = "LINES")]
+        lines: Option<String>,
+        /// Then print new lines as they come, until interrupted (or lb stops).
+        #[arg(short, long)]
+        follow: bool,
+        /// Print each line as a JSON object (time, slot, pid, stream, line).
+        #[arg(long)]
+        json: bool,
+        /// Which running lb: its control socket, or the one listening on an address.
+        #[command(flatten)]
+        target: Target,
+    },
     /// Rolling restart of a running lb; returns when it has finished.
     Roll {
         /// Which running lb: its control socket, or the one listening on an address.
@@ -465,6 +484,13 @@ options! {
     /// [default: lb's own user]
     user: Option<crate::user::WorkerUser> = None,
         |v| crate::user::WorkerUser::resolve(v).map(Some), "USER[:GROUP]";
+    /// The workers' stdout and stderr: `inherit` (they write to lb's own, untouched), `prefix`
+    /// (`[worker N] ` before each line) or `json` (one object per line: time, slot, pid,
+    /// stream, line); with prefix and json `lb logs` shows each worker's last lines
+    /// [default: inherit]
+    worker_output: crate::output::Mode = crate::output::Mode::Inherit,
+        |v| choice(v, &[("inherit", crate::output::Mode::Inherit),
+                        ("prefix", crate::output::Mode::Prefix), ("json", crate::output::Mode::Json)]), "MODE";
     /// text or json [default: text]
     log_format: LogFormat = LogFormat::Text,
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
@@ -796,6 +822,7 @@ pub const WORD_CHOICES: &[(&str, &[&str])] = &[
     ("app_metrics", &["on", "off"]),
     ("serialization", &["json", "advanced"]),
     ("log_format", &["text", "json"]),
+    ("worker_output", &["inherit", "prefix", "json"]),
     (
         "handoff",
         &["sticky-session:connection", "sticky:balance", "socket.io"],
@@ -847,7 +874,8 @@ pub fn parse_workers(s: &str) -> Result<usize, String> {
     parse_count(s, 1, 1024)
 }
 
-fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
+/// A whole number from `min` to `max`.
+pub fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
     let n: usize = s
         .trim()
         .parse()

@@ -234,6 +234,9 @@ pub enum Request {
     },
     /// A graceful shutdown; answered once it has begun.
     Stop,
+    /// The workers' last output lines, then (`follow`) new ones as they come
+    /// ([`crate::output::tail`]; answered from the admin state).
+    Logs(crate::output::tail::Request),
     /// Where `sticky` would send a client now: its home, the slots' loads, the bound.
     Route {
         /// The client's address.
@@ -246,7 +249,7 @@ pub enum Request {
 }
 
 /// The verbs [`Request`] knows, for the error about one it does not.
-const VERBS: &str = "status, roll, scale, reload, stop, route";
+const VERBS: &str = "status, roll, scale, reload, stop, route, logs";
 
 /// A command for the master loop.
 #[derive(Debug)]
@@ -333,7 +336,14 @@ async fn answer(
     )
     .await;
     let reply = match read {
-        Ok(Ok(_)) => handle(line.trim(), shared, commands).await,
+        Ok(Ok(_)) => match parse(line.trim()) {
+            // Lines, and with `follow` more of them: not one reply.
+            Ok(Request::Logs(req)) => {
+                let slots = shared.table.lock().map_or(0, |t| t.len());
+                return crate::output::tail::serve(&shared.logs, slots, &req, &mut w).await;
+            }
+            _ => handle(line.trim(), shared, commands).await,
+        },
         _ => json!({"ok": false, "error": "no request line within 5s"}),
     };
     let mut out = serde_json::to_vec(&reply).expect("serializes");
@@ -434,6 +444,8 @@ async fn handle(
         Ok(Request::Stop) => ask(commands, Command::Stop)
             .await
             .map(|v| json!({"ok": true, "stop": v})),
+        // `answer` serves it (a stream of lines, not one reply).
+        Ok(Request::Logs(_)) => Err("logs: ask on a connection of its own".into()),
         Ok(Request::Route { ip, key }) => match route_key(ip.as_deref(), key.as_deref()) {
             Ok(k) => ask(commands, |tx| Command::Route(k, tx))
                 .await

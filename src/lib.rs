@@ -62,6 +62,7 @@ pub mod held;
 pub mod listener;
 pub mod loglimit;
 pub mod metrics;
+pub mod output;
 pub mod peek;
 pub mod procfs;
 pub mod proxy;

@@ -42,6 +42,13 @@ fn main() -> ExitCode {
             watch,
             target,
         }) => status(&target, json, watch),
+        Some(Sub::Logs {
+            worker,
+            lines,
+            follow,
+            json,
+            target,
+        }) => logs(&target, worker.as_deref(), lines.as_deref(), follow, json),
         Some(Sub::Ls { json }) => {
             let running = lb::control::instances();
             if json {
@@ -323,6 +330,44 @@ fn color() -> bool {
 /// The control socket a client command talks to (see [`lb::control::find`]).
 fn target_path(t: &lb::config::Target) -> Result<std::path::PathBuf, lb::control::ControlError> {
     lb::control::find(t.control.clone(), t.listen.as_deref())
+}
+
+/// `lb logs`: the workers' last lines (and, following, new ones).
+fn logs(
+    target: &lb::config::Target,
+    worker: Option<&str>,
+    lines: Option<&str>,
+    follow: bool,
+    json: bool,
+) -> ExitCode {
+    use lb::output::tail;
+    let worker = match worker.map(|w| lb::config::parse_count(w, 0, 1023)) {
+        Some(Err(e)) => return fail(&format!("invalid --worker `{}`: {e}", worker.unwrap_or(""))),
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    let lines = match lines.map(|n| lb::config::parse_count(n, 0, lb::output::RING_LINES)) {
+        Some(Err(e)) => return fail(&format!("invalid -n `{}`: {e}", lines.unwrap_or(""))),
+        Some(Ok(n)) => n,
+        None => tail::DEFAULT_LINES,
+    };
+    let path = match target_path(target) {
+        Ok(p) => p,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let req = tail::Request {
+        worker,
+        lines,
+        follow,
+        after: 0,
+    };
+    match tail::run(&path, req, json, &mut |line| {
+        write_out(line.as_bytes());
+        true
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }
 
 fn status(target: &lb::config::Target, json: bool, watch: bool) -> ExitCode {

@@ -756,6 +756,8 @@ pub struct Shared {
     pub listen: std::sync::OnceLock<std::net::SocketAddr>,
     /// When this lb image started.
     started: std::time::Instant,
+    /// The workers' last output lines (`--worker-output prefix|json`, `lb logs`).
+    pub logs: Arc<crate::output::Logs>,
 }
 
 /// A scrape's request for the app's metrics: the master answers with Prometheus text.
@@ -779,6 +781,7 @@ impl Shared {
             app_metrics: std::sync::OnceLock::new(),
             listen: std::sync::OnceLock::new(),
             started: std::time::Instant::now(),
+            logs: Arc::default(),
         })
     }
 

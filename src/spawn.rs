@@ -43,14 +43,16 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
-/// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment, and
-/// with `listener` (kernel steering: the slot's listening socket) on fd 4.
+/// Starts `argv` as the worker for `slot`, with `env` added to the inherited environment, with
+/// `listener` (kernel steering: the slot's listening socket) on fd 4, and with `output`'s pipes
+/// as its stdout and stderr (`--worker-output prefix|json`; else it shares lb's).
 pub fn spawn_worker(
     argv: &[String],
     slot: usize,
     env: &[(&str, String)],
     user: Option<&WorkerUser>,
     listener: Option<std::os::fd::BorrowedFd<'_>>,
+    output: Option<crate::output::pipes::WriteEnds>,
 ) -> io::Result<Spawned> {
     let listener_fd = listener.map(|l| l.as_raw_fd());
     let (parent_end, child_end) = UnixStream::pair()?;
@@ -73,6 +75,12 @@ pub fn spawn_worker(
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
+    // The write ends close in lb when `cmd` is dropped, after the spawn: the pipe ends when the
+    // worker (and whatever it started) has closed it.
+    if let Some(o) = output {
+        cmd.stdout(Stdio::from(o.stdout))
+            .stderr(Stdio::from(o.stderr));
+    }
     if std::env::var_os(env::NODE_APP_INSTANCE).is_none() {
         cmd.env(env::NODE_APP_INSTANCE, slot.to_string());
     }

@@ -95,6 +95,13 @@ pub struct State {
     /// The app's metrics: gone workers' counters, live workers' last answers.
     #[serde(default)]
     pub app_metrics: crate::appmetrics::collect::Carried,
+    /// The workers' output pipes (`--worker-output prefix|json`), the exited workers' whose
+    /// children still write to them too.
+    #[serde(default)]
+    pub outputs: Vec<crate::output::Carried>,
+    /// The lines `lb logs` shows.
+    #[serde(default)]
+    pub logs: Vec<crate::output::Line>,
 }
 
 /// One running worker.
@@ -131,6 +138,7 @@ impl State {
             .collect();
         fds.extend(self.shared_listeners.iter().map(|(_, fd)| *fd));
         fds.extend(self.workers.iter().map(|w| w.channel));
+        fds.extend(self.outputs.iter().map(|o| o.fd));
         fds
     }
 
@@ -383,6 +391,14 @@ mod tests {
             app_metrics: Default::default(),
             generations: vec![3],
             loaded_workers: Some(1),
+            outputs: vec![crate::output::Carried {
+                slot: 1,
+                pid: 42,
+                stream: crate::output::Stream::Stderr,
+                fd: 10,
+                pending: b"half a li".to_vec(),
+            }],
+            logs: Vec::new(),
         }
     }
 
@@ -392,7 +408,8 @@ mod tests {
         let fd = s.write().unwrap().into_raw_fd();
         let back = read(&fd.to_string()).unwrap();
         assert_eq!(back.workers[0].dispatch, s.workers[0].dispatch);
-        assert_eq!(back.fds(), vec![7, 8, 9]);
+        assert_eq!(back.fds(), vec![7, 8, 9, 10]);
+        assert_eq!(back.outputs, s.outputs);
         assert_eq!(back.next_unique_id, 3);
     }
 

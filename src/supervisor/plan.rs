@@ -10,7 +10,7 @@
 use crate::config::Settings;
 
 /// Settings a reload cannot apply to a running lb: reported, kept at their running value.
-pub const NEEDS_RESTART: [&str; 8] = [
+pub const NEEDS_RESTART: [&str; 9] = [
     "listen",
     "metrics",
     "control",
@@ -19,6 +19,7 @@ pub const NEEDS_RESTART: [&str; 8] = [
     "serialization",
     "steering",
     "handoff",
+    "worker_output",
 ];
 
 /// Splits the names of changed settings into (applied while running, needing a restart).
@@ -39,6 +40,7 @@ pub fn keep_running(old: &Settings, new: Settings) -> Settings {
         serialization: old.serialization,
         steering: old.steering,
         handoff: old.handoff.clone(),
+        worker_output: old.worker_output,
         ..new
     }
 }

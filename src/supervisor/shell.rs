@@ -56,13 +56,16 @@ use crate::listener::Listener;
 use crate::loglimit::LogLimit;
 use crate::metrics::{Dropped, Failure, Shared};
 use crate::router::Router;
-use crate::{control, env, procfs, reaper, silence, spawn, steering, systemd, upgrade};
+use crate::{control, env, output, procfs, reaper, silence, spawn, steering, systemd, upgrade};
 use timers::Timer;
 
 /// How often memory is sampled and socket counts asked for.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// How long lb waits at exit for the descendants it killed to be reaped.
 const ORPHAN_KILL_LIMIT: Duration = Duration::from_secs(2);
+/// How long lb waits at exit, or before an in-place upgrade, for the workers' output to be
+/// read and written out.
+const OUTPUT_LIMIT: Duration = Duration::from_secs(1);
 
 /// A worker process exited.
 type Exit = (WorkerId, u32, Option<ExitStatus>);
@@ -130,6 +133,8 @@ pub struct Master {
     app_rx: mpsc::UnboundedReceiver<appmetrics::Scrape>,
     /// "left … out of /metrics" lines.
     app_log: LogLimit,
+    /// The workers' pipes and their readers (`--worker-output prefix|json`; `None`: inherit).
+    output: Option<crate::output::Output>,
 }
 
 /// What lb sends for `--heartbeat-ping` (a worker answers `{cmd:'heartbeat'}` the same way).
@@ -145,6 +150,7 @@ impl Master {
         let _ = shared.app_metrics.set(app_tx);
         let fleet = Fleet::new(fleet_config(&settings, &argv), Instant::now());
         let settings_app_timeout = settings.app_metrics_timeout;
+        let output = start_output(settings.worker_output, &shared);
         Self {
             router: Router::new(&settings, shared.clone()),
             fleet,
@@ -179,6 +185,7 @@ impl Master {
             app: crate::appmetrics::collect::Collector::new(settings_app_timeout),
             app_rx,
             app_log: LogLimit::default(),
+            output,
         }
     }
 
@@ -355,6 +362,10 @@ impl Master {
         }
         // What the workers left behind (double-forked daemons re-parented to lb) goes too.
         reaper::kill_orphans(&self.worker_pids, ORPHAN_KILL_LIMIT);
+        // The workers' last lines, still in their pipes, are written out.
+        if let Some(o) = self.output.as_mut() {
+            o.finish(OUTPUT_LIMIT).await;
+        }
         if let Some(why) = self.fleet.gave_up() {
             return Err(std::io::Error::other(why.to_owned()));
         }
@@ -463,6 +474,19 @@ impl Master {
             }
         }
     }
+}
+
+/// `--worker-output`: the pipes' writer, unless the workers inherit lb's stdout and stderr (or
+/// the writer cannot start: then they do, and lb says so).
+fn start_output(mode: output::Mode, shared: &Shared) -> Option<output::Output> {
+    output::Output::start(mode, shared.logs.clone()).unwrap_or_else(|e| {
+        tracing::error!(
+            "cannot start the worker output writer: {e}; the workers write to lb's stdout and \
+             stderr themselves"
+        );
+        shared.logs.set_mode(output::Mode::Inherit);
+        None
+    })
 }
 
 /// The addresses lb actually listens on (for the start-up log line).

@@ -26,6 +26,8 @@ pub struct Lb {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Everything lb wrote to its stdout, byte for byte.
+    pub out: Arc<Mutex<Vec<u8>>>,
 }
 
 /// Polls `cond` until it returns Some or the deadline passes.
@@ -106,7 +108,7 @@ impl Lb {
         };
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         for (k, v) in env {
@@ -114,6 +116,19 @@ impl Lb {
         }
         let mut child = cmd.spawn().expect("start lb");
         let stderr = child.stderr.take().unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (out, mut stdout) = (out.clone(), child.stdout.take().unwrap());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64 * 1024];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    out.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         {
@@ -153,6 +168,7 @@ impl Lb {
             addr,
             metrics,
             log,
+            out,
         }
     }
 
@@ -178,6 +194,11 @@ impl Lb {
         wait_for("lb to exit", timeout, || {
             self.child.try_wait().unwrap().map(|s| s.code())
         })
+    }
+
+    /// What lb wrote to its stdout so far, as text (invalid UTF-8 replaced).
+    pub fn out_text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
     }
 
     pub fn log_text(&self) -> String {

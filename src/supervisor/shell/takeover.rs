@@ -61,6 +61,21 @@ impl Master {
             .into_iter()
             .filter_map(|(a, s)| Some((a, s, self.router.carry(a.id)?.1)))
             .collect();
+        // The workers' pipes go too, once what was read from them is written out.
+        let outputs = match self.output.as_mut() {
+            Some(o) => o.pause(super::OUTPUT_LIMIT).await,
+            None => Vec::new(),
+        };
+        // No await from here to the exec. A worker that died while this image awaited may
+        // already be reaped (its status waits in its exit task): carried, the next image would
+        // know only that it is gone. Its exit is taken here first, and the upgrade tried again.
+        if carried.iter().any(|(a, _, _)| reaped(a.pid)) {
+            if let Some(o) = self.output.as_mut() {
+                o.resume();
+            }
+            self.resume_workers(carried.into_iter().map(|(a, s, _)| (a, s)).collect());
+            return Err(None);
+        }
         let now = Instant::now();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let state = upgrade::State {
@@ -84,6 +99,10 @@ impl Master {
                     self.settings.serialization.as_str().into(),
                 ),
                 ("handoff".into(), self.settings.handoff.as_str().into()),
+                (
+                    "worker_output".into(),
+                    self.settings.worker_output.as_str().into(),
+                ),
             ],
             config: self.reload.as_ref().and_then(|r| r.text.clone()),
             workers: carried
@@ -107,6 +126,8 @@ impl Master {
             loaded_workers: Some(self.settings.workers),
             counters: self.shared.metrics.carry(),
             app_metrics: self.app.carry(),
+            outputs,
+            logs: self.shared.logs.carry(),
         };
         tracing::info!(
             "re-executing {} in place with {} workers (lb {})",
@@ -115,6 +136,9 @@ impl Master {
             crate::VERSION
         );
         let err = upgrade::exec(&t.exe, &t.args, &state);
+        if let Some(o) = self.output.as_mut() {
+            o.resume();
+        }
         self.resume_workers(carried.into_iter().map(|(a, s, _)| (a, s)).collect());
         Err(Some(format!("cannot execute {}: {err}", t.exe.display())))
     }
@@ -172,6 +196,7 @@ impl Master {
                 self.router.reconfigure(&self.settings);
             }
         }
+        self.resume_output(&state);
         let total = state.slots.max(1);
         self.router.resize(total, total);
         self.shared.resize(total);
@@ -266,6 +291,35 @@ impl Master {
         );
     }
 
+    /// The workers' output as the previous image ran it (`--worker-output` needs a restart to
+    /// change): its pipes, read on, and its lines for `lb logs`.
+    fn resume_output(&mut self, state: &upgrade::State) {
+        let running = state
+            .fixed
+            .iter()
+            .find(|(k, _)| k == "worker_output")
+            .and_then(|(_, v)| crate::output::Mode::parse(v));
+        if let Some(mode) = running
+            && mode != self.settings.worker_output
+        {
+            tracing::warn!("worker_output: not applied until lb is restarted");
+            self.settings.worker_output = mode;
+            self.output = super::start_output(mode, &self.shared);
+        }
+        self.shared.logs.restore(state.logs.clone());
+        match self.output.as_mut() {
+            Some(o) => o.adopt(state.outputs.clone()),
+            None => {
+                if !state.outputs.is_empty() {
+                    tracing::warn!(
+                        "{} worker output pipe(s) carried over with nothing to read them",
+                        state.outputs.len()
+                    );
+                }
+            }
+        }
+    }
+
     /// Workers lb's previous image started are not tokio's children here: their exits are
     /// collected by pid.
     pub(super) fn check_adopted(&mut self) {
@@ -293,4 +347,15 @@ impl Master {
             let _ = self.exits_tx.send((id, pid, status));
         }
     }
+}
+
+/// Whether lb's child `pid` has exited and been reaped already (a zombie, still to be reaped,
+/// is not: the next image reaps it and learns how it ended).
+fn reaped(pid: u32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    matches!(
+        waitid(Id::Pid(nix::unistd::Pid::from_raw(pid as i32)), flags),
+        Err(nix::errno::Errno::ECHILD)
+    )
 }

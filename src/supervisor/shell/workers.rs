@@ -49,12 +49,21 @@ impl Master {
             }
             None => None,
         };
+        let (write_ends, read_ends) = match self.output.as_ref().map(|_| output::worker_pipes()) {
+            Some(Ok((w, r))) => (Some(w), Some(r)),
+            Some(Err(e)) => {
+                tracing::error!(slot = id.slot, "cannot make the worker's output pipes: {e}");
+                return self.fleet.spawn_failed(id, now);
+            }
+            None => (None, None),
+        };
         let spawned = match spawn::spawn_worker(
             &self.argv,
             id.slot,
             &vars,
             self.settings.user.as_ref(),
             listener,
+            write_ends,
         ) {
             Ok(sp) => sp,
             Err(e) => {
@@ -66,6 +75,9 @@ impl Master {
                 return self.fleet.spawn_failed(id, now);
             }
         };
+        if let (Some(out), Some(ends)) = (self.output.as_mut(), read_ends) {
+            out.attach(id.slot, spawned.pid, ends);
+        }
         let handle = dispatch::start(id, spawned.channel, self.reports_tx.clone(), self.limits());
         self.router.attach(id, handle);
         let mut child = spawned.child;
