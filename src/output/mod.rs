@@ -114,19 +114,34 @@ impl Line {
 
     /// The line as `json` prints it, with its newline.
     pub fn json(&self) -> String {
-        let mut v = serde_json::json!({
-            "time": rfc3339(self.time_ms),
-            "slot": self.slot,
-            "pid": self.pid,
-            "stream": self.stream,
-            "line": self.line,
-        });
-        if self.partial {
-            v["partial"] = true.into();
+        let mut out = Vec::new();
+        self.write_json(&rfc3339(self.time_ms), &mut out);
+        String::from_utf8(out).expect("JSON is UTF-8")
+    }
+
+    /// Appends the line as `json` prints it to `out`, with `time` (its `time_ms` formatted
+    /// once for a batch of lines read together).
+    pub fn write_json(&self, time: &str, out: &mut Vec<u8>) {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            time: &'a str,
+            slot: usize,
+            pid: u32,
+            stream: Stream,
+            line: &'a str,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            partial: bool,
         }
-        let mut s = v.to_string();
-        s.push('\n');
-        s
+        let json = Json {
+            time,
+            slot: self.slot,
+            pid: self.pid,
+            stream: self.stream,
+            line: &self.line,
+            partial: self.partial,
+        };
+        serde_json::to_writer(&mut *out, &json).expect("serializes");
+        out.push(b'\n');
     }
 }
 

@@ -338,6 +338,10 @@ impl Reader {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let mut batch = Vec::new();
+        let time = match self.mode {
+            Mode::Json => super::rfc3339(time_ms),
+            Mode::Prefix | Mode::Inherit => String::new(),
+        };
         let (slot, pid, stream, mode, logs) =
             (self.slot, self.pid, self.stream, self.mode, &self.logs);
         let mut emit = |text: &[u8], partial: bool| {
@@ -360,7 +364,7 @@ impl Reader {
                     }
                     batch.push(b'\n');
                 }
-                Mode::Json => batch.extend_from_slice(line.json().as_bytes()),
+                Mode::Json => line.write_json(&time, &mut batch),
             }
         };
         split(&mut self.pending, data, &mut emit);

@@ -468,6 +468,7 @@ impl Master {
                 Action::Resized(total) => {
                     // Slots scaled away (their workers gone) have no series left.
                     self.shared.metrics.remove_slots_from(total);
+                    self.shared.logs.remove_slots_from(total);
                     self.shared.resize(total);
                     self.router.resize(self.fleet.active(), total);
                 }
