@@ -83,6 +83,18 @@ struct SlotFamilies {
 }
 
 impl SlotFamilies {
+    /// The per-slot counters (carried across an upgrade; removed with their slot).
+    fn counters(&self) -> [&IntCounterVec; 6] {
+        [
+            &self.requests,
+            &self.connections,
+            &self.restarts,
+            &self.moved,
+            &self.overflow,
+            &self.app_timeouts,
+        ]
+    }
+
     fn slot(&self, i: usize) -> SlotMetrics {
         let l = i.to_string();
         SlotMetrics {
@@ -581,15 +593,7 @@ impl Metrics {
     pub fn restore(&self, carried: &Carried) {
         use prometheus::core::Collector;
         let singles = [&self.accepted, &self.admin_refused];
-        let f = &self.families;
-        let per_slot = [
-            &f.requests,
-            &f.connections,
-            &f.restarts,
-            &f.moved,
-            &f.overflow,
-            &f.app_timeouts,
-        ];
+        let per_slot = self.families.counters();
         let vecs = [
             &self.reloads,
             &self.failures,
@@ -641,14 +645,7 @@ impl Metrics {
         for i in n..slots.len() {
             let l = i.to_string();
             let l = [l.as_str()];
-            for v in [
-                &f.requests,
-                &f.connections,
-                &f.restarts,
-                &f.moved,
-                &f.overflow,
-                &f.app_timeouts,
-            ] {
+            for v in f.counters() {
                 let _ = v.remove_label_values(&l);
             }
             for v in [&f.active, &f.up, &f.memory, &f.sessions] {
