@@ -347,20 +347,7 @@ fn a_cookie_key_pins_each_client_behind_one_address_and_spreads_them() {
 
 /// `lb route --key VALUE -w N` through the real binary.
 fn lb_route_key(key: &str, workers: usize) -> usize {
-    let out = std::process::Command::new(LB)
-        .args(["route", "--key", key, "--workers", &workers.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    lb_route_args(&["route", "--key", key, "--workers", &workers.to_string()].map(String::from))
 }
 
 /// `GET /` from `from` with an `X-Forwarded-For: client`: the slot that answered.

@@ -13,22 +13,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn which(bin: &str) -> Option<String> {
-    std::env::var("PATH")
-        .ok()?
-        .split(':')
-        .map(|d| format!("{d}/{bin}"))
-        .find(|p| std::path::Path::new(p).exists())
-}
-
 /// Socket inodes of a process's open fds (`socket:[N]`), by fd number.
 fn socket_inodes(pid: u32) -> Vec<(u32, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -76,7 +60,7 @@ fn environ(pid: u32) -> Vec<String> {
 
 #[test]
 fn under_systemd_socket_activation_lb_serves_on_the_passed_sockets_and_keeps_them_from_workers() {
-    let Some(activate) = which("systemd-socket-activate") else {
+    let Some(activate) = which("systemd-socket-activate").map(|p| p.display().to_string()) else {
         return skip(
             "socket activation",
             "systemd-socket-activate is not installed (apt-get install systemd)",
@@ -283,7 +267,7 @@ fn descendants(root: u32) -> Vec<(u32, u32, char, String)> {
 
 #[test]
 fn as_pid_1_lb_reaps_orphans_keeps_its_workers_statuses_and_leaves_nothing() {
-    let Some(unshare) = which("unshare") else {
+    let Some(unshare) = which("unshare").map(|p| p.display().to_string()) else {
         return skip("pid 1", "unshare is not installed (util-linux)");
     };
     // Each worker leaves an orphan that exits after a moment (re-parented to PID 1: lb).

@@ -33,11 +33,7 @@ impl Runtime {
             .env("NO_COLOR", "1")
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        texts(&out)
     }
 }
 

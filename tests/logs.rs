@@ -143,14 +143,7 @@ fn lb_logs_shows_a_workers_last_lines_and_follows_new_ones() {
     lb.wait_all_ready(2);
     // Every line read: both workers' stdout and stderr ended with `done`.
     let json_lines = |args: &[&str]| -> Vec<serde_json::Value> {
-        let out = lb.cmd(args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
+        ok_stdout(lb.cmd(args))
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
@@ -187,8 +180,7 @@ fn lb_logs_shows_a_workers_last_lines_and_follows_new_ones() {
     }
     assert!(last.iter().all(|v| v["slot"] == 1));
     // The same five as text.
-    let out = lb.cmd(&["logs", "-n", "5", "--worker", "1"]);
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = ok_stdout(lb.cmd(&["logs", "-n", "5", "--worker", "1"]));
     let expected: String = last
         .iter()
         .map(|v| format!("[worker 1] {}\n", v["line"].as_str().unwrap()))

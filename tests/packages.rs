@@ -10,6 +10,21 @@ use std::time::Duration;
 
 use common::*;
 
+/// How the tests run an installed lb: two workers on the project's `app.js`, no admin sockets.
+const SERVE_APP: [&str; 11] = [
+    "-w",
+    "2",
+    "-l",
+    "127.0.0.1:0",
+    "--metrics",
+    "off",
+    "--control",
+    "off",
+    "--",
+    "node",
+    "app.js",
+];
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -148,24 +163,7 @@ fn the_npm_packages_install_offline_globally_and_in_a_project_and_serve() {
         "{}",
         String::from_utf8_lossy(&v.stderr)
     );
-    serves_a_request(
-        &lb,
-        &[
-            "-w",
-            "2",
-            "-l",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--control",
-            "off",
-            "--",
-            "node",
-            "app.js",
-        ],
-        &dir,
-        true,
-    );
+    serves_a_request(&lb, &SERVE_APP, &dir, true);
 
     // npm install --save-dev in a project, scripts off; then `npx lb`.
     let project = dir.join("project");
@@ -192,21 +190,7 @@ fn the_npm_packages_install_offline_globally_and_in_a_project_and_serve() {
     let npx = which("npx").expect("npx");
     serves_a_request(
         &npx,
-        &[
-            "--offline",
-            "lb",
-            "-w",
-            "2",
-            "-l",
-            "127.0.0.1:0",
-            "--metrics",
-            "off",
-            "--control",
-            "off",
-            "--",
-            "node",
-            "app.js",
-        ],
+        &[&["--offline", "lb"][..], &SERVE_APP].concat(),
         &project,
         false,
     );
@@ -295,14 +279,6 @@ fn lb_version() -> String {
         .trim()
         .trim_start_matches("lb ")
         .to_owned()
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
 }
 
 #[test]

@@ -179,12 +179,7 @@ fn a_closed_stdout_is_a_normal_end_for_every_client_command() {
 fn after_a_scale_down_the_removed_slots_have_no_series_and_no_alert_fires() {
     let lb = Lb::start(&["-w", "3"]);
     lb.wait_all_ready(3);
-    let out = lb.cmd(&["scale", "1"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_stdout(lb.cmd(&["scale", "1"]));
     lb.wait_all_ready(1);
     wait_for(
         "the removed slots' series gone",
@@ -354,13 +349,8 @@ fn lb_stop_returns_once_lb_has_exited_so_the_same_command_starts_again() {
 fn lb_scale_returns_when_the_new_count_is_ready() {
     let lb = Lb::start(&["-w", "1"]);
     lb.wait_all_ready(1);
-    let out = lb.cmd(&["scale", "3"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 workers ready"));
+    let out = ok_stdout(lb.cmd(&["scale", "3"]));
+    assert!(out.contains("3 workers ready"), "{out}");
     // No polling here: when `lb scale` returns, the slots are there and ready.
     let rows = lb.workers()["workers"].as_array().unwrap().clone();
     assert_eq!(rows.len(), 3);
@@ -389,11 +379,7 @@ fn a_worker_command_that_cannot_start_is_caught_by_lb_check_and_by_lb() {
             .env("NO_COLOR", "1")
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        texts(&out)
     };
     let (code, _, err) = run(&["check", "--", "node", "server.js"]);
     assert_eq!(code, Some(2));
@@ -468,15 +454,6 @@ fn readme_block_after(after: &str, info: &str) -> String {
         + 5;
     let len = readme[start..].find("\n```").unwrap();
     readme[start..start + len + 1].to_owned()
-}
-
-/// A free loopback port (for a front tier's config).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A front tier (HAProxy, nginx) run from a config file, stopped by pid when dropped.
@@ -772,11 +749,7 @@ fn the_small_things_a_new_user_hit() {
             .env("NO_COLOR", "1")
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        texts(&out)
     };
     // `--heartbeat-ping 0s` would ping without pause: a one-line error.
     let (code, _, err) = lb_out(&["check", "--heartbeat-ping", "0s"]);

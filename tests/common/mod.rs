@@ -422,21 +422,53 @@ pub fn client_ip(i: usize) -> IpAddr {
 
 /// `lb route IP -w N` through the real binary.
 pub fn lb_route(ip: IpAddr, workers: usize, extra: &[&str]) -> usize {
-    let out = Command::new(LB)
-        .args(["route", &ip.to_string(), "--workers", &workers.to_string()])
-        .args(extra)
-        .output()
-        .unwrap();
+    let mut args = vec!["route".to_string(), ip.to_string()];
+    args.extend(["--workers".to_string(), workers.to_string()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    lb_route_args(&args)
+}
+
+/// The slot `lb ARGS` (an `lb route …`) prints.
+pub fn lb_route_args(args: &[String]) -> usize {
+    let out = Command::new(LB).args(args).output().unwrap();
+    ok_stdout(out).trim().parse().unwrap()
+}
+
+/// The stdout of a command that must have succeeded (else the test fails with its stderr).
+pub fn ok_stdout(out: std::process::Output) -> String {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A finished command's exit code, stdout and stderr, as text.
+pub fn texts(out: &std::process::Output) -> (Option<i32>, String, String) {
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A free loopback port, for a config file that must name one (lb itself binds port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
-        .trim()
-        .parse()
+        .local_addr()
         .unwrap()
+        .port()
+}
+
+/// Where `name` is on `$PATH`.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
 }
 
 /// Whether a process exists (and is not a zombie).
