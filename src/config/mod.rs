@@ -9,12 +9,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::balance::{DEFAULT_HASH_SEED, Policy};
 use crate::channel::Serialization;
+
+mod cli;
+mod parse;
+pub use cli::*;
+pub use parse::*;
 
 /// A settings error: always one line, naming the input.
 #[derive(Debug, thiserror::Error)]
@@ -59,180 +64,6 @@ pub enum ConfigError {
         command: String,
         /// Extra help.
         hint: String,
-    },
-}
-
-/// `lb`: sticky-session TCP load balancer that passes accepted connections to worker processes.
-#[derive(Debug, Parser)]
-#[command(name = "lb", version = crate::VERSION, about, long_about = None)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-#[command(
-    after_help = "Without a worker command, lb runs its built-in HTTP/WebSocket worker.\n\
-Examples:\n  lb\n  lb -w 4 -l 0.0.0.0:3000 -- node server.js\n  lb route 203.0.113.7 --workers 4"
-)]
-pub struct Cli {
-    /// Helper subcommands.
-    #[command(subcommand)]
-    pub sub: Option<Sub>,
-    /// Options of the server.
-    #[command(flatten)]
-    pub run: RunArgs,
-    /// Worker command and its arguments (after `--`); default: the built-in worker.
-    #[arg(last = true, value_name = "WORKER_COMMAND")]
-    pub command: Vec<String>,
-}
-
-/// Which running lb a client command talks to: `--control PATH`, or `--listen ADDR` (the lb
-/// listening there, found by its per-instance control socket), or the only one running.
-#[derive(Debug, Clone, Default, Args)]
-pub struct Target {
-    /// That lb's control socket [default: the only lb running, or the one --listen names].
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// The lb listening on this address (when several run).
-    #[arg(short, long, value_name = "ADDR")]
-    pub listen: Option<String>,
-}
-
-/// `--control auto` (the default): one control socket per lb instance, named by its listen
-/// address (`crate::control::instance_path`).
-pub const CONTROL_AUTO: &str = "auto";
-
-/// Helper subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Sub {
-    /// Print the slot (0-based) that `sticky` sends IP (or a `--hash-key` key) to when all
-    /// slots are up: its home.
-    Route {
-        /// The client IP address (or, with `xff`, the address the proxy appended).
-        #[arg(required_unless_present = "key", conflicts_with = "key")]
-        ip: Option<String>,
-        /// A key's value instead of an IP (a cookie's, a header's, a query parameter's).
-        #[arg(long, value_name = "VALUE")]
-        key: Option<String>,
-        /// Number of worker slots.
-        #[arg(short, long)]
-        workers: Option<String>,
-        /// Seed of the sticky hash.
-        #[arg(long)]
-        hash_seed: Option<String>,
-        /// Read workers / hash_seed from this config file.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        /// Ask the running lb instead: the home slot, its load (full or not, with
-        /// --balance-factor) and where a new connection would go now.
-        #[arg(long, conflicts_with_all = ["workers", "hash_seed", "config"])]
-        live: bool,
-        /// With --live: which running lb.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// List the lbs running on this host (one per control socket that answers): listen
-    /// address, pid, workers ready, uptime, version.
-    Ls {
-        /// Print JSON instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show the workers of a running lb (like `pm2 ls`).
-    Status {
-        /// Print the JSON document instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Refresh every second until interrupted.
-        #[arg(long)]
-        watch: bool,
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Show the workers' last output lines and follow new ones (like `pm2 logs`); needs lb
-    /// started with --worker-output prefix or json.
-    Logs {
-        /// Only this worker's lines (its slot, 0-based).
-        #[arg(long, value_name = "N")]
-        worker: Option<String>,
-        /// How many of each worker's last lines (at most 1000 are kept) [default: 15].
-        #[arg(short = 'n', long, value_name = "LINES")]
-        lines: Option<String>,
-        /// Then print new lines as they come, until interrupted (or lb stops).
-        #[arg(short, long)]
-        follow: bool,
-        /// Print each line as a JSON object (time, slot, pid, stream, line).
-        #[arg(long)]
-        json: bool,
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Rolling restart of a running lb; returns when it has finished.
-    Roll {
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Change the number of workers of a running lb: new slots start, removed slots drain;
-    /// returns when the new slots are ready and the removed ones gone (at most 60s).
-    Scale {
-        /// The new number of workers.
-        workers: String,
-        /// Return once lb has the request, without waiting for the workers.
-        #[arg(long)]
-        no_wait: bool,
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Reload a running lb's configuration (as SIGHUP) and report what changed.
-    Reload {
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Graceful shutdown of a running lb; returns when it has exited (at most its
-    /// --shutdown-timeout and a few seconds).
-    Stop {
-        /// Return once lb has begun shutting down, without waiting for it to exit.
-        #[arg(long)]
-        no_wait: bool,
-        /// Which running lb: its control socket, or the one listening on an address.
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Validate a configuration (flags, `--config` file, worker command) as a start would,
-    /// without binding or spawning anything; exit 0, or one line and exit 2.
-    Check {
-        /// The options to check (as for `lb` itself).
-        #[command(flatten)]
-        run: Box<RunArgs>,
-        /// The worker command to check (after `--`).
-        #[arg(last = true, value_name = "WORKER_COMMAND")]
-        command: Vec<String>,
-        /// Also check that this lb can take over from a running lb whose state is in this
-        /// format (the preflight of an in-place upgrade, DESIGN §10).
-        #[arg(long, hide = true, value_name = "FORMAT")]
-        takeover: Option<u32>,
-    },
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions {
-        /// The shell.
-        shell: clap_complete::Shell,
-    },
-    /// Print the man page lb(1) (roff) on stdout, or with --dir write lb(1) and a page per
-    /// subcommand (lb-status(1), lb-route(1), …) into a directory.
-    Manpage {
-        /// Write lb.1 and every lb-SUBCOMMAND.1 here (created if missing), e.g.
-        /// /usr/local/share/man/man1.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-    /// Run as lb's built-in worker (lb starts this itself; not for direct use).
-    #[command(hide = true, name = "builtin-worker")]
-    BuiltinWorker {
-        /// Serve HTTP directly on this address instead of taking connections from lb
-        /// (benchmark baseline; SO_REUSEPORT).
-        #[arg(long)]
-        listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -496,16 +327,6 @@ options! {
         |v| choice(v, &[("text", LogFormat::Text), ("json", LogFormat::Json)]), "F";
 }
 
-/// A `--balance-factor`: a number above 1 (1.25 lets a slot take 25 % more than its share).
-fn parse_factor(v: &str) -> Result<f64, String> {
-    match v.parse::<f64>() {
-        Ok(f) if f.is_finite() && f > 1.0 && f <= 100.0 => Ok(f),
-        _ => Err(format!(
-            "invalid balance factor `{v}` (expected a number above 1 and at most 100, e.g. 1.25)"
-        )),
-    }
-}
-
 impl Settings {
     /// Whether lb peeks at request heads: for socket.io sids or for `--hash-key` keys.
     pub fn peeks(&self) -> bool {
@@ -734,15 +555,6 @@ fn worker_command(file: Option<&File>, cli: &[String]) -> Result<Option<Vec<Stri
     Ok(command)
 }
 
-/// `off`, or a value `parse` accepts.
-fn off_or<T>(v: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, String> {
-    if v == "off" {
-        Ok(None)
-    } else {
-        parse(v).map(Some)
-    }
-}
-
 /// Resolves `lb route`'s worker count and seed (flags over file over defaults).
 pub fn route_settings(
     workers: Option<&String>,
@@ -809,201 +621,6 @@ fn check_node_script(cmd: &[String]) -> Result<(), ConfigError> {
         "worker script `{script}` not found (node would fail with: Cannot find module '{}')",
         full.display()
     )))
-}
-
-/// The options that take one of a fixed set of words, for shell completion (`--policy <TAB>`
-/// offers these instead of file names). Parsing stays with each option's own parser, whose
-/// errors are one line.
-pub const WORD_CHOICES: &[(&str, &[&str])] = &[
-    ("policy", &["sticky", "round-robin", "least-connections"]),
-    ("sticky_stalled", &["next", "wait"]),
-    ("steering", &["master", "kernel"]),
-    ("proxy_protocol", &["off", "strip", "keep"]),
-    ("app_metrics", &["on", "off"]),
-    ("serialization", &["json", "advanced"]),
-    ("log_format", &["text", "json"]),
-    ("worker_output", &["inherit", "prefix", "json"]),
-    (
-        "handoff",
-        &["sticky-session:connection", "sticky:balance", "socket.io"],
-    ),
-];
-
-/// `cmd` with [`WORD_CHOICES`] as possible values, for a completion script (lb itself parses
-/// with its own parsers).
-pub fn with_choices(cmd: clap::Command) -> clap::Command {
-    let add = |mut c: clap::Command| {
-        for (name, words) in WORD_CHOICES {
-            if c.get_arguments().any(|a| a.get_id() == *name) {
-                c = c.mut_arg(*name, |a| {
-                    a.value_parser(clap::builder::PossibleValuesParser::new(words.iter()))
-                });
-            }
-        }
-        c
-    };
-    add(cmd).mut_subcommand("check", add)
-}
-
-/// Parses a socket address (`127.0.0.1:8000`, `[::]:8000`, `localhost:8000`).
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse() {
-        return Ok(a);
-    }
-    if let Some(port) = s.strip_prefix("localhost:") {
-        let port: u16 = port.parse().map_err(|_| format!("bad port `{port}`"))?;
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    Err("expected IP:PORT, e.g. 127.0.0.1:8000 or [::]:8000".into())
-}
-
-/// One of a fixed set of names (`expected a or b` otherwise).
-fn choice<T: Copy>(v: &str, options: &[(&str, T)]) -> Result<T, String> {
-    options
-        .iter()
-        .find(|(name, _)| *name == v)
-        .map(|(_, t)| *t)
-        .ok_or_else(|| {
-            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            format!("expected {}", names.join(" or "))
-        })
-}
-
-/// A worker count (`--workers`, `lb scale`): 1 to 1024.
-pub fn parse_workers(s: &str) -> Result<usize, String> {
-    parse_count(s, 1, 1024)
-}
-
-/// A whole number from `min` to `max`.
-pub fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
-    let n: usize = s
-        .trim()
-        .parse()
-        .map_err(|_| "expected a whole number".to_string())?;
-    if n < min || n > max {
-        return Err(format!("must be between {min} and {max}"));
-    }
-    Ok(n)
-}
-
-fn parse_seed(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse()
-        .map_err(|_| "expected a decimal number from 0 to 18446744073709551615".into())
-}
-
-fn parse_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err("expected true or false".into()),
-    }
-}
-
-/// Exits within [`CRASH_WINDOW`] that mark a slot failed (`--crash-loop`'s default).
-pub const CRASH_LOOP_EXITS: usize = 10;
-/// Window for counting exits (`--crash-loop`'s default).
-pub const CRASH_WINDOW: Duration = Duration::from_secs(60);
-
-/// The crash-loop guard: `exits` exits within `window` mark a slot failed for `window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CrashLoop {
-    /// Exits that make a crash loop.
-    pub exits: usize,
-    /// The window they must fall in (also the failed slot's cool-down).
-    pub window: Duration,
-}
-
-impl Default for CrashLoop {
-    fn default() -> Self {
-        Self {
-            exits: CRASH_LOOP_EXITS,
-            window: CRASH_WINDOW,
-        }
-    }
-}
-
-/// Parses the crash-loop guard `EXITS/WINDOW`, e.g. `10/1m`.
-pub fn parse_crash_loop(s: &str) -> Result<CrashLoop, String> {
-    const HELP: &str = "expected EXITS/WINDOW, e.g. 10/1m";
-    let (n, d) = s.split_once('/').ok_or_else(|| HELP.to_string())?;
-    let exits = parse_count(n, 1, 10_000).map_err(|e| format!("{e} ({HELP})"))?;
-    let window = parse_duration(d)?;
-    if window.is_zero() {
-        return Err(format!("the window must be longer than 0 ({HELP})"));
-    }
-    Ok(CrashLoop { exits, window })
-}
-
-/// A period of something lb repeats (`--heartbeat-ping`): a duration above zero (zero would
-/// repeat without pause; `off` is the way to turn it off).
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err("0 would ping without pause: give a period like 5s, or off".into()),
-        d => Ok(d),
-    }
-}
-
-/// Parses a humane duration: `500ms`, `30s`, `2m`, `1h`, `1.5s`, or combinations like `1m30s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    const HELP: &str = "expected a duration like 500ms, 30s, 2m or 1h";
-    let s = s.trim();
-    if s.is_empty() {
-        return Err(HELP.into());
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_end);
-        let unit_end = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let value: f64 = num.parse().map_err(|_| HELP.to_string())?;
-        let scale = match unit.trim() {
-            "ms" => 0.001,
-            "s" | "sec" => 1.0,
-            "m" | "min" => 60.0,
-            "h" => 3600.0,
-            "" => return Err(format!("missing unit ({HELP})")),
-            _ => return Err(HELP.into()),
-        };
-        total += value * scale;
-        rest = tail;
-    }
-    if !total.is_finite() || total > 365.0 * 86400.0 {
-        return Err("duration too long".into());
-    }
-    Ok(Duration::from_secs_f64(total))
-}
-
-/// Parses a byte size: `1048576`, `512MiB`, `1GiB`, `100MB`, `64k`.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    const HELP: &str = "expected a size like 512MiB, 1GiB or 1048576";
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num.parse().map_err(|_| HELP.to_string())?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "ki" | "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mi" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" => 1e9,
-        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(HELP.into()),
-    };
-    let bytes = value * scale;
-    if bytes < 1.0 || !bytes.is_finite() {
-        return Err("must be at least 1 byte".into());
-    }
-    Ok(bytes as u64)
 }
 
 #[cfg(test)]
