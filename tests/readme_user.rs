@@ -431,6 +431,31 @@ fn a_worker_command_that_cannot_start_is_caught_by_lb_check_and_by_lb() {
         "the worker's own error is above: {log}"
     );
     assert_eq!(log.matches("exited unexpectedly").count(), 6, "{log}");
+
+    // When lb reads the workers' output, its last line quotes the worker's error line (not
+    // Node's closing `Node.js v20…`, the true last line of its stderr).
+    let mut lb = Lb::start(&[
+        "-w",
+        "1",
+        "--worker-output",
+        "prefix",
+        "--",
+        "node",
+        "-e",
+        "require('./not-here.js')",
+    ]);
+    let code = lb.wait_exit(Duration::from_secs(30));
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}");
+    let log = lb.log_text();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the worker's last error: Error: Cannot find module './not-here.js'"),
+        "{log}"
+    );
+    assert!(
+        last.ends_with("lb stops: fix the worker command and start again"),
+        "{last}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -273,6 +273,36 @@ impl Logs {
         }
     }
 
+    /// The line that most likely says why a worker failed: of the last stderr lines of every
+    /// slot, the newest that reads as an error (`Error: …`, `TypeError: …`, `error: …`, as Node,
+    /// Python and Rust programs print them), else the newest that is not blank, indented (a
+    /// stack frame) or Node's closing `Node.js v20…`.
+    pub fn last_error(&self) -> Option<Arc<Line>> {
+        const LOOK_BACK: usize = 64;
+        let mut lines = self.tail(None, LOOK_BACK, 0);
+        lines.retain(|l| l.stream == Stream::Stderr && !l.line.trim().is_empty());
+        lines.reverse();
+        let reads_as_error = |t: &str| {
+            let t = t.trim_start();
+            t.split_once(':').is_some_and(|(head, _)| {
+                let word = head.rsplit(['.', ' ']).next().unwrap_or(head);
+                !head.contains(char::is_whitespace)
+                    && (word.ends_with("Error")
+                        || word.ends_with("Exception")
+                        || word.eq_ignore_ascii_case("error")
+                        || word.eq_ignore_ascii_case("fatal"))
+            })
+        };
+        let plain = |t: &str| {
+            !t.starts_with(char::is_whitespace) && !t.starts_with("Node.js v") && t.trim() != "}"
+        };
+        lines
+            .iter()
+            .find(|l| reads_as_error(&l.line))
+            .or_else(|| lines.iter().find(|l| plain(&l.line)))
+            .cloned()
+    }
+
     /// Forgets the lines of slots `from` and above (`lb scale` removed them).
     pub fn remove_slots_from(&self, from: usize) {
         self.inner.lock().expect("logs lock").slots.truncate(from);
@@ -432,6 +462,51 @@ mod tests {
         assert_eq!(next.carry(), carried);
         let l = next.push(line(0, "after"));
         assert_eq!(l.seq, carried.last().unwrap().seq + 1);
+    }
+
+    #[test]
+    fn the_error_line_of_a_worker_that_failed_is_found_among_its_last_lines() {
+        let err = |slot: usize, text: &str| Line {
+            stream: Stream::Stderr,
+            ..line(slot, text)
+        };
+        let logs = Logs::default();
+        assert!(logs.last_error().is_none());
+        // Node's output for `node server.js` without the file, as it prints it.
+        for text in [
+            "node:internal/modules/cjs/loader:1080",
+            "  throw err;",
+            "  ^",
+            "",
+            "Error: Cannot find module '/x/server.js'",
+            "    at Module._resolveFilename (node:internal/modules/cjs/loader:1077:15)",
+            "  code: 'MODULE_NOT_FOUND',",
+            "  requireStack: []",
+            "}",
+            "",
+            "Node.js v20.11.0",
+        ] {
+            logs.push(err(0, text));
+        }
+        logs.push(line(1, "TypeError: on stdout, not an error line"));
+        let found = logs.last_error().expect("found");
+        assert_eq!(found.line, "Error: Cannot find module '/x/server.js'");
+        // Python's and the newest wins.
+        logs.push(err(1, "ModuleNotFoundError: No module named 'flask'"));
+        assert!(
+            logs.last_error()
+                .unwrap()
+                .line
+                .starts_with("ModuleNotFound")
+        );
+        // No line reads as an error: the newest plain one.
+        let logs = Logs::default();
+        logs.push(err(0, "cannot bind: address in use"));
+        logs.push(err(0, "    at frame"));
+        assert_eq!(
+            logs.last_error().unwrap().line,
+            "cannot bind: address in use"
+        );
     }
 
     #[test]

@@ -728,7 +728,8 @@ impl Fleet {
     }
 
     /// Why lb should stop: before anything was served, every slot's worker failed to start
-    /// [`GIVE_UP_AFTER`] times in a row (the shell shuts down and exits with this line).
+    /// [`GIVE_UP_AFTER`] times in a row (the shell shuts down and exits with this line, and the
+    /// worker's error line when lb sees its output).
     pub fn gave_up(&self) -> Option<&str> {
         self.gave_up.as_deref()
     }
@@ -744,10 +745,12 @@ impl Fleet {
             return;
         }
         self.gave_up = Some(format!(
-            "every worker exited before it could serve, {GIVE_UP_AFTER} times in a row in each of \
-             the {} slots (the last: slot {slot}, {how}); the worker's own error is in its output \
-             above. lb stops: fix the worker command and start again",
-            live.len()
+            "every worker exited before it could serve, {GIVE_UP_AFTER} times in a row {} (the \
+             last: slot {slot}, {how})",
+            match live.len() {
+                1 => "in its one slot".to_owned(),
+                n => format!("in each of the {n} slots"),
+            }
         ));
     }
 
@@ -782,7 +785,9 @@ impl Fleet {
                 self.memory_warned = true;
                 tracing::warn!(
                     slot = id.slot,
-                    "a worker is over --max-memory {limit} bytes ({bytes}) {:.0}s after its start:                      its normal size may be above the limit; such workers are replaced less and                      less often (up to every {}s), raise --max-memory if this is their size",
+                    "a worker is over --max-memory {limit} bytes ({bytes}) {:.0}s after its start: \
+                     its normal size may be above the limit; such workers are replaced less and \
+                     less often (up to every {}s), raise --max-memory if this is their size",
                     age.as_secs_f64(),
                     MEMORY_BACKOFF_MAX.as_secs()
                 );

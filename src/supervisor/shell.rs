@@ -367,10 +367,20 @@ impl Master {
             o.finish(OUTPUT_LIMIT).await;
         }
         if let Some(why) = self.fleet.gave_up() {
-            return Err(std::io::Error::other(why.to_owned()));
+            return Err(std::io::Error::other(self.give_up_line(why)));
         }
         tracing::info!("all workers exited; bye");
         Ok(())
+    }
+
+    /// Why lb stops when its workers cannot start, with what the worker said: its error line
+    /// when lb reads its output (`--worker-output prefix|json`), else where to find it.
+    fn give_up_line(&self, why: &str) -> String {
+        let said = match self.shared.logs.last_error() {
+            Some(l) => format!(": the worker's last error: {}", l.line),
+            None => "; the worker's own error is in its output above".to_owned(),
+        };
+        format!("{why}{said}. lb stops: fix the worker command and start again")
     }
 
     fn accept_batch(

@@ -108,7 +108,7 @@ impl Master {
         if let Some(why) = self.fleet.gave_up()
             && !self.fleet.shutting_down()
         {
-            tracing::error!("{why}");
+            tracing::error!("{why}; lb stops");
             self.begin_shutdown("the worker command cannot start", now);
         }
         self.apply();
