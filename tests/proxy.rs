@@ -140,6 +140,50 @@ fn keep_leaves_the_header_in_the_stream_for_the_worker() {
 }
 
 #[test]
+fn a_header_that_arrives_in_two_pieces_is_served_wherever_it_is_cut() {
+    // A balancer's header may reach lb in two segments. Cut every v1 (TCP4, TCP6) and v2 header
+    // at every byte: the first piece is written, lb accepts and peeks it, then the rest and a
+    // request follow. Every client is served with its own address; none is counted as bad.
+    let lb = Lb::start(&["-w", "2", "--proxy-protocol", "strip"]);
+    lb.wait_all_ready(2);
+    let accepted = || lb.metric("lb_accepted_connections_total").unwrap_or(0.0);
+    let clients: [SocketAddr; 3] = [
+        "203.0.113.7:51000".parse().unwrap(),
+        "[2001:db8::17]:51001".parse().unwrap(),
+        "198.51.100.9:51002".parse().unwrap(),
+    ];
+    let mut served = 0;
+    for (kind, client) in clients.into_iter().enumerate() {
+        let header = match kind {
+            0 => v1(client, lb.addr),
+            // A TCP6 header names IPv6 addresses at both ends.
+            1 => v1(
+                client,
+                SocketAddr::new("::1".parse().unwrap(), lb.addr.port()),
+            ),
+            _ => v2(client, lb.addr),
+        };
+        for cut in 1..header.len() {
+            let before = accepted();
+            let mut s = connect(lb.addr, None);
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&header[..cut]).unwrap();
+            wait_for("lb accepted the connection", Duration::from_secs(5), || {
+                (accepted() > before).then_some(())
+            });
+            let (status, headers, body) = get_after(&mut s, &header[cut..]);
+            assert_eq!(status, 200, "{header:?} cut at {cut}: {body}");
+            assert_eq!(headers["x-client-addr"], client.to_string(), "cut at {cut}");
+            served += 1;
+        }
+    }
+    assert!(served > 100, "{served}");
+    for r in ["missing", "malformed", "timeout", "closed", "overflow"] {
+        assert_eq!(proxy_errors(&lb, r), 0.0, "{r}");
+    }
+}
+
+#[test]
 fn bad_slow_and_silent_headers_are_closed_and_counted_while_good_clients_are_served() {
     let mut lb = Lb::start(&[
         "-w",
