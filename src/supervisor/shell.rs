@@ -373,16 +373,6 @@ impl Master {
         Ok(())
     }
 
-    /// Why lb stops when its workers cannot start, with what the worker said: its error line
-    /// when lb reads its output (`--worker-output prefix|json`), else where to find it.
-    fn give_up_line(&self, why: &str) -> String {
-        let said = match self.shared.logs.last_error() {
-            Some(l) => format!(": the worker's last error: {}", l.line),
-            None => "; the worker's own error is in its output above".to_owned(),
-        };
-        format!("{why}{said}. lb stops: fix the worker command and start again")
-    }
-
     fn accept_batch(
         &mut self,
         guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, socket2::Socket>,
@@ -408,35 +398,6 @@ impl Master {
         }
         let router = &self.router;
         self.fleet.shutdown(why, now, |id| router.busy(id));
-        self.apply();
-    }
-
-    /// Memory sampling (and the memory limit) and socket-count queries.
-    fn housekeeping(&mut self, now: Instant) {
-        for slot in 0..self.fleet.len() {
-            let view = self.fleet.view(slot);
-            let (Some(id), Some(pid)) = (view.current, view.pid) else {
-                self.shared.metrics.slot(slot).memory.set(0);
-                continue;
-            };
-            let rss = procfs::rss_bytes(pid).unwrap_or(0);
-            self.shared.metrics.slot(slot).memory.set(rss as i64);
-            self.fleet.on_rss(id, rss, now);
-        }
-        // In case a SIGCHLD was coalesced with one tokio consumed for a worker.
-        self.check_adopted();
-        reaper::reap_orphans(&self.worker_pids);
-        // An unmodified Node worker counts the sockets we sent it: ask. A cluster worker
-        // counts nothing: the kernel does.
-        self.router.query_socket_counts();
-        if self.router.counts_in_kernel() {
-            match crate::tcpdiag::open_pairs() {
-                Ok(open) => self.router.kernel_counts(&open),
-                Err(e) => tracing::debug!("cannot count cluster workers' connections: {e}"),
-            }
-        }
-        self.look_for_silent_workers(now);
-
         self.apply();
     }
 

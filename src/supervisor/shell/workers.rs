@@ -1,5 +1,6 @@
-//! Starting workers with the environment contract ([`crate::env`]), seeing them exit, and the
-//! look at workers that serve nobody ([`crate::silence`]).
+//! Starting workers with the environment contract ([`crate::env`]), seeing them exit (and the
+//! line lb stops with when none can start), the once-a-second look at them (memory, orphans,
+//! socket counts) and at workers that serve nobody ([`crate::silence`]).
 
 use std::process::ExitStatus;
 use std::time::Instant;
@@ -7,6 +8,45 @@ use std::time::Instant;
 use super::*;
 
 impl Master {
+    /// Memory sampling (and the memory limit) and socket-count queries.
+    pub(super) fn housekeeping(&mut self, now: Instant) {
+        for slot in 0..self.fleet.len() {
+            let view = self.fleet.view(slot);
+            let (Some(id), Some(pid)) = (view.current, view.pid) else {
+                self.shared.metrics.slot(slot).memory.set(0);
+                continue;
+            };
+            let rss = procfs::rss_bytes(pid).unwrap_or(0);
+            self.shared.metrics.slot(slot).memory.set(rss as i64);
+            self.fleet.on_rss(id, rss, now);
+        }
+        // In case a SIGCHLD was coalesced with one tokio consumed for a worker.
+        self.check_adopted();
+        reaper::reap_orphans(&self.worker_pids);
+        // An unmodified Node worker counts the sockets we sent it: ask. A cluster worker
+        // counts nothing: the kernel does.
+        self.router.query_socket_counts();
+        if self.router.counts_in_kernel() {
+            match crate::tcpdiag::open_pairs() {
+                Ok(open) => self.router.kernel_counts(&open),
+                Err(e) => tracing::debug!("cannot count cluster workers' connections: {e}"),
+            }
+        }
+        self.look_for_silent_workers(now);
+
+        self.apply();
+    }
+
+    /// Why lb stops when its workers cannot start, with what the worker said: its error line
+    /// when lb reads its output (`--worker-output prefix|json`), else where to find it.
+    pub(super) fn give_up_line(&self, why: &str) -> String {
+        let said = match self.shared.logs.last_error() {
+            Some(l) => format!(": the worker's last error: {}", l.line),
+            None => "; the worker's own error is in its output above".to_owned(),
+        };
+        format!("{why}{said}. lb stops: fix the worker command and start again")
+    }
+
     pub(super) fn spawn(&mut self, id: WorkerId, now: Instant) {
         // Workers built on lb::worker beat three times per heartbeat timeout (with kernel
         // steering, twice per stall timeout: a beat is how a stalled worker says it is back).
