@@ -130,10 +130,9 @@ impl Master {
     }
 }
 
-/// Opens the listening socket a cluster worker asked for (Node's primary binds `[::]` for a
-/// `listen(port)` without a host).
+/// Opens the listening socket a cluster worker asked for (Node's primary binds `[::]`, both
+/// families, for a `listen(port)` without a host), as lb binds its own ([`crate::listener`]).
 pub(super) fn bind_shared(q: &ServerQuery) -> std::io::Result<socket2::Socket> {
-    use socket2::{Domain, Protocol, Socket, Type};
     let ip: std::net::IpAddr = match q.address.as_deref() {
         Some(a) => a
             .parse()
@@ -142,14 +141,6 @@ pub(super) fn bind_shared(q: &ServerQuery) -> std::io::Result<socket2::Socket> {
     };
     let port =
         u16::try_from(q.port).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let addr = SocketAddr::new(ip, port);
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() && q.address.is_none() {
-        s.set_only_v6(false)?;
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(511)?;
-    Ok(s)
+    // Node's backlog for a listen() without one.
+    crate::listener::bind_with(SocketAddr::new(ip, port), 511, false).map_err(|e| e.source)
 }
