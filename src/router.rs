@@ -59,24 +59,12 @@ struct Link {
     dispatch: DispatchHandle,
     /// May get new connections (false once the supervisor detached it or its channel closed).
     routable: bool,
-    /// The key of the worker's server on lb's port: answered, not yet `listening`.
-    rr_pending: Option<String>,
-    /// The key connections go to as `newconn`s (the worker is `listening` on lb's port).
-    rr_key: Option<String>,
-    /// Its socket.io adapters' uids (for relaying responses to their requester).
-    sio_uids: Vec<String>,
     /// The process exited: its connections no longer count as active.
     exited: bool,
     /// Its channel closed: nothing more comes from it (forgotten once it exited too).
     closed: bool,
-    /// Last `activeConnections` it reported.
-    reported_active: u64,
-    /// ACKs since that report (the report does not include them yet).
-    acked_since_report: u64,
-    /// The worker reports `activeConnections` itself; otherwise lb asks Node's socket count.
-    reports_active: bool,
-    /// Last cumulative `totalRequests` it reported.
-    reported_requests: u64,
+    /// What it told lb (carried across an in-place upgrade as it is).
+    known: Known,
     /// What it holds, counted in the kernel (when it reports nothing itself, see [`Held`]).
     held: Held,
 }
@@ -99,14 +87,14 @@ impl Link {
 
     /// A cluster worker that gets `newconn`s and reports no count: lb counts in the kernel.
     fn counted_in_kernel(&self) -> bool {
-        self.rr_key.is_some() && !self.reports_active
+        self.known.rr_key.is_some() && !self.known.reports_active
     }
 
     fn active(&self) -> u64 {
         if self.exited {
             0
         } else {
-            self.reported_active + self.acked_since_report
+            self.known.reported_active + self.known.acked_since_report
         }
     }
 
@@ -115,24 +103,33 @@ impl Link {
     }
 }
 
-/// What routing knows of a worker, carried across an in-place upgrade.
+/// What a worker told routing: its cluster keys, its socket.io adapters, its last counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CarriedLink {
+pub struct Known {
     /// The key of its server on lb's port: answered, not yet `listening`.
     pub rr_pending: Option<String>,
-    /// The key connections go to as `newconn`s.
+    /// The key connections go to as `newconn`s (it is `listening` on lb's port).
     pub rr_key: Option<String>,
-    /// Its socket.io adapters' uids.
+    /// Its socket.io adapters' uids (for relaying responses to their requester).
     pub sio_uids: Vec<String>,
     /// Last `activeConnections` it reported.
     pub reported_active: u64,
-    /// ACKs since that report.
+    /// ACKs since that report (the report does not include them yet).
     pub acked_since_report: u64,
-    /// It reports `activeConnections` itself.
+    /// It reports `activeConnections` itself; otherwise lb asks Node's socket count.
     pub reports_active: bool,
     /// Last cumulative `totalRequests` it reported (so that its next report counts only what
     /// is new).
     pub reported_requests: u64,
+}
+
+/// What routing knows of a worker, carried across an in-place upgrade (the state document's
+/// fields are `Known`'s, flattened, and `held`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedLink {
+    /// What it told routing (its fields sit at the top level of the document).
+    #[serde(flatten)]
+    pub known: Known,
     /// The connections it held at the last look, when lb counts them in the kernel.
     #[serde(default)]
     pub held: Vec<crate::held::Pair>,
@@ -247,15 +244,9 @@ impl Router {
             id,
             dispatch,
             routable: true,
-            rr_pending: c.rr_pending,
-            rr_key: c.rr_key,
-            sio_uids: c.sio_uids,
             exited: false,
             closed: false,
-            reported_active: c.reported_active,
-            acked_since_report: c.acked_since_report,
-            reports_active: c.reports_active,
-            reported_requests: c.reported_requests,
+            known: c.known,
             held: Held::from_vec(c.held),
             watch: Watch::default(),
         });
@@ -269,13 +260,7 @@ impl Router {
         Some((
             l.dispatch.clone(),
             CarriedLink {
-                rr_pending: l.rr_pending.clone(),
-                rr_key: l.rr_key.clone(),
-                sio_uids: l.sio_uids.clone(),
-                reported_active: l.reported_active,
-                acked_since_report: l.acked_since_report,
-                reports_active: l.reports_active,
-                reported_requests: l.reported_requests,
+                known: l.known.clone(),
                 held: l.held.to_vec(),
             },
         ))
@@ -360,7 +345,7 @@ impl Router {
             .handoff_duration
             .observe(accepted.elapsed().as_secs_f64());
         if let Some(l) = self.link(id) {
-            l.acked_since_report += 1;
+            l.known.acked_since_report += 1;
             self.update_active(id.slot);
             // Room again under --max-pending for what waits because of it.
             if self.waiting_for_room {
@@ -402,26 +387,26 @@ impl Router {
                 let Some(l) = link else { return true };
                 l.watch.spoke();
                 if let Some(a) = active {
-                    l.reported_active = *a;
-                    l.acked_since_report = 0;
-                    l.reports_active = true;
+                    l.known.reported_active = *a;
+                    l.known.acked_since_report = 0;
+                    l.known.reports_active = true;
                 }
                 if let Some(t) = *total_requests {
                     // Cumulative per process: add the delta; a smaller value means the worker's
                     // own counter restarted, so all of it is new.
-                    let delta = t.checked_sub(l.reported_requests).unwrap_or(t);
-                    l.reported_requests = t;
+                    let delta = t.checked_sub(l.known.reported_requests).unwrap_or(t);
+                    l.known.reported_requests = t;
                     sm.requests.inc_by(delta);
                 }
                 self.update_active(id.slot);
             }
             WorkerMsg::SocketCount(n) => {
                 if let Some(l) = link
-                    && !l.reports_active
+                    && !l.known.reports_active
                     && !l.counted_in_kernel()
                 {
-                    l.reported_active = *n;
-                    l.acked_since_report = 0;
+                    l.known.reported_active = *n;
+                    l.known.acked_since_report = 0;
                 }
                 self.update_active(id.slot);
             }
@@ -467,9 +452,9 @@ impl Router {
     fn relay(&mut self, from: WorkerId, m: &SioMessage) {
         if let Some(uid) = &m.uid
             && let Some(l) = self.link(from)
-            && !l.sio_uids.contains(uid)
+            && !l.known.sio_uids.contains(uid)
         {
-            l.sio_uids.push(uid.clone());
+            l.known.sio_uids.push(uid.clone());
         }
         // One copy, shared by every recipient.
         let line = bytes::Bytes::from(m.line.clone());
@@ -482,7 +467,7 @@ impl Router {
             if let Some(l) = live.into_iter().find(|l| {
                 m.requester_uid
                     .as_ref()
-                    .is_some_and(|r| l.sio_uids.contains(r))
+                    .is_some_and(|r| l.known.sio_uids.contains(r))
             }) {
                 l.dispatch.line(line);
             }
@@ -538,7 +523,7 @@ impl Router {
     /// The worker's `listen()` on lb's port was answered with `key`.
     pub fn rr_answered(&mut self, id: WorkerId, key: String) {
         if let Some(l) = self.link(id) {
-            l.rr_pending = Some(key);
+            l.known.rr_pending = Some(key);
         }
     }
 
@@ -546,11 +531,11 @@ impl Router {
     /// from now on it gets connections as `newconn`s for that key.
     pub fn rr_listening(&mut self, id: WorkerId, key: &str) -> bool {
         let Some(l) = self.link(id) else { return false };
-        if l.rr_pending.as_deref() != Some(key) {
+        if l.known.rr_pending.as_deref() != Some(key) {
             return false;
         }
-        l.rr_key = l.rr_pending.take();
-        l.dispatch.rr_key(l.rr_key.clone());
+        l.known.rr_key = l.known.rr_pending.take();
+        l.dispatch.rr_key(l.known.rr_key.clone());
         true
     }
 
@@ -558,7 +543,7 @@ impl Router {
     /// connections (as Node's primary stops routing that key to it).
     pub fn rr_closed(&mut self, id: WorkerId, key: &str) {
         let closes_ours = self.link(id).is_some_and(|l| {
-            l.rr_key.as_deref() == Some(key) || l.rr_pending.as_deref() == Some(key)
+            l.known.rr_key.as_deref() == Some(key) || l.known.rr_pending.as_deref() == Some(key)
         });
         if closes_ours {
             self.detach(id);
@@ -568,7 +553,7 @@ impl Router {
     /// Asks every worker that does not report its active connections for its socket count.
     pub fn query_socket_counts(&self) {
         for l in self.links.iter().flatten() {
-            if !l.reports_active && !l.counted_in_kernel() && !l.exited && l.routable {
+            if !l.known.reports_active && !l.counted_in_kernel() && !l.exited && l.routable {
                 l.dispatch.query_socket_count();
             }
         }
@@ -588,8 +573,8 @@ impl Router {
             let mut changed = false;
             for l in &mut self.links[slot] {
                 if l.counted_in_kernel() {
-                    l.reported_active = l.held.refresh(open);
-                    l.acked_since_report = 0;
+                    l.known.reported_active = l.held.refresh(open);
+                    l.known.acked_since_report = 0;
                     changed = true;
                 }
             }

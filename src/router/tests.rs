@@ -227,3 +227,19 @@ async fn socketio_sessions_route_by_sid_and_count_as_load() {
     assert_eq!(w.shared.metrics.slot(0).sessions.get(), 0);
     assert_eq!(w.router.sessions.owner(sid), None);
 }
+
+#[test]
+fn what_routing_carries_keeps_the_state_documents_flat_fields() {
+    // The state document an older image wrote names these fields at the top level.
+    let old = r#"{"rr_pending":null,"rr_key":"4:127.0.0.1:0:tcp4","sio_uids":["a"],
+        "reported_active":3,"acked_since_report":1,"reports_active":true,"reported_requests":9}"#;
+    let c: CarriedLink = serde_json::from_str(old).unwrap();
+    assert_eq!(c.known.rr_key.as_deref(), Some("4:127.0.0.1:0:tcp4"));
+    assert_eq!((c.known.reported_active, c.known.reported_requests), (3, 9));
+    assert!(c.held.is_empty());
+    let v = serde_json::to_value(&c).unwrap();
+    assert_eq!(v["sio_uids"][0], "a");
+    assert_eq!(v["acked_since_report"], 1);
+    assert!(v.get("known").is_none());
+    assert_eq!(serde_json::from_value::<CarriedLink>(v).unwrap(), c);
+}

@@ -9,15 +9,18 @@ impl Master {
     /// systemd: `READY=1` once a worker is ready (lb accepts from the start), and the watchdog.
     pub(super) fn notify_manager(&mut self, now: Instant) {
         let Some(n) = &self.notify else { return };
-        if !self.ready_notified && !self.fleet.shutting_down() && self.shared.any_ready() {
-            self.ready_notified = true;
+        if !self.ready_notified && !self.fleet.shutting_down() {
+            // The fleet's own view, not the gauges it publishes.
             let ready = (0..self.fleet.len())
-                .filter(|&i| self.shared.metrics.slot(i).up.get() > 0)
+                .filter(|&i| self.fleet.view(i).up())
                 .count();
-            n.send(&format!(
-                "READY=1\nSTATUS=serving: {ready} of {} workers ready",
-                self.fleet.len()
-            ));
+            if ready > 0 {
+                self.ready_notified = true;
+                n.send(&format!(
+                    "READY=1\nSTATUS=serving: {ready} of {} workers ready",
+                    self.fleet.len()
+                ));
+            }
         }
         if let Some(every) = n.watchdog
             && self.timers.due(Timer::Watchdog, now)
